@@ -1,0 +1,404 @@
+"""`ExperimentConfig`: the one typed configuration that travels from YAML to every worker.
+
+YAML -> dataclasses (``from_dict``, unknown keys fail listing the valid ones) -> ``to_dict``
+into Ray -> ``from_dict`` on each worker. Dotted overrides (``optim.lr=1e-3``) are applied to
+the dict form, so they go through the same validation as the YAML.
+
+Field documentation lives in ``field(metadata={"doc": ...})`` so ``robustseg config
+--explain`` can print it.
+"""
+from __future__ import annotations
+
+import dataclasses
+import os
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple, Type, TypeVar, Union
+
+import yaml
+
+from robustseg.errors import ConfigError
+
+T = TypeVar("T")
+
+
+def doc(default: Any = dataclasses.MISSING, text: str = "", *, factory: Any = None) -> Any:
+    """A dataclass field with a documentation string kept in its metadata."""
+    if factory is not None:
+        return field(default_factory=factory, metadata={"doc": text})
+    return field(default=default, metadata={"doc": text})
+
+
+# --------------------------------------------------------------------------- data
+@dataclass
+class SourceSpec:
+    """One input dataset."""
+
+    name: str = doc("", "Registered source name (`robustseg sources` lists them), e.g. acdc_h5.")
+    path: str = doc("", "Folder or file the source reads.")
+    options: Dict[str, Any] = doc(text="Source-specific options (e.g. spacing for acdc_h5).", factory=dict)
+
+    def __post_init__(self) -> None:
+        if not self.name:
+            raise ConfigError("data.sources[].name: a source name is required")
+
+
+@dataclass
+class CMRPlanConfig:
+    """Cardiac MR preprocessing (source paper §2.5)."""
+
+    target_spacing: Optional[List[float]] = doc(
+        [1.25, 1.25], "In-plane target spacing (x, y) in mm; the slice axis is untouched. null: keep native."
+    )
+    clip_percentiles: List[float] = doc([0.5, 99.5], "Intensity clipping percentiles (low, high).")
+    normalization: str = doc("zscore", "zscore or minmax, computed per volume after clipping.")
+    crop_size: List[int] = doc([256, 256], "Fixed in-plane size (y, x) after crop/pad, centred on the heart.")
+    centre: str = doc("label", "label: centre on the foreground centroid when a label exists, else image centre; image: always the image centre.")
+
+    def __post_init__(self) -> None:
+        _check_choice("data.cmr.normalization", self.normalization, ("zscore", "minmax"))
+        _check_choice("data.cmr.centre", self.centre, ("label", "image"))
+        lo, hi = self.clip_percentiles
+        if not 0 <= lo < hi <= 100:
+            raise ConfigError(f"data.cmr.clip_percentiles must satisfy 0 <= low < high <= 100, got {self.clip_percentiles}")
+        if len(self.crop_size) != 2 or min(self.crop_size) < 8:
+            raise ConfigError(f"data.cmr.crop_size must be two sizes >= 8, got {self.crop_size}")
+        if self.target_spacing is not None and (len(self.target_spacing) != 2 or min(self.target_spacing) <= 0):
+            raise ConfigError(f"data.cmr.target_spacing must be two positive numbers or null, got {self.target_spacing}")
+
+
+@dataclass
+class CTPlanConfig:
+    """Lung CT preprocessing (thesis §3.2)."""
+
+    hu_window: List[float] = doc([-1250.0, 250.0], "HU window (low, high): the thesis's lung window.")
+    lung_threshold_hu: float = doc(-320.0, "Voxels below this HU (inside the body) are lung candidates.")
+    target_spacing: Optional[List[float]] = doc([1.0, 1.0], "Axial target spacing (x, y) in mm; z untouched.")
+    crop_size: List[int] = doc([256, 256], "Fixed in-plane size (y, x) after crop/pad around the lungs.")
+    mask_outside_lung: bool = doc(False, "Set voxels outside the (dilated) lung mask to the normalised minimum.")
+
+    def __post_init__(self) -> None:
+        if self.hu_window[0] >= self.hu_window[1]:
+            raise ConfigError(f"data.ct.hu_window must be (low, high) with low < high, got {self.hu_window}")
+        if len(self.crop_size) != 2 or min(self.crop_size) < 8:
+            raise ConfigError(f"data.ct.crop_size must be two sizes >= 8, got {self.crop_size}")
+
+
+@dataclass
+class Slices2DPlanConfig:
+    """2D slice folders (JPEG/PNG): size normalisation, original size recorded."""
+
+    size: List[int] = doc([256, 256], "Output size (y, x); images are resized (bilinear) and masks (nearest).")
+    normalization: str = doc("zscore", "zscore or minmax per slice.")
+
+    def __post_init__(self) -> None:
+        _check_choice("data.slices2d.normalization", self.normalization, ("zscore", "minmax"))
+        if len(self.size) != 2 or min(self.size) < 8:
+            raise ConfigError(f"data.slices2d.size must be two sizes >= 8, got {self.size}")
+
+
+@dataclass
+class StorageConfig:
+    """Object-store access. Unset fields fall back to the AWS_* environment variables boto3 reads."""
+
+    endpoint_url: Optional[str] = doc(None, "S3 endpoint (AWS_ENDPOINT_URL_S3 / AWS_ENDPOINT_URL), e.g. http://127.0.0.1:9000.")
+    region: Optional[str] = doc(None, "S3 region (AWS_REGION / AWS_DEFAULT_REGION).")
+    access_key: Optional[str] = doc(None, "Access key (AWS_ACCESS_KEY_ID).")
+    secret_key: Optional[str] = doc(None, "Secret key (AWS_SECRET_ACCESS_KEY).")
+    connect_timeout_s: float = doc(5.0, "Connection timeout: an unreachable store fails fast and names the URI.")
+
+
+@dataclass
+class DataConfig:
+    """Where the data comes from, how it is preprocessed, sharded and split."""
+
+    sources: List[SourceSpec] = doc(text="Input datasets.", factory=list)
+    plan: str = doc("cmr", "Preprocessing plan: cmr, ct or slices2d.")
+    shards_uri: str = doc("robustseg_work/shards", "Output URI: a local path, file:///abs or s3://bucket/prefix.")
+    cmr: CMRPlanConfig = doc(text="Cardiac MR plan parameters.", factory=CMRPlanConfig)
+    ct: CTPlanConfig = doc(text="Lung CT plan parameters.", factory=CTPlanConfig)
+    slices2d: Slices2DPlanConfig = doc(text="2D slice plan parameters.", factory=Slices2DPlanConfig)
+    storage: StorageConfig = doc(text="Object-store access.", factory=StorageConfig)
+    folds: int = doc(5, "Number of subject-grouped folds.")
+    split_seed: int = doc(0, "Seed of the fold assignment (deterministic).")
+    stratify: Optional[str] = doc("auto", "Stratify folds by this case field (dataset, motion_level, ...); auto: dataset; null: none.")
+    label_budget: Optional[int] = doc(None, "Keep labels of only this many subjects (small-sample experiments); the rest are marked unlabelled-for-training.")
+    slices_per_shard: int = doc(1024, "2D slices per Parquet shard.")
+    store_volumes: bool = doc(True, "Also write whole preprocessed volumes (for 3D models and whole-volume validation).")
+    slice_dtype: str = doc("float16", "Stored image dtype: float16 (exact enough for z-scored data) or float32.")
+
+    def __post_init__(self) -> None:
+        _check_choice("data.plan", self.plan, ("cmr", "ct", "slices2d"))
+        _check_choice("data.slice_dtype", self.slice_dtype, ("float16", "float32"))
+        if self.folds < 2:
+            raise ConfigError(f"data.folds must be >= 2, got {self.folds}")
+        if self.slices_per_shard < 1:
+            raise ConfigError("data.slices_per_shard must be >= 1")
+        if self.label_budget is not None and self.label_budget < 1:
+            raise ConfigError("data.label_budget must be >= 1 or null")
+
+
+# --------------------------------------------------------------------------- model & training
+@dataclass
+class ModelConfig:
+    """Backbone choice; params are validated against the backbone's typed params dataclass."""
+
+    name: str = doc("unet2d", "Registered backbone name.")
+    params: Dict[str, Any] = doc(text="Backbone parameters (see the backbone's params dataclass).", factory=dict)
+    in_channels: int = doc(1, "Input channels.")
+    num_classes: int = doc(4, "Output classes including background.")
+
+
+@dataclass
+class RegimeConfig:
+    """Training regime (supervised, advchain, mean_teacher, genesis, ...)."""
+
+    name: str = doc("supervised", "Registered regime name.")
+    params: Dict[str, Any] = doc(text="Regime parameters.", factory=dict)
+
+
+@dataclass
+class OptimConfig:
+    """Optimiser, schedule and loop length."""
+
+    name: str = doc("sgd_nesterov", "sgd_nesterov, sgd, adamw or adam.")
+    lr: float = doc(1e-2, "Initial learning rate.")
+    weight_decay: float = doc(3e-5, "Weight decay.")
+    momentum: float = doc(0.99, "Momentum (SGD variants).")
+    schedule: str = doc("poly", "poly, step, cosine or constant.")
+    poly_power: float = doc(0.9, "Exponent of the poly schedule.")
+    step_every: int = doc(25, "Epochs between step-LR decays.")
+    step_gamma: float = doc(0.8, "Step-LR decay factor.")
+    epochs: int = doc(50, "Epochs.")
+    iters_per_epoch: int = doc(250, "Iterations per epoch.")
+    batch_size: int = doc(24, "Batch size per worker.")
+    patience: Optional[int] = doc(None, "Early-stopping patience in epochs (null: off).")
+    amp: str = doc("auto", "auto (bf16 on CUDA), bf16, or off.")
+    compile: bool = doc(False, "torch.compile the model.")
+    seed: int = doc(0, "Training seed.")
+
+    def __post_init__(self) -> None:
+        _check_choice("optim.name", self.name, ("sgd_nesterov", "sgd", "adamw", "adam"))
+        _check_choice("optim.schedule", self.schedule, ("poly", "step", "cosine", "constant"))
+        _check_choice("optim.amp", self.amp, ("auto", "bf16", "off"))
+        if self.lr <= 0:
+            raise ConfigError(f"optim.lr must be > 0, got {self.lr}")
+        if self.epochs < 1 or self.iters_per_epoch < 1 or self.batch_size < 1:
+            raise ConfigError("optim.epochs, optim.iters_per_epoch and optim.batch_size must be >= 1")
+
+
+@dataclass
+class AugmentConfig:
+    """GPU batch augmentation preset and overrides."""
+
+    preset: str = doc("nnunet", "nnunet, light (thesis) or none.")
+    params: Dict[str, Any] = doc(text="Per-transform overrides of the preset.", factory=dict)
+    mixup: float = doc(0.0, "Mixup probability per batch (0 disables).")
+
+
+@dataclass
+class ScalingConfig:
+    """Ray Train scaling."""
+
+    num_workers: int = doc(1, "Train workers (DDP ranks).")
+    use_gpu: bool = doc(False, "One (or gpus_per_worker) GPU per worker.")
+    cpus_per_worker: float = doc(1.0, "Logical CPUs per worker.")
+    gpus_per_worker: float = doc(1.0, "GPUs per worker when use_gpu (fractions allowed for small 2D models).")
+    max_failures: int = doc(2, "Restarts from the last checkpoint after a worker dies.")
+
+
+@dataclass
+class TrackingConfig:
+    """MLflow tracking and local working folder."""
+
+    workdir: str = doc("robustseg_work", "Working folder (made absolute): MLflow DB, artifacts, Ray storage.")
+    tracking_uri: Optional[str] = doc(None, "MLflow tracking URI; default sqlite:///<workdir>/mlflow.db (or MLFLOW_TRACKING_URI).")
+    experiment: str = doc("robustseg", "MLflow experiment name.")
+
+
+@dataclass
+class ExperimentConfig:
+    """Everything one experiment needs, from data to tracking."""
+
+    name: str = doc("experiment", "Experiment name (run names, output folders).")
+    data: DataConfig = doc(text="Data, preprocessing, shards, folds.", factory=DataConfig)
+    model: ModelConfig = doc(text="Backbone.", factory=ModelConfig)
+    regime: RegimeConfig = doc(text="Training regime.", factory=RegimeConfig)
+    optim: OptimConfig = doc(text="Optimiser and schedule.", factory=OptimConfig)
+    augment: AugmentConfig = doc(text="Augmentation.", factory=AugmentConfig)
+    scaling: ScalingConfig = doc(text="Ray Train scaling.", factory=ScalingConfig)
+    tracking: TrackingConfig = doc(text="MLflow tracking.", factory=TrackingConfig)
+
+    # ------------------------------------------------------------------ (de)serialisation
+    def to_dict(self) -> Dict[str, Any]:
+        """Plain nested dict (YAML/JSON/Ray safe)."""
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> "ExperimentConfig":
+        """Build from a nested dict; unknown keys raise `ConfigError` listing valid keys."""
+        return from_dict(cls, d, "")
+
+    def to_yaml(self, path: Optional[Union[str, Path]] = None) -> str:
+        """YAML text; also written to ``path`` when given."""
+        text = yaml.safe_dump(self.to_dict(), sort_keys=False)
+        if path is not None:
+            Path(path).write_text(text)
+        return text
+
+    @classmethod
+    def from_yaml(cls, path: Union[str, Path], overrides: Sequence[str] = ()) -> "ExperimentConfig":
+        """Load a YAML file and apply dotted ``key=value`` overrides."""
+        p = Path(path)
+        try:
+            raw = yaml.safe_load(p.read_text()) or {}
+        except FileNotFoundError:
+            raise ConfigError(f"{p}: config file not found") from None
+        except yaml.YAMLError as e:
+            raise ConfigError(f"{p}: invalid YAML: {e}") from None
+        if not isinstance(raw, dict):
+            raise ConfigError(f"{p}: top level must be a mapping, got {type(raw).__name__}")
+        try:
+            return cls.from_dict(apply_overrides(raw, overrides))
+        except ConfigError as e:
+            raise ConfigError(f"{p}: {e}") from None
+
+    def with_overrides(self, overrides: Sequence[str]) -> "ExperimentConfig":
+        """A new config with dotted overrides applied."""
+        return ExperimentConfig.from_dict(apply_overrides(self.to_dict(), overrides))
+
+
+# --------------------------------------------------------------------------- helpers
+def _check_choice(key: str, value: Any, choices: Sequence[Any]) -> None:
+    if value not in choices:
+        raise ConfigError(f"{key} must be one of {list(choices)}, got {value!r}")
+
+
+def _coerce(tp: Any, value: Any, key: str) -> Any:
+    """Convert ``value`` to annotation ``tp`` (dataclasses, lists, optionals, scalars)."""
+    origin = typing.get_origin(tp)
+    args = typing.get_args(tp)
+    if origin is Union:
+        if value is None and type(None) in args:
+            return None
+        non_none = [a for a in args if a is not type(None)]
+        return _coerce(non_none[0], value, key)
+    if dataclasses.is_dataclass(tp):
+        if isinstance(value, tp):
+            return value
+        if not isinstance(value, Mapping):
+            raise ConfigError(f"{key or '<root>'} must be a mapping, got {value!r}")
+        return from_dict(tp, value, key)
+    if origin in (list, List, Sequence):
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{key} must be a list, got {value!r}")
+        (item_tp,) = args or (Any,)
+        return [_coerce(item_tp, v, f"{key}[{i}]") for i, v in enumerate(value)]
+    if origin in (dict, Dict, Mapping):
+        if not isinstance(value, Mapping):
+            raise ConfigError(f"{key} must be a mapping, got {value!r}")
+        return dict(value)
+    if tp is Any:
+        return value
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        raise ConfigError(f"{key} must be true or false, got {value!r}")
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            if isinstance(value, float) and value.is_integer():
+                return int(value)
+            raise ConfigError(f"{key} must be an integer, got {value!r}")
+        return value
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"{key} must be a number, got {value!r}")
+        return float(value)
+    if tp is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"{key} must be a string, got {value!r}")
+        return value
+    return value
+
+
+def _resolved_hints(cls: Type[Any]) -> Dict[str, Any]:
+    return typing.get_type_hints(cls)
+
+
+def from_dict(cls: Type[T], d: Mapping[str, Any], prefix: str = "") -> T:
+    """Build dataclass ``cls`` from a mapping, recursively, rejecting unknown keys.
+
+    Raises:
+        ConfigError: unknown key (with the valid ones), wrong type, or a section's own
+            ``__post_init__`` validation.
+    """
+    hints = _resolved_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    unknown = [k for k in d if k not in names]
+    if unknown:
+        where = prefix or "config"
+        raise ConfigError(f"unknown key(s) {unknown} in {where}; valid keys: {names}")
+    kwargs = {}
+    for k, v in d.items():
+        key = f"{prefix}.{k}" if prefix else k
+        kwargs[k] = _coerce(hints[k], v, key)
+    try:
+        return cls(**kwargs)
+    except ConfigError:
+        raise
+    except (TypeError, ValueError) as e:
+        raise ConfigError(f"{prefix or 'config'}: {e}") from None
+
+
+def apply_overrides(d: Mapping[str, Any], overrides: Sequence[str]) -> Dict[str, Any]:
+    """Apply ``a.b.c=value`` overrides to a nested dict (values parsed as YAML scalars).
+
+    Raises:
+        ConfigError: malformed override or a path through a non-mapping.
+    """
+    import copy
+
+    out = copy.deepcopy(dict(d))
+    for ov in overrides:
+        if "=" not in ov:
+            raise ConfigError(f"override {ov!r} must look like key.path=value")
+        path, _, raw = ov.partition("=")
+        keys = [k for k in path.strip().split(".") if k]
+        if not keys:
+            raise ConfigError(f"override {ov!r} has an empty key")
+        value = yaml.safe_load(raw) if raw.strip() else ""
+        node: Any = out
+        for k in keys[:-1]:
+            if not isinstance(node, dict):
+                raise ConfigError(f"override {ov!r}: {k!r} is not a section")
+            node = node.setdefault(k, {})
+        if not isinstance(node, dict):
+            raise ConfigError(f"override {ov!r}: {keys[-2]!r} is not a section")
+        node[keys[-1]] = value
+    return out
+
+
+def explain(cls: Type[Any] = ExperimentConfig, prefix: str = "") -> List[Tuple[str, str, str]]:
+    """Rows ``(key, default, doc)`` for every leaf field, for `robustseg config --explain`."""
+    rows: List[Tuple[str, str, str]] = []
+    hints = _resolved_hints(cls)
+    for f in dataclasses.fields(cls):
+        key = f"{prefix}.{f.name}" if prefix else f.name
+        tp = hints[f.name]
+        if dataclasses.is_dataclass(tp):
+            rows.extend(explain(tp, key))
+            continue
+        if f.default is not dataclasses.MISSING:
+            default = repr(f.default)
+        elif f.default_factory is not dataclasses.MISSING:  # type: ignore[misc]
+            default = repr(f.default_factory())  # type: ignore[misc]
+        else:
+            default = "(required)"
+        rows.append((key, default, f.metadata.get("doc", "")))
+    return rows
+
+
+def absolute_workdir(cfg: ExperimentConfig) -> Path:
+    """The working folder as an absolute path (Ray workers run elsewhere)."""
+    return Path(os.path.expanduser(cfg.tracking.workdir)).resolve()

@@ -1,0 +1,1 @@
+"""Data layer: cases, label conventions, sources, preprocessing plans, shards, splits."""
