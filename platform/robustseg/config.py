@@ -27,6 +27,10 @@ def doc(default: Any = dataclasses.MISSING, text: str = "", *, factory: Any = No
     """A dataclass field with a documentation string kept in its metadata."""
     if factory is not None:
         return field(default_factory=factory, metadata={"doc": text})
+    if isinstance(default, (list, dict)):
+        # Mutable defaults must be copied per instance.
+        frozen = default
+        return field(default_factory=lambda: type(frozen)(frozen), metadata={"doc": text})
     return field(default=default, metadata={"doc": text})
 
 
