@@ -1,0 +1,37 @@
+"""Shared test fixtures.
+
+Real data lives in ``../shared/data`` beside the checkout (never in the repo). Under CI
+(``CI=true``) a missing file is a failure; elsewhere the test is skipped with a reason that
+names the path.
+"""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Callable
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED_DATA = Path(os.environ.get("ROBUSTSEG_SHARED_DATA", REPO.parent / "shared" / "data"))
+
+
+def _require(rel: str) -> Path:
+    p = SHARED_DATA / rel
+    if not p.exists():
+        msg = f"real data not found: {p}"
+        if os.environ.get("CI", "").lower() == "true":
+            pytest.fail(msg + " (CI=true: real-data tests must run)")
+        pytest.skip(msg)
+    return p
+
+
+@pytest.fixture
+def shared_data() -> Callable[[str], Path]:
+    """``shared_data("acdc_h5")`` -> the path under ../shared/data, or skip/fail if missing."""
+    return _require
+
+
+@pytest.fixture(autouse=True)
+def _quiet_ray_data(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("RAY_DATA_DISABLE_PROGRESS_BARS", "1")
