@@ -129,12 +129,13 @@ class DataConfig:
     stratify: Optional[str] = doc("auto", "Stratify folds by this case field (dataset, motion_level, ...); auto: dataset; null: none.")
     label_budget: Optional[int] = doc(None, "Keep labels of only this many subjects (small-sample experiments); the rest are marked unlabelled-for-training.")
     slices_per_shard: int = doc(1024, "2D slices per Parquet shard.")
-    store_volumes: bool = doc(True, "Also write whole preprocessed volumes (for 3D models and whole-volume validation).")
-    slice_dtype: str = doc("float16", "Stored image dtype: float16 (exact enough for z-scored data) or float32.")
+    store_volumes: bool = doc(False, "Also write whole-volume shards (one row per case, for 3D models); 2D slices always reassemble into volumes.")
+    slice_dtype: str = doc("uint8", "Stored image encoding: uint8 (per-slice scale/offset, ~1/255 of the slice range), float16 or float32.")
+    compression_level: int = doc(6, "zstd level of the Parquet shards.")
 
     def __post_init__(self) -> None:
         _check_choice("data.plan", self.plan, ("cmr", "ct", "slices2d"))
-        _check_choice("data.slice_dtype", self.slice_dtype, ("float16", "float32"))
+        _check_choice("data.slice_dtype", self.slice_dtype, ("uint8", "float16", "float32"))
         if self.folds < 2:
             raise ConfigError(f"data.folds must be >= 2, got {self.folds}")
         if self.slices_per_shard < 1:

@@ -36,3 +36,10 @@ class StorageError(RobustsegError, OSError):
 
 class ConfigError(RobustsegError, ValueError):
     """Invalid configuration: names the key path and lists valid choices where known."""
+
+
+class UnknownNameError(RobustsegError, KeyError):
+    """An unknown registry or convention name; the message lists the valid names."""
+
+    def __str__(self) -> str:  # KeyError would quote the message
+        return str(self.args[0]) if self.args else ""

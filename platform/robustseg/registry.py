@@ -6,7 +6,9 @@ valid ones instead of a KeyError deep inside a worker.
 """
 from __future__ import annotations
 
-from typing import Any, Callable, Dict, Generic, Iterator, Optional, TypeVar
+from typing import Any, Callable, Dict, Generic, Iterator, TypeVar
+
+from robustseg.errors import UnknownNameError
 
 T = TypeVar("T")
 
@@ -43,13 +45,13 @@ class Registry(Generic[T]):
         """Return the object registered as ``name``.
 
         Raises:
-            KeyError: naming the unknown entry and listing the valid ones.
+            UnknownNameError: (a KeyError) naming the unknown entry and listing the valid ones.
         """
         try:
             return self._items[name]
         except KeyError:
             valid = ", ".join(sorted(self._items)) or "(none registered)"
-            raise KeyError(f"unknown {self.kind} {name!r}; valid: {valid}") from None
+            raise UnknownNameError(f"unknown {self.kind} {name!r}; valid: {valid}") from None
 
     def meta(self, name: str) -> Dict[str, Any]:
         """Metadata given at registration (e.g. the params dataclass of a backbone)."""

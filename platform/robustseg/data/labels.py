@@ -11,7 +11,7 @@ from typing import Dict, Mapping
 
 import numpy as np
 
-from robustseg.errors import DataError
+from robustseg.errors import DataError, UnknownNameError
 
 CARDIAC_NAMES: Dict[int, str] = {0: "background", 1: "LV", 2: "MYO", 3: "RV"}
 LUNG_BINARY_NAMES: Dict[int, str] = {0: "background", 1: "infection"}
@@ -101,7 +101,7 @@ def get_convention(name: str) -> LabelConvention:
     try:
         return CONVENTIONS[name]
     except KeyError:
-        raise KeyError(f"unknown label convention {name!r}; valid: {sorted(CONVENTIONS)}") from None
+        raise UnknownNameError(f"unknown label convention {name!r}; valid: {sorted(CONVENTIONS)}") from None
 
 
 def num_classes(task: str) -> int:
