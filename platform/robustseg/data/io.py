@@ -310,6 +310,25 @@ def volume_case(image: Volume, label: Optional[np.ndarray], **fields: Any) -> Ca
     )
 
 
+def picture_case(picture: np.ndarray, label: Optional[np.ndarray], **fields: Any) -> Case:
+    """A Z = 1 `Case` for a 2D picture.
+
+    PNG/JPEG slices keep no spacing, so it is (1, 1, 1) and marked unknown; the picture's
+    ``(H, W)`` is recorded as ``meta["original_size"]``.
+
+    Args:
+        picture: ``(H, W)`` image.
+        label: ``(H, W)`` canonical label or None.
+        **fields: The other `Case` fields (``meta`` is extended, not replaced).
+    """
+    meta = dict(fields.pop("meta", None) or {})
+    meta.setdefault("original_size", [int(s) for s in picture.shape])
+    return Case(
+        image=picture[np.newaxis], label=None if label is None else label[np.newaxis],
+        spacing=(1.0, 1.0, 1.0), spacing_known=False, meta=meta, **fields,
+    )
+
+
 def require_dir(path: PathLike) -> Path:
     """The path as a `Path`, or a `DataError` if it is not an existing folder."""
     folder = Path(path)
@@ -329,6 +348,21 @@ def list_files(folder: Path, suffixes: Sequence[str]) -> List[Path]:
         (p for p in folder.iterdir() if p.is_file() and not p.name.startswith(".") and split_suffix(p.name, suffixes)[1]),
         key=lambda p: natural_key(p.name),
     )
+
+
+def files_by_stem(folder: Path, suffixes: Sequence[str]) -> Dict[str, Path]:
+    """`list_files` keyed by name without suffix, in natural order.
+
+    Raises:
+        DataError: two files share a stem (``1.jpg`` and ``1.png``): which one is meant?
+    """
+    out: Dict[str, Path] = {}
+    for file in list_files(folder, suffixes):
+        stem = split_suffix(file.name, suffixes)[0]
+        if stem in out:
+            raise DataError(file, f"two files named {stem!r} in one folder (also {out[stem].name})")
+        out[stem] = file
+    return out
 
 
 def read_table(path: PathLike) -> Tuple[List[str], List[Dict[str, str]]]:

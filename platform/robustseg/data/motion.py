@@ -33,6 +33,7 @@ from __future__ import annotations
 from typing import Tuple
 
 import numpy as np
+import scipy.fft
 
 MOTION_LEVELS: Tuple[int, ...] = (0, 1, 2, 3)
 
@@ -163,9 +164,13 @@ def simulate_respiratory_motion(
     d_pe = (disp * np.cos(angle))[:, :, None]
     d_ro = (disp * np.sin(angle))[:, :, None]
 
-    ramp = np.exp(-2j * np.pi * (k_pe[None, :, None] * d_pe + k_ro[None, None, :] * d_ro))
-    kspace = np.fft.fft2(slices, axes=(-2, -1))
-    moved = np.abs(np.fft.ifft2(kspace * ramp.astype(np.complex64), axes=(-2, -1)))
+    # Single precision keeps this cheap; phase errors stay far below the noise.
+    phase = (-2.0 * np.pi * (k_pe[None, :, None] * d_pe + k_ro[None, None, :] * d_ro)).astype(np.float32)
+    ramp = np.empty(phase.shape, dtype=np.complex64)
+    ramp.real, ramp.imag = np.cos(phase), np.sin(phase)  # much faster than a complex exp
+    kspace = scipy.fft.fft2(slices, axes=(-2, -1))
+    kspace *= ramp
+    moved = np.abs(scipy.fft.ifft2(kspace, axes=(-2, -1), overwrite_x=True))
     out = moved.reshape(lead + (n_pe, n_ro)).astype(out_dtype, copy=False)
     if ax != img.ndim - 2:
         out = np.ascontiguousarray(np.swapaxes(out, -1, -2))

@@ -70,7 +70,7 @@ def _heart_parameters(rng: np.random.Generator, fov: float) -> dict:
         "rot": rng.uniform(0.0, np.pi),
         "thick": rng.uniform(6.5, 9.5) * scale,  # ED MYO thickness
         "apex": rng.uniform(1.08, 1.2),  # apex just beyond the last slice
-        "rv_width": rng.uniform(14.0, 22.0) * scale,
+        "rv_width": rng.uniform(11.0, 18.0) * scale,
         "rv_span": rng.uniform(1.2, 1.45),
         "rv_angle": np.pi + 0.3 + rng.normal(0.0, 0.2),  # left of and above the LV
         "rv_extent": rng.uniform(0.72, 0.9),  # RV gone in the apical slices
@@ -151,11 +151,12 @@ def _cardiac_phase(p: dict, phase: str, n: int, size, spacing) -> Tuple[np.ndarr
     return (img * bias * p["gain"]).astype(np.float32), label
 
 
-def _rician(signal: np.ndarray, sigma: float, rng: np.random.Generator) -> np.ndarray:
-    """Magnitude of the signal plus complex Gaussian noise (Rician; Rayleigh in the air)."""
-    n_re = rng.standard_normal(signal.shape, dtype=np.float32) * sigma
-    n_im = rng.standard_normal(signal.shape, dtype=np.float32) * sigma
-    return np.sqrt((signal + n_re) ** 2 + n_im**2).astype(np.float32)
+def _rician(signal: np.ndarray, noise: np.ndarray) -> np.ndarray:
+    """Magnitude of the signal plus complex Gaussian noise ``noise = (real, imaginary)``.
+
+    This is Rician noise, Rayleigh in the air, as in magnitude MR images.
+    """
+    return np.sqrt((signal + noise[0]) ** 2 + noise[1] ** 2).astype(np.float32)
 
 
 def _cardiac_subject_cases(
@@ -175,13 +176,14 @@ def _cardiac_subject_cases(
     cases: List[Case] = []
     for phase_i, phase in enumerate(PHASES):
         signal, label = _cardiac_phase(p, phase, n, size, spacing)
-        sigma = p["noise"] * p["gain"]
+        # One noise realisation for every level: levels differ by motion alone.
+        noise_rng = np.random.default_rng([seed, subject_index, _NOISE, phase_i])
+        noise = noise_rng.standard_normal((2,) + signal.shape, dtype=np.float32) * np.float32(p["noise"] * p["gain"])
         for level in motion_levels:
             moved = simulate_respiratory_motion(
                 signal, level, np.random.default_rng([seed, subject_index, _MOTION, phase_i, level]), phase_axis=-2
             )
-            # Same noise realisation for every level: levels differ by motion alone.
-            image = _rician(moved, sigma, np.random.default_rng([seed, subject_index, _NOISE, phase_i]))
+            image = _rician(moved, noise)
             cid = f"{sid}_{phase}" + (f"_m{level}" if level > 0 else "")
             cases.append(
                 Case(
@@ -316,7 +318,7 @@ def ct_phantom(
     lungs = np.zeros(shape, dtype=bool)
     for side, gi in ((-1.0, g[3]), (1.0, g[4])):
         lungs |= _ellipse(
-            x, y, side * 0.22 * fov_x, -0.01 * fov_y, 0.15 * fov_x * gi * lung_scale, 0.23 * fov_y * gi * lung_scale,
+            x, y, side * 0.2 * fov_x, -0.01 * fov_y, 0.17 * fov_x * gi * lung_scale, 0.25 * fov_y * gi * lung_scale,
             side * 0.1,
         )
     lungs &= inner & ~heart & ~_ellipse(x, y, 0.0, spine_c, 0.1 * fov_x, 0.1 * fov_x)
@@ -337,7 +339,7 @@ def ct_phantom(
         kind = rng.choice(["ggo", "ggo", "consolidation", "mixed"])
         cz, cy_i, cx_i = np.unravel_index(rng.choice(lung_idx), shape)  # centre inside a lung
         c = (x[0, 0, cx_i], y[0, cy_i, 0], zz[cz, 0, 0])
-        rx, ry = rng.uniform(6.0, 20.0, size=2) * min(1.0, fov_x / 128.0)
+        rx, ry = rng.uniform(7.0, 24.0, size=2) * min(1.0, fov_x / 128.0)
         rz = rng.uniform(5.0, 15.0)
         d = np.sqrt(((x - c[0]) / rx) ** 2 + ((y - c[1]) / ry) ** 2 + ((zz - c[2]) / rz) ** 2)
         # Irregular margin; the clip keeps the centre voxel inside, so no lesion is empty.

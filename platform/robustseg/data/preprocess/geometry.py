@@ -208,7 +208,7 @@ def resample_inplane(array_zyx: np.ndarray, grid: InplaneGrid, interpolator: int
         img = sitk.GetImageFromArray(np.ascontiguousarray(array_zyx[z]))
         img.SetSpacing(tuple(src[0]))
         img.SetOrigin(tuple(src[1]))
-        out[z] = sitk.GetArrayViewFromImage(f.Execute(img))
+        out[z] = sitk.GetArrayFromImage(f.Execute(img))
     return out
 
 
