@@ -34,6 +34,13 @@ PHASES = ("ED", "ES")
 _ANATOMY, _NOISE, _MOTION = 0, 1, 2
 
 
+def _rng(seed: int, subject_index: int, *purpose: int) -> np.random.Generator:
+    """The random stream of one subject and purpose (independent of every other stream)."""
+    if int(seed) < 0 or int(subject_index) < 0:
+        raise ValueError(f"seed and subject_index must be >= 0, got {seed} and {subject_index}")
+    return np.random.default_rng([int(seed), int(subject_index), *purpose])
+
+
 def _grid(size: Sequence[int], spacing: Sequence[float]) -> Tuple[np.ndarray, np.ndarray, float, float]:
     """Pixel centres in mm relative to the in-plane centre: x (1, 1, X), y (1, Y, 1), FOV x/y."""
     ny, nx = (int(s) for s in size)
@@ -123,31 +130,36 @@ def _cardiac_phase(p: dict, phase: str, n: int, size, spacing) -> Tuple[np.ndarr
     label[epi] = MYO
     label[cavity] = LV
 
-    # Thorax around the heart (image left = patient right, anterior up).
+    # Thorax around the heart (image left = patient right, anterior up); later paint wins.
     ti = p["tissue"]
-    bx, by = 0.46 * fov_x * p["body"][0], 0.36 * fov_y * p["body"][1]
-    body = _ellipse(x, y, 0.0, 0.05 * fov_y, bx, by)
-    inner = _ellipse(x, y, 0.0, 0.05 * fov_y, bx - 8.0, by - 8.0)
     img = np.zeros(label.shape, dtype=np.float32)
-    img[np.broadcast_to(body, img.shape)] = 0.75 * ti[0]  # subcutaneous fat: bright in bSSFP
-    img[np.broadcast_to(inner, img.shape)] = 0.33 * ti[1]  # muscle and mediastinum
+
+    def paint(mask: np.ndarray, value: float) -> None:
+        img[np.broadcast_to(mask, img.shape)] = value
+
+    bx, by = 0.46 * fov_x * p["body"][0], 0.36 * fov_y * p["body"][1]
+    inner = _ellipse(x, y, 0.0, 0.05 * fov_y, bx - 8.0, by - 8.0)
+    paint(_ellipse(x, y, 0.0, 0.05 * fov_y, bx, by), 0.75 * ti[0])  # subcutaneous fat: bright in bSSFP
+    paint(inner, 0.33 * ti[1])  # muscle and mediastinum
     for side in (-1.0, 1.0):
-        lung = _ellipse(x, y, side * 0.3 * fov_x, -0.04 * fov_y, 0.17 * fov_x, 0.27 * fov_y, side * 0.15)
-        img[np.broadcast_to(lung & inner, img.shape)] = 0.05 * ti[2]
-    liver = _ellipse(x, y, -0.22 * fov_x, 0.3 * fov_y, 0.3 * fov_x * s, 0.16 * fov_y * s) & inner & (s > 0.35)
-    img[liver] = 0.36 * ti[3]
-    img[np.broadcast_to(_ellipse(x, y, 0.0, 0.31 * fov_y, 11.0, 11.0) & inner, img.shape)] = 0.22 * ti[4]  # spine
-    img[np.broadcast_to(_ellipse(x, y, 0.1 * fov_x, 0.22 * fov_y, 9.0, 9.0) & inner, img.shape)] = 0.85 * ti[5]
-    img[rv_wall] = 0.3 * ti[6]
-    img[label == RV] = 0.95 * ti[7]
-    img[label == MYO] = 0.28 * ti[6]
-    img[label == LV] = 1.0
+        paint(_ellipse(x, y, side * 0.3 * fov_x, -0.04 * fov_y, 0.17 * fov_x, 0.27 * fov_y, side * 0.15) & inner,
+              0.05 * ti[2])  # lungs
+    # The liver dome rises into the apical slices.
+    paint(_ellipse(x, y, -0.22 * fov_x, 0.3 * fov_y, 0.3 * fov_x * s, 0.16 * fov_y * s) & inner & (s > 0.35),
+          0.36 * ti[3])
+    paint(_ellipse(x, y, 0.0, 0.31 * fov_y, 11.0, 11.0) & inner, 0.22 * ti[4])  # vertebral body
+    paint(_ellipse(x, y, 0.1 * fov_x, 0.22 * fov_y, 9.0, 9.0) & inner, 0.85 * ti[5])  # descending aorta
+    paint(rv_wall, 0.3 * ti[6])
+    paint(label == RV, 0.95 * ti[7])
+    paint(label == MYO, 0.28 * ti[6])
+    paint(label == LV, 1.0)
 
     # Partial volume at edges, then a smooth coil-sensitivity bias.
     img = gaussian_filter(img, sigma=(0.0, 0.6, 0.6))
     xn, yn = x / (fov_x / 2.0), y / (fov_y / 2.0)
     c = p["bias"]
-    bias = np.exp(c[0] * xn + c[1] * yn + c[2] * xn * yn + 0.5 * c[3] * xn**2 + 0.5 * c[4] * yn**2 + c[5] * (s - 0.5))
+    log_bias = c[0] * xn + c[1] * yn + c[2] * xn * yn + 0.5 * (c[3] * xn**2 + c[4] * yn**2) + c[5] * (s - 0.5)
+    bias = np.exp(log_bias)
     return (img * bias * p["gain"]).astype(np.float32), label
 
 
@@ -166,7 +178,7 @@ def _cardiac_subject_cases(
     size = (int(size[0]), int(size[1]))
     spacing = tuple(float(v) for v in spacing)
     _, _, fov_x, fov_y = _grid(size, spacing)
-    rng = np.random.default_rng([seed, subject_index, _ANATOMY])
+    rng = _rng(seed, subject_index, _ANATOMY)
     drawn = int(rng.integers(8, 13))  # always drawn, so n_slices does not change the anatomy
     n = drawn if n_slices is None else int(n_slices)
     if n < 1:
@@ -177,13 +189,11 @@ def _cardiac_subject_cases(
     for phase_i, phase in enumerate(PHASES):
         signal, label = _cardiac_phase(p, phase, n, size, spacing)
         # One noise realisation for every level: levels differ by motion alone.
-        noise_rng = np.random.default_rng([seed, subject_index, _NOISE, phase_i])
-        noise = noise_rng.standard_normal((2,) + signal.shape, dtype=np.float32) * np.float32(p["noise"] * p["gain"])
+        noise = _rng(seed, subject_index, _NOISE, phase_i).standard_normal((2,) + signal.shape, dtype=np.float32)
+        noise *= np.float32(p["noise"] * p["gain"])
         for level in motion_levels:
-            moved = simulate_respiratory_motion(
-                signal, level, np.random.default_rng([seed, subject_index, _MOTION, phase_i, level]), phase_axis=-2
-            )
-            image = _rician(moved, noise)
+            motion_rng = _rng(seed, subject_index, _MOTION, phase_i, level)
+            image = _rician(simulate_respiratory_motion(signal, level, motion_rng, phase_axis=-2), noise)
             cid = f"{sid}_{phase}" + (f"_m{level}" if level > 0 else "")
             cases.append(
                 Case(
@@ -296,9 +306,21 @@ def ct_phantom(
     spacing: Tuple[float, float, float] = (1.0, 1.0, 5.0),
     multiclass: bool = False,
 ) -> CTPhantom:
-    """The arrays of one synthetic chest CT (see `make_ct_subject`), with its lung mask."""
+    """The arrays of one synthetic chest CT, with the lung mask the lesions were drawn in.
+
+    Args:
+        subject_index: Subject number.
+        rng_seed: Dataset seed; ``(rng_seed, subject_index)`` fixes everything.
+        n_slices: Axial slices; None draws 8-12.
+        size: In-plane array size ``(Y, X)``.
+        spacing: Voxel size in mm ``(x, y, z)``.
+        multiclass: Label 1 ground-glass / 2 consolidation instead of 1 = any lesion.
+
+    Returns:
+        `CTPhantom` with the float32 HU image, uint8 label and boolean lung mask.
+    """
     x, y, fov_x, fov_y = _grid(size, spacing)
-    rng = np.random.default_rng([rng_seed, subject_index, _ANATOMY])
+    rng = _rng(rng_seed, subject_index, _ANATOMY)
     drawn = int(rng.integers(8, 13))
     n = drawn if n_slices is None else int(n_slices)
     if n < 1:
@@ -336,7 +358,7 @@ def ct_phantom(
     lung_idx = np.flatnonzero(lungs)
     zz = np.arange(n).reshape(n, 1, 1) * spacing[2]
     for _ in range(int(rng.integers(1, 5))):
-        kind = rng.choice(["ggo", "ggo", "consolidation", "mixed"])
+        kind = str(rng.choice(["ggo", "ggo", "consolidation", "mixed"]))
         cz, cy_i, cx_i = np.unravel_index(rng.choice(lung_idx), shape)  # centre inside a lung
         c = (x[0, 0, cx_i], y[0, cy_i, 0], zz[cz, 0, 0])
         rx, ry = rng.uniform(7.0, 24.0, size=2) * min(1.0, fov_x / 128.0)

@@ -24,7 +24,7 @@ Record layout (every plan; plan-specific sections are added by the plan):
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Dict, List, Optional, Sequence, Tuple, Type, TypeVar
 
 import numpy as np
 import SimpleITK as sitk
@@ -41,6 +41,8 @@ from robustseg.data.preprocess.geometry import (
     uncrop,
 )
 from robustseg.errors import DataError
+
+T = TypeVar("T")
 
 # Below this the data are constant for practical purposes: dividing would blow up noise.
 _MIN_SCALE = 1e-8
@@ -246,6 +248,19 @@ def invert_probabilities(probs_czyx: np.ndarray, record: Dict[str, Any], backgro
 def plan_to_dict(plan: Any) -> Dict[str, Any]:
     """``{"name", "version", "params"}`` of a plan, for ``plan.json``."""
     return {"name": plan.name, "version": int(plan.version), "params": dataclasses.asdict(plan.params)}
+
+
+def invertible(cls: Type[T]) -> Type[T]:
+    """Class decorator giving a plan the methods every plan shares.
+
+    Inversion depends only on the record (which stores the grid and the crop window), so
+    ``invert_label``, ``invert_probabilities`` and ``to_dict`` are the functions above; the
+    decorator attaches them instead of a base class.
+    """
+    cls.invert_label = staticmethod(invert_label)  # type: ignore[attr-defined]
+    cls.invert_probabilities = staticmethod(invert_probabilities)  # type: ignore[attr-defined]
+    cls.to_dict = plan_to_dict  # type: ignore[attr-defined]
+    return cls
 
 
 def json_floats(values: Sequence[float]) -> List[float]:

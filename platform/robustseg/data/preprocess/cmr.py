@@ -35,8 +35,11 @@ from robustseg.registry import PLANS
 
 
 @PLANS.register("cmr", params=CMRPlanConfig)
+@_common.invertible
 class CMRPlan:
     """Cardiac MR plan; see the module docstring for the steps.
+
+    ``invert_label``, ``invert_probabilities`` and ``to_dict`` come from `_common.invertible`.
 
     Args:
         params: The ``data.cmr`` config section.
@@ -86,7 +89,3 @@ class CMRPlan:
         if stats.get("degenerate"):
             record["warnings"].append("image is constant after clipping: normalisation scale set to 1")
         return out, record
-
-    invert_label = staticmethod(_common.invert_label)
-    invert_probabilities = staticmethod(_common.invert_probabilities)
-    to_dict = _common.plan_to_dict

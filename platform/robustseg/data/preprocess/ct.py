@@ -39,6 +39,9 @@ SECOND_LUNG_MIN_RATIO = 0.1
 """A second lung component is kept only if at least this fraction of the largest: when the two
 lungs touch (one component) the runner-up is usually bowel gas or the trachea."""
 
+MIN_LUNG_ML = 0.5
+"""Low-HU components smaller than this are never lungs (air pockets, noise)."""
+
 LUNG_MARGIN_MM = 10.0
 """Distance from the lung mask kept by ``mask_outside_lung``."""
 
@@ -87,7 +90,7 @@ def _lung_components(
     return mask, body, info
 
 
-def lung_mask(hu_zyx: np.ndarray, spacing: Sequence[float], threshold_hu: float = -320.0, min_volume_ml: float = 0.5) -> np.ndarray:
+def lung_mask(hu_zyx: np.ndarray, spacing: Sequence[float], threshold_hu: float = -320.0, min_volume_ml: float = MIN_LUNG_ML) -> np.ndarray:
     """Classical lung mask: low-HU components inside the body, not touching the image side.
 
     Body = largest component above -500 HU with holes filled per slice; lung candidates =
@@ -118,8 +121,11 @@ def _outside_margin(mask_zyx: np.ndarray, spacing_xy: Sequence[float], margin_mm
 
 
 @PLANS.register("ct", params=CTPlanConfig)
+@_common.invertible
 class CTPlan:
     """Lung CT plan; see the module docstring for the steps.
+
+    ``invert_label``, ``invert_probabilities`` and ``to_dict`` come from `_common.invertible`.
 
     Args:
         params: The ``data.ct`` config section.
@@ -149,7 +155,7 @@ class CTPlan:
         p = self.params
         case = validate_case(case)
         lo, hi = (float(v) for v in p.hu_window)
-        mask, body, lung_info = _lung_components(case.image, case.spacing, p.lung_threshold_hu, 0.5)
+        mask, body, lung_info = _lung_components(case.image, case.spacing, p.lung_threshold_hu, MIN_LUNG_ML)
         windowed = case.with_arrays(np.clip(case.image, lo, hi), case.label)
         grid = _common.choose_grid(case, p.target_spacing)
         image_r, label_r = _common.resample_case(windowed, grid)
@@ -181,7 +187,3 @@ class CTPlan:
         record["mask_outside_lung"] = {"applied": applied, "margin_mm": LUNG_MARGIN_MM}
         record["warnings"].extend(warnings)
         return out, record
-
-    invert_label = staticmethod(_common.invert_label)
-    invert_probabilities = staticmethod(_common.invert_probabilities)
-    to_dict = _common.plan_to_dict

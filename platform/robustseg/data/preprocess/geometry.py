@@ -17,9 +17,12 @@ Which round trips are exact (label -> nearest neighbour -> back with nearest nei
   old voxel centre has a new centre within ``t / 2 < s / 2``, i.e. inside its own old cell,
   and that new voxel took its value from exactly that old voxel. Nearest-neighbour
   resampling is separable on axis-aligned grids, so the 1D argument covers 2D.
-* **down-sampling** (``t > s`` on an axis): not exact. Structures thinner than ``t`` can
-  vanish and boundaries move by up to half a voxel; for smooth blobs tens of voxels across
-  the tests bound the round-trip Dice (> 0.97 for 1.0 -> 1.25 mm).
+* **down-sampling** (``t > s`` on an axis): not exact. ``m < n`` new voxels cannot carry
+  ``n`` old ones, so about ``1 - s / t`` of the old indices per axis come back as a
+  neighbour's value. For ``t <= 2 s`` every voxel comes back as itself or one of its 8
+  in-plane neighbours, so all errors are on label boundaries (structures thinner than ``t``
+  can vanish). Measured for 1.0 -> 1.25 mm (tests): Dice > 0.98 for solid blobs 24 px in
+  radius, > 0.93 for 6 px thick rings; thinner or smaller structures fare worse.
 * crop/pad: exact whenever the crop window removed no foreground (``foreground_voxels_lost``
   in the record is then 0).
 """

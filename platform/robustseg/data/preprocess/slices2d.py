@@ -25,8 +25,11 @@ from robustseg.registry import PLANS
 
 
 @PLANS.register("slices2d", params=Slices2DPlanConfig)
+@_common.invertible
 class Slices2DPlan:
     """2D slice plan; see the module docstring.
+
+    ``invert_label``, ``invert_probabilities`` and ``to_dict`` come from `_common.invertible`.
 
     Args:
         params: The ``data.slices2d`` config section.
@@ -67,7 +70,3 @@ class Slices2DPlan:
         if any(st.get("degenerate") for st in per_slice):
             record["warnings"].append("a slice is constant: its normalisation scale was set to 1")
         return out, record
-
-    invert_label = staticmethod(_common.invert_label)
-    invert_probabilities = staticmethod(_common.invert_probabilities)
-    to_dict = _common.plan_to_dict
