@@ -110,6 +110,21 @@ def test_gzip_of_truncated_nifti_is_caught_by_header_size(tmp_path: Path) -> Non
         read_image(tmp_path / "short.nii.gz")
 
 
+@pytest.mark.parametrize("suffix", [".nii", ".nii.gz"])
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_nan_and_inf_voxels_are_refused(tmp_path: Path, suffix: str, dtype: type) -> None:
+    # ITK silently reads NaN/inf NIfTI voxels as 0, which would hide the problem from
+    # validate_case; io must count them and refuse the file.
+    arr = _volume((8, 32, 40)).astype(dtype)
+    arr[0, 0, 0], arr[7, 31, 39], arr[3, 3, 3] = np.nan, np.inf, -np.inf
+    write_image(arr, tmp_path / f"bad{suffix}")
+    with pytest.raises(DataError, match=rf"bad{suffix}: contains 3 NaN or infinite voxel values"):
+        read_image(tmp_path / f"bad{suffix}")
+    arr[~np.isfinite(arr)] = 0
+    write_image(arr, tmp_path / f"ok{suffix}")
+    np.testing.assert_array_equal(read_image(tmp_path / f"ok{suffix}").array, arr.astype(np.float32))
+
+
 def test_not_an_image_is_a_data_error(tmp_path: Path) -> None:
     (tmp_path / "junk.mha").write_text("hello")
     with pytest.raises(DataError, match=r"junk\.mha: cannot read image"):

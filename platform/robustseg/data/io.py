@@ -5,13 +5,15 @@ direction a row-major 3x3 tuple), as in `robustseg.data.cases`. Every failure is
 `DataError` naming the file: a source never lets a raw ``RuntimeError`` out of ITK.
 
 ITK reads a truncated ``.nii`` or ``.nii.gz`` without complaint (the missing voxels come back
-as zeros or garbage), so NIfTI files are checked here against the size their header
-promises, and gzip streams are decompressed once to verify their CRC.
+as zeros or garbage) and silently turns NaN/inf voxels into 0, so NIfTI files are streamed
+once here: size checked against the header, float voxels checked for NaN/inf, gzip CRC
+verified.
 """
 from __future__ import annotations
 
 import csv
 import gzip
+import itertools
 import os
 import re
 import struct
@@ -207,12 +209,16 @@ def write_image(
     target.parent.mkdir(parents=True, exist_ok=True)
     # Write beside the target under a name with the same extension (ITK picks the format
     # from it), then rename: a killed worker never leaves half a volume under the real name.
-    tmp = target.with_name(f".tmp{os.getpid()}_{target.name}")
+    # Detached headers (.mhd/.nhdr) name their data file, so those are written in place.
+    detached = target.name.lower().endswith((".mhd", ".nhdr"))
+    tmp = target if detached else target.with_name(f".tmp{os.getpid()}_{target.name}")
     try:
         sitk.WriteImage(image, str(tmp), useCompression=compress)
-        os.replace(tmp, target)
+        if not detached:
+            os.replace(tmp, target)
     except (RuntimeError, OSError) as exc:
-        tmp.unlink(missing_ok=True)
+        if not detached:
+            tmp.unlink(missing_ok=True)
         raise DataError(where, f"cannot write image: {_itk_reason(exc)}") from None
 
 
@@ -344,10 +350,8 @@ def natural_key(name: str) -> Tuple[Any, ...]:
 
 def list_files(folder: Path, suffixes: Sequence[str]) -> List[Path]:
     """Files in ``folder`` (not recursive, hidden ones skipped) with a suffix, naturally sorted."""
-    return sorted(
-        (p for p in folder.iterdir() if p.is_file() and not p.name.startswith(".") and split_suffix(p.name, suffixes)[1]),
-        key=lambda p: natural_key(p.name),
-    )
+    files = [p for p in folder.iterdir() if p.is_file() and not p.name.startswith(".")]
+    return sorted((p for p in files if split_suffix(p.name, suffixes)[1]), key=lambda p: natural_key(p.name))
 
 
 def files_by_stem(folder: Path, suffixes: Sequence[str]) -> Dict[str, Path]:
@@ -365,6 +369,13 @@ def files_by_stem(folder: Path, suffixes: Sequence[str]) -> Dict[str, Path]:
     return out
 
 
+def reject_orphan_masks(masks: Mapping[str, Path], images: Mapping[str, Path], image_dir: Path) -> None:
+    """Fail on a mask whose image is missing: a renamed or lost image must not go unnoticed."""
+    orphans = [stem for stem in masks if stem not in images]
+    if orphans:
+        raise DataError(masks[orphans[0]], f"mask has no matching image in {image_dir} ({len(orphans)} orphan(s))")
+
+
 def read_table(path: PathLike) -> Tuple[List[str], List[Dict[str, str]]]:
     """Read a CSV file with a header row (comma or semicolon separated).
 
@@ -378,15 +389,16 @@ def read_table(path: PathLike) -> Tuple[List[str], List[Dict[str, str]]]:
     try:
         with open(where, newline="", encoding="utf-8-sig") as fh:
             text = fh.read()
-    except OSError as exc:
-        raise DataError(where, f"cannot read table: {exc.strerror or exc}") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise DataError(where, f"cannot read table: {getattr(exc, 'strerror', None) or exc}") from None
     try:
         dialect: Any = csv.Sniffer().sniff(text[:4096], delimiters=",;\t")
     except csv.Error:  # one column, or nothing to sniff: plain commas
         dialect = csv.excel
     reader = csv.DictReader(text.splitlines(), dialect=dialect)
     header = [h.strip() for h in (reader.fieldnames or [])]
-    rows = [{(k or "").strip(): (v or "").strip() for k, v in row.items()} for row in reader]
+    # Extra cells (key None) and missing cells (value None) are dropped / read as "".
+    rows = [{k.strip(): (v or "").strip() for k, v in row.items() if isinstance(k, str)} for row in reader]
     if not header or not rows:
         raise DataError(where, "table is empty (expected a header row and at least one row)")
     return header, rows
@@ -430,8 +442,8 @@ def opt_floats(value: Any, name: str, n: int = 3) -> Optional[Tuple[float, ...]]
     """Coerce ``"1.5,1.5,10"`` or a sequence to ``n`` positive floats (None stays None)."""
     if value is None or value == "":
         return None
-    parts = str(value).strip("()[] ").split(",") if isinstance(value, str) else list(value)
     try:
+        parts = value.strip("()[] ").split(",") if isinstance(value, str) else list(value)
         numbers = tuple(float(p) for p in parts)
     except (TypeError, ValueError):
         numbers = ()
@@ -511,40 +523,57 @@ def _geometry3(image: sitk.Image) -> Tuple[Tuple[float, ...], Tuple[float, ...],
     return spacing, origin, direction
 
 
+class _NiftiLayout(NamedTuple):
+    start: int  # first voxel byte
+    end: int  # one past the last voxel byte
+    dtype: Optional[np.dtype]  # set for float data, whose NaN/inf must be counted
+
+
 def _check_complete(where: str) -> None:
-    """Fail on truncated NIfTI or corrupt gzip data, which ITK would read without error."""
+    """Stream a gzip or NIfTI file once, failing where ITK would read it without error.
+
+    ITK zero-fills truncated NIfTI data, replaces NaN/inf voxels by 0 and ignores gzip CRC
+    errors; each of those would silently change the data, so each is a `DataError` here.
+    """
     lower = where.lower()
-    if lower.endswith(".gz"):
-        try:
-            with gzip.open(where, "rb") as fh:
-                head = fh.read(544)
-                total = len(head)
-                for chunk in iter(lambda: fh.read(1 << 20), b""):
-                    total += len(chunk)
-        except (EOFError, OSError, zlib.error) as exc:
-            raise DataError(where, f"corrupt or truncated gzip data ({exc})") from None
-    elif lower.endswith(".nii"):
-        with open(where, "rb") as fh:
-            head = fh.read(544)
-        total = os.path.getsize(where)
-    else:
+    is_nifti = lower.endswith((".nii", ".nii.gz"))
+    if not (is_nifti or lower.endswith(".gz")):
         return
-    if lower.endswith((".nii", ".nii.gz")):
-        expected = _nifti_data_end(head)
-        if expected is not None and total < expected:
-            raise DataError(where, f"truncated NIfTI file: {total} bytes of data, the header needs {expected}")
+    opener: Any = gzip.open if lower.endswith(".gz") else open
+    total, bad, carry = 0, 0, b""
+    layout: Optional[_NiftiLayout] = None
+    try:
+        with opener(where, "rb") as fh:
+            head = fh.read(544)
+            layout = _nifti_layout(head) if is_nifti else None
+            for chunk in itertools.chain([head], iter(lambda: fh.read(1 << 20), b"")):
+                if layout is not None and layout.dtype is not None:
+                    lo, hi = max(layout.start - total, 0), min(layout.end - total, len(chunk))
+                    if hi > lo:
+                        carry += chunk[lo:hi]
+                        n = len(carry) - len(carry) % layout.dtype.itemsize
+                        bad += int(np.count_nonzero(~np.isfinite(np.frombuffer(carry[:n], layout.dtype))))
+                        carry = carry[n:]
+                total += len(chunk)
+    except (EOFError, OSError, zlib.error) as exc:
+        kind = "corrupt or truncated gzip data" if lower.endswith(".gz") else "cannot read file"
+        raise DataError(where, f"{kind} ({exc})") from None
+    if layout is not None and total < layout.end:
+        raise DataError(where, f"truncated NIfTI file: {total} bytes of data, the header needs {layout.end}")
+    if bad:
+        raise DataError(where, f"contains {bad} NaN or infinite voxel values (ITK would read them as 0)")
 
 
-def _nifti_data_end(head: bytes) -> Optional[int]:
-    """Byte offset where a single-file NIfTI-1/2's voxel data ends, or None if not NIfTI."""
+def _nifti_layout(head: bytes) -> Optional[_NiftiLayout]:
+    """Where a single-file NIfTI-1/2's voxel data lies, from its header; None if not NIfTI."""
     for endian in "<>":
         if len(head) >= 348 and struct.unpack(endian + "i", head[:4])[0] == 348:
             dims = struct.unpack(endian + "8h", head[40:56])
-            bitpix = struct.unpack(endian + "h", head[72:74])[0]
+            code, bitpix = struct.unpack(endian + "2h", head[70:74])
             offset = int(struct.unpack(endian + "f", head[108:112])[0])
             break
         if len(head) >= 540 and struct.unpack(endian + "i", head[:4])[0] == 540:
-            bitpix = struct.unpack(endian + "h", head[14:16])[0]
+            code, bitpix = struct.unpack(endian + "2h", head[12:16])
             dims = struct.unpack(endian + "8q", head[16:80])
             offset = int(struct.unpack(endian + "q", head[168:176])[0])
             break
@@ -553,7 +582,9 @@ def _nifti_data_end(head: bytes) -> Optional[int]:
     if not 1 <= dims[0] <= 7 or bitpix <= 0:
         return None
     n_voxels = int(np.prod([max(int(d), 1) for d in dims[1 : dims[0] + 1]], dtype=np.int64))
-    return offset + n_voxels * (bitpix // 8)
+    floats = {16: "f4", 64: "f8"}  # NIfTI datatype codes of float32 / float64
+    dtype = np.dtype(endian + floats[code]) if code in floats else None
+    return _NiftiLayout(offset, offset + n_voxels * (bitpix // 8), dtype)
 
 
 def _as_geometry(obj: Any) -> Mapping[str, Any]:

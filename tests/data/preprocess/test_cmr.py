@@ -135,6 +135,15 @@ def test_centre_override_is_honoured() -> None:
         cmr().preprocess(case, centre_yx=(float("nan"), 3.0))
 
 
+def test_bad_input_is_named() -> None:
+    case = heart_case()
+    case.source_path = "/data/ct_001.nii.gz"
+    with pytest.raises(DataError, match="ct_001.nii.gz: plan 'cmr' expects MR"):
+        cmr().preprocess(case.with_arrays(case.image, case.label, modality="CT"))
+    with pytest.raises(DataError, match="shape"):
+        cmr().preprocess(case.with_arrays(case.image, case.label[:, :-1]))
+
+
 def test_image_centre_when_unlabelled_or_centre_image() -> None:
     case = heart_case()
     for c, plan in ((case.with_arrays(case.image, None), cmr()), (case, cmr(centre="image"))):
@@ -193,8 +202,8 @@ def test_record_is_json_and_plan_round_trips() -> None:
     assert again.params == plan.params
     with pytest.raises(ConfigError, match="version"):
         plan_from_dict({**d, "version": 99})
-    # A restored plan inverts records the original plan wrote.
-    assert np.array_equal(again.invert_label(out.label, rec), plan.invert_label(out.label, rec))
+    # A restored plan inverts records the original plan wrote, after they went through JSON.
+    assert np.array_equal(again.invert_label(out.label, json.loads(json.dumps(rec))), plan.invert_label(out.label, rec))
 
 
 def test_invert_probabilities() -> None:

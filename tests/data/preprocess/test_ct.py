@@ -11,7 +11,8 @@ from scipy import ndimage
 from robustseg.config import CTPlanConfig, DataConfig
 from robustseg.data.cases import Case
 from robustseg.data.preprocess import build_plan, lung_mask
-from robustseg.data.preprocess.ct import CTPlan, body_mask
+from robustseg.data.preprocess.ct import CTPlan, body_mask, fill_holes_per_slice
+from robustseg.errors import DataError
 
 SPACING = (0.8, 0.8, 2.5)
 
@@ -131,6 +132,13 @@ def test_centre_override_and_fallback_without_lungs() -> None:
     assert rec["centre"]["yx_resampled"] == pytest.approx([(30.0 * 0.8 - rec["resample"]["shift_xy_mm"][1]), (40.0 * 0.8 - rec["resample"]["shift_xy_mm"][0])])
 
 
+def test_mr_case_is_refused() -> None:
+    hu, label, _ = phantom()
+    case = ct_case(hu, label).with_arrays(hu, label, modality="MR", source_path="x.nii.gz")
+    with pytest.raises(DataError, match="x.nii.gz: plan 'ct' expects CT"):
+        ct().preprocess(case)
+
+
 def test_mask_outside_lung() -> None:
     hu, label, _ = phantom()
     out, rec = ct(target=None, crop=(128, 128), mask_outside_lung=True).preprocess(ct_case(hu, label))
@@ -171,3 +179,11 @@ def test_invert_label_after_downsampling_is_bounded() -> None:
     assert back.shape == label.shape
     dice = 2 * (back & label).sum() / (back.sum() + label.sum())
     assert dice > 0.9  # a lesion only ~10 px across
+
+
+def test_fill_holes_per_slice_matches_scipy_slice_by_slice() -> None:
+    rng = np.random.default_rng(0)
+    for _ in range(10):
+        m = ndimage.binary_opening(rng.random((3, 40, 50)) > 0.45, structure=np.ones((1, 2, 2)))
+        expected = np.stack([ndimage.binary_fill_holes(s) for s in m])
+        assert np.array_equal(fill_holes_per_slice(m), expected)

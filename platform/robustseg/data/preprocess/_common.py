@@ -59,9 +59,10 @@ def normalisation_stats(values: np.ndarray, method: str) -> Dict[str, Any]:
         ``{"method", "mean", "std"}`` or ``{"method", "min", "max"}``; a degenerate scale is
         replaced by 1 and flagged with ``"degenerate": True``.
     """
-    v = np.asarray(values, dtype=np.float64)
+    v = np.asarray(values)
     if method == "zscore":
-        mean, std = (float(v.mean()), float(v.std())) if v.size else (0.0, 1.0)
+        # float64 accumulators without a float64 copy of a whole CT volume.
+        mean, std = (float(v.mean(dtype=np.float64)), float(v.std(dtype=np.float64))) if v.size else (0.0, 1.0)
         out: Dict[str, Any] = {"method": method, "mean": mean, "std": std}
         if std < _MIN_SCALE:
             out.update(std=1.0, degenerate=True)
@@ -80,6 +81,20 @@ def normalise(image: np.ndarray, stats: Dict[str, Any]) -> np.ndarray:
     if stats["method"] == "zscore":
         return ((image - stats["mean"]) / stats["std"]).astype(np.float32)
     return ((image - stats["min"]) / (stats["max"] - stats["min"])).astype(np.float32)
+
+
+def require_modality(case: Case, modality: str, plan_name: str) -> Case:
+    """Return ``case`` if it has ``modality``, else stop: a plan's intensity steps assume it.
+
+    Raises:
+        DataError: naming the case's file, its modality and the plan.
+    """
+    if case.modality != modality:
+        raise DataError(
+            case.source_path or case.case_id,
+            f"plan {plan_name!r} expects {modality} images, got modality {case.modality!r}",
+        )
+    return case
 
 
 def choose_grid(case: Case, target_xy: Optional[Sequence[float]]) -> InplaneGrid:

@@ -64,10 +64,10 @@ class CMRPlan:
             or None, spacing and origin updated; the record (JSON-serialisable) inverts it.
 
         Raises:
-            DataError: invalid input (named file) or an invalid ``centre_yx``.
+            DataError: invalid input or a non-MR case (naming the file), or an invalid ``centre_yx``.
         """
         p = self.params
-        case = validate_case(case)
+        case = _common.require_modality(validate_case(case), "MR", self.name)
         grid = _common.choose_grid(case, p.target_spacing)
 
         lo, hi = (float(v) for v in np.percentile(case.image, p.clip_percentiles))

@@ -20,7 +20,7 @@ Steps, in order:
 """
 from __future__ import annotations
 
-from typing import Any, Dict, Optional, Sequence, Tuple
+from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 import SimpleITK as sitk
@@ -46,6 +46,33 @@ LUNG_MARGIN_MM = 10.0
 """Distance from the lung mask kept by ``mask_outside_lung``."""
 
 
+# 4-connectivity within a slice, none across slices: 2D operations done in one 3D call.
+_INPLANE = np.zeros((3, 3, 3), dtype=bool)
+_INPLANE[1] = ndimage.generate_binary_structure(2, 1)
+
+
+def _in_plane_border(labels: np.ndarray) -> np.ndarray:
+    """Label values found on the in-plane image border of any slice."""
+    edges = (labels[:, 0, :], labels[:, -1, :], labels[:, :, 0], labels[:, :, -1])
+    return np.unique(np.concatenate([e.ravel() for e in edges]))
+
+
+def fill_holes_per_slice(mask_zyx: np.ndarray) -> np.ndarray:
+    """Fill holes of every axial slice (background not connected to the slice border).
+
+    Args:
+        mask_zyx: Boolean mask ``(Z, Y, X)``.
+
+    Returns:
+        The filled mask (same as ``binary_fill_holes`` slice by slice, in one labelling pass).
+    """
+    background, n = ndimage.label(~mask_zyx, structure=_INPLANE)
+    is_hole = np.ones(n + 1, dtype=bool)
+    is_hole[_in_plane_border(background)] = False
+    is_hole[0] = True  # label 0 is the mask itself
+    return is_hole[background]
+
+
 def body_mask(hu_zyx: np.ndarray, threshold_hu: float = BODY_THRESHOLD_HU) -> np.ndarray:
     """The body: largest 3D component above ``threshold_hu``, holes filled slice by slice.
 
@@ -64,8 +91,7 @@ def body_mask(hu_zyx: np.ndarray, threshold_hu: float = BODY_THRESHOLD_HU) -> np
         return np.zeros(hu_zyx.shape, dtype=bool)
     sizes = np.bincount(labels.ravel())
     sizes[0] = 0
-    body = labels == int(np.argmax(sizes))
-    return np.stack([ndimage.binary_fill_holes(s) for s in body])
+    return fill_holes_per_slice(labels == int(np.argmax(sizes)))
 
 
 def _lung_components(
@@ -76,15 +102,14 @@ def _lung_components(
     sizes = np.bincount(labels.ravel(), minlength=n + 1)
     sizes[0] = 0
     # Only the in-plane border counts: scans routinely cut the lungs at the top and bottom.
-    border = np.unique(np.concatenate([labels[:, 0, :].ravel(), labels[:, -1, :].ravel(), labels[:, :, 0].ravel(), labels[:, :, -1].ravel()]))
-    sizes[border] = 0
+    sizes[_in_plane_border(labels)] = 0
     voxel_ml = float(np.prod(spacing)) / 1000.0
     order = [int(i) for i in np.argsort(sizes)[::-1][:2] if sizes[i] > 0 and sizes[i] * voxel_ml >= min_volume_ml]
     if len(order) == 2 and sizes[order[1]] < SECOND_LUNG_MIN_RATIO * sizes[order[0]]:
         order = order[:1]
     mask = np.isin(labels, order) if order else np.zeros(hu_zyx.shape, dtype=bool)
     # Vessels and nodules are above the threshold: fill them per slice, as holes in the lung.
-    mask = np.stack([ndimage.binary_fill_holes(s) for s in mask])
+    mask = fill_holes_per_slice(mask)
     voxels = int(mask.sum())
     info = {"components": len(order), "voxels": voxels, "volume_ml": voxels * voxel_ml, "body_voxels": int(body.sum())}
     return mask, body, info
@@ -150,10 +175,10 @@ class CTPlan:
             voxels, volume_ml, body_voxels; original grid) and ``mask_outside_lung``.
 
         Raises:
-            DataError: invalid input (named file) or an invalid ``centre_yx``.
+            DataError: an invalid or non-CT case (naming its file), or an invalid ``centre_yx``.
         """
+        case = _common.require_modality(validate_case(case), "CT", self.name)
         p = self.params
-        case = validate_case(case)
         lo, hi = (float(v) for v in p.hu_window)
         mask, body, lung_info = _lung_components(case.image, case.spacing, p.lung_threshold_hu, MIN_LUNG_ML)
         windowed = case.with_arrays(np.clip(case.image, lo, hi), case.label)
@@ -162,13 +187,13 @@ class CTPlan:
         np.clip(image_r, lo, hi, out=image_r)
         lung_r = resample_inplane(mask.astype(np.uint8), grid, sitk.sitkNearestNeighbor).astype(bool)
 
-        warnings = []
+        warnings: List[str] = []
         region, where = lung_r, "lung"
         if not region.any():
             region, where = resample_inplane(body.astype(np.uint8), grid, sitk.sitkNearestNeighbor).astype(bool), "body"
             if not region.any():
                 region, where = np.ones(image_r.shape, dtype=bool), "volume"
-            warnings.append(f"no lung found: z-score statistics computed over the {where}")
+            warnings.append(f"no lung found (is the image in HU?): z-score statistics computed over the {where}")
         stats = _common.normalisation_stats(image_r[region], "zscore")
         image_n = _common.normalise(image_r, stats)
         pad_value = float((lo - stats["mean"]) / stats["std"])

@@ -20,7 +20,15 @@ from pathlib import Path
 from typing import Any, Dict, Iterator, List, Optional, Tuple
 
 from robustseg.data.cases import MOTION_UNKNOWN, Case
-from robustseg.data.io import find_column, read_pair, read_table, reject_unknown, require_dir, split_suffix, volume_case
+from robustseg.data.io import (
+    find_column,
+    read_pair,
+    read_table,
+    reject_unknown,
+    require_dir,
+    split_suffix,
+    volume_case,
+)
 from robustseg.data.labels import get_convention
 from robustseg.errors import DataError
 from robustseg.registry import SOURCES

@@ -26,6 +26,7 @@ from robustseg.data.io import (
     files_by_stem,
     opt_bool,
     read_pair,
+    reject_orphan_masks,
     reject_unknown,
     require_dir,
     volume_case,
@@ -90,9 +91,7 @@ def _pairs(root: Path) -> List[Tuple[str, Tuple[Path, Optional[Path]]]]:
         if owner in masks:
             raise DataError(file, f"two masks for image {owner}: this one and {masks[owner]}")
         masks[owner] = file
-    orphans = sorted(set(masks) - set(images))
-    if orphans:
-        raise DataError(masks[orphans[0]], f"mask has no matching image in {image_dir} ({len(orphans)} orphan mask(s))")
+    reject_orphan_masks(masks, images, image_dir)
     if not images:
         raise DataError(root, f"no CT volumes found (looked for {', '.join(VOLUME_SUFFIXES)} in {image_dir})")
     return [(stem, (images[stem], masks.get(stem))) for stem in images]  # natural order

@@ -30,6 +30,7 @@ from robustseg.data.io import (
     opt_choice,
     picture_case,
     read_picture,
+    reject_orphan_masks,
     reject_unknown,
     require_dir,
 )
@@ -91,13 +92,12 @@ def _paired_masks(root: Path, kind: str, images: Dict[str, Path]) -> Dict[str, P
     if kind == "none":
         return {}
     masks = files_by_stem(require_dir(root / _MASKS[kind][0]), PICTURE_SUFFIXES)
-    orphans = [stem for stem in masks if stem not in images]
-    if orphans:
-        raise DataError(masks[orphans[0]], f"mask has no matching image in {root / 'images'} ({len(orphans)} orphan(s))")
+    reject_orphan_masks(masks, images, root / "images")
     missing = [stem for stem in images if stem not in masks]
     if missing:
         where = images[missing[0]]
-        raise DataError(where, f"image has no {kind} mask in {root / _MASKS[kind][0]} ({len(missing)} unmasked image(s))")
+        problem = f"image has no {kind} mask in {root / _MASKS[kind][0]} ({len(missing)} unmasked image(s))"
+        raise DataError(where, problem)
     return masks
 
 
