@@ -88,16 +88,7 @@ def read_image(
 
 
 def read_label(path: PathLike, *, allow_2d: bool = False, frame: Optional[int] = None) -> Volume:
-    """Read a label volume keeping its stored dtype (M&Ms stores float64 labels).
-
-    Args:
-        path: Label file.
-        allow_2d: As in `read_image`.
-        frame: As in `read_image`.
-
-    Returns:
-        `Volume` with the raw stored label values.
-    """
+    """`read_image` keeping the stored dtype (M&Ms stores float64 labels)."""
     return read_image(path, allow_2d=allow_2d, frame=frame, dtype=None)
 
 
@@ -157,15 +148,11 @@ def check_same_geometry(a: Any, b: Any, where: object, *, what: str = "image and
     problems = []
     if "shape_zyx" in ga and "shape_zyx" in gb and list(ga["shape_zyx"]) != list(gb["shape_zyx"]):
         problems.append(f"shape (Z, Y, X) {tuple(ga['shape_zyx'])} vs {tuple(gb['shape_zyx'])}")
-    checks = (
-        ("spacing", lambda x, y: np.allclose(x, y, rtol=SPACING_RTOL, atol=0.0)),
-        ("origin", lambda x, y: np.allclose(x, y, rtol=0.0, atol=ORIGIN_ATOL_MM)),
-        ("direction", lambda x, y: np.allclose(x, y, rtol=0.0, atol=DIRECTION_ATOL)),
-    )
-    for key, same in checks:
+    tolerances = {"spacing": (SPACING_RTOL, 0.0), "origin": (0.0, ORIGIN_ATOL_MM), "direction": (0.0, DIRECTION_ATOL)}
+    for key, (rtol, atol) in tolerances.items():
         if key in ga and key in gb:
             x, y = np.asarray(ga[key], float), np.asarray(gb[key], float)
-            if x.shape != y.shape or not same(x, y):
+            if x.shape != y.shape or not np.allclose(x, y, rtol=rtol, atol=atol):
                 problems.append(f"{key} {_fmt(x)} vs {_fmt(y)}")
     if problems:
         raise DataError(where, f"{what} are on different grids: " + "; ".join(problems))
@@ -335,6 +322,14 @@ def picture_case(picture: np.ndarray, label: Optional[np.ndarray], **fields: Any
     )
 
 
+def find_nifti(folder: Path, stem: str) -> Optional[Path]:
+    """``folder/stem.nii.gz`` or ``folder/stem.nii``, whichever exists, else None."""
+    for suffix in (".nii.gz", ".nii"):
+        if (folder / (stem + suffix)).is_file():
+            return folder / (stem + suffix)
+    return None
+
+
 def require_dir(path: PathLike) -> Path:
     """The path as a `Path`, or a `DataError` if it is not an existing folder."""
     folder = Path(path)
@@ -415,14 +410,10 @@ def find_column(header: Iterable[str], candidates: Sequence[str], where: object)
 
 def opt_bool(value: Any, name: str) -> bool:
     """Coerce a (possibly CLI string) option to bool."""
-    if isinstance(value, (bool, np.bool_)):
-        return bool(value)
     text = str(value).strip().lower()
-    if text in ("1", "true", "yes", "on"):
-        return True
-    if text in ("0", "false", "no", "off", ""):
-        return False
-    raise ConfigError(f"source option {name}={value!r}: expected true/false")
+    if text not in ("1", "true", "yes", "on", "0", "false", "no", "off", ""):
+        raise ConfigError(f"source option {name}={value!r}: expected true/false")
+    return text in ("1", "true", "yes", "on")
 
 
 def opt_int(value: Any, name: str, *, minimum: int = 0) -> Optional[int]:

@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any, Dict, Iterator, List
 
 from robustseg.data.cases import Case
-from robustseg.data.io import read_pair, reject_unknown, require_dir, volume_case
+from robustseg.data.io import find_nifti, read_pair, reject_unknown, require_dir, volume_case
 from robustseg.data.labels import get_convention
 from robustseg.errors import DataError
 from robustseg.registry import SOURCES
@@ -86,11 +86,10 @@ def read_info(cfg: Path) -> Dict[str, str]:
 
 
 def _frame_file(folder: Path, stem: str) -> Path:
-    for suffix in (".nii.gz", ".nii"):
-        candidate = folder / (stem + suffix)
-        if candidate.is_file():
-            return candidate
-    raise DataError(folder / (stem + ".nii.gz"), "file not found (named by Info.cfg)")
+    found = find_nifti(folder, stem)
+    if found is None:
+        raise DataError(folder / (stem + ".nii.gz"), "file not found (named by Info.cfg)")
+    return found
 
 
 def _read_patient(folder: Path) -> Iterator[Case]:

@@ -25,6 +25,7 @@ import numpy as np
 from robustseg.data.cases import Case
 from robustseg.data.io import (
     find_column,
+    find_nifti,
     opt_choice,
     read_pair,
     read_table,
@@ -89,11 +90,10 @@ def _volumes(folder: Path) -> List[Tuple[str, Path]]:
 
 
 def _label_file(image_file: Path, stem: str) -> Path:
-    for suffix in (".nii.gz", ".nii"):
-        candidate = image_file.with_name(f"{stem}_gt{suffix}")
-        if candidate.is_file():
-            return candidate
-    raise DataError(image_file, f"no label file {stem}_gt.nii.gz beside the image")
+    label = find_nifti(image_file.parent, f"{stem}_gt")
+    if label is None:
+        raise DataError(image_file, f"no label file {stem}_gt.nii.gz beside the image")
+    return label
 
 
 def _norm_id(code: str) -> str:
