@@ -9,6 +9,8 @@ from robustseg.data.shards import (
     case_rows,
     decode_images,
     decode_labels,
+    delta2d,
+    undelta2d,
     encode_image,
     shard_metadata,
     table_to_parquet,
@@ -27,10 +29,11 @@ def _case(cid="c1", z=3, h=16, w=12, label=True, seed=0):
                 phase="ED", motion_level=2, dataset="syn")
 
 
-@pytest.mark.parametrize("dtype, tol", [("uint8", 1 / 255 / 2 + 1e-6), ("float16", 1e-3), ("float32", 0.0)])
-def test_encode_decode_precision(dtype, tol):
+@pytest.mark.parametrize("dtype, filt, tol", [("uint8", "none", 1 / 255 / 2 + 1e-6), ("uint8", "delta2d", 1 / 255 / 2 + 1e-6),
+                                              ("float16", "none", 1e-3), ("float32", "none", 0.0)])
+def test_encode_decode_precision(dtype, filt, tol):
     case = _case()
-    layout = SliceLayout(16, 12, dtype)
+    layout = SliceLayout(16, 12, dtype, filt)
     table = build_table([case_rows(case, 0, True, layout)], layout, {})
     dec = decode_images(table, layout)
     rng_per_slice = np.ptp(case.image.reshape(3, -1), axis=1)[:, None, None]
@@ -40,6 +43,15 @@ def test_encode_decode_precision(dtype, tol):
     else:
         assert np.all(err <= tol * rng_per_slice + 1e-6)
     assert np.array_equal(decode_labels(table, layout), case.label)
+
+
+def test_delta2d_is_lossless_and_wraps():
+    q = np.random.default_rng(0).integers(0, 256, size=(3, 7, 5)).astype(np.uint8)
+    e = delta2d(q)
+    assert e.dtype == np.uint8 and not np.array_equal(e, q)
+    assert np.array_equal(undelta2d(e), q)
+    with pytest.raises(ValueError, match="uint8 images only"):
+        SliceLayout(4, 4, "float16", "delta2d")
 
 
 def test_constant_slice_decodes_exactly():
@@ -63,7 +75,7 @@ def test_rows_columns_and_metadata(tmp_path):
     store = open_store(str(tmp_path / "store"))
     store.write_bytes("s/part.parquet", table_to_parquet(table, 3))
     md = shard_metadata(store, "s/part.parquet")
-    assert md["fingerprint"] == "x" and md["layout"] == {"height": 16, "width": 12, "image_dtype": "uint8"}
+    assert md["fingerprint"] == "x" and md["layout"] == {"height": 16, "width": 12, "image_dtype": "uint8", "filter": "none"}
     assert shard_metadata(store, "s/missing.parquet") is None
     store.write_bytes("s/junk.parquet", b"not parquet")
     assert shard_metadata(store, "s/junk.parquet") is None  # damaged files are rewritten, never trusted
@@ -77,7 +89,7 @@ def test_layout_mismatch_names_case():
 
 
 def test_volume_rows_round_trip():
-    layout = SliceLayout(16, 12, "uint8")
+    layout = SliceLayout(16, 12, "uint8", "delta2d")
     a, b = _case("a", z=3), _case("b", z=2, label=False, seed=1)
     table = build_table([case_rows(a, 0, True, layout), case_rows(b, 0, True, layout)], layout, {})
     vols = volume_table(table, layout)

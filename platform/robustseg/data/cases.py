@@ -11,7 +11,7 @@ from typing import Any, Dict, Optional, Tuple
 
 import numpy as np
 
-from robustseg.data.labels import TASK_CLASS_NAMES
+from robustseg.data.labels import TASK_CLASS_NAMES, label_values
 from robustseg.errors import DataError
 
 IDENTITY_DIRECTION: Tuple[float, ...] = (1.0, 0.0, 0.0, 0.0, 1.0, 0.0, 0.0, 0.0, 1.0)
@@ -120,7 +120,9 @@ def validate_case(case: Case) -> Case:
         if label.shape != img.shape:
             raise DataError(where, f"image shape {img.shape} and label shape {label.shape} differ")
         n_classes = len(TASK_CLASS_NAMES[case.task])
-        values = np.unique(label)
+        if label.dtype.kind not in "iub":
+            raise DataError(where, f"label must hold integers, got dtype {label.dtype}")
+        values = label_values(label)
         bad = [int(v) for v in values if v < 0 or v >= n_classes]
         if bad:
             raise DataError(where, f"label values {bad} are not canonical {case.task} labels (0..{n_classes - 1})")

@@ -62,7 +62,7 @@ class LabelConvention:
             if not np.array_equal(rounded, arr):
                 raise DataError(where, "label contains non-integer values")
             arr = rounded.astype(np.int64)
-        values = np.unique(arr)
+        values = label_values(arr)
         unknown = [int(v) for v in values if int(v) not in self.mapping]
         if unknown:
             raise DataError(
@@ -74,6 +74,21 @@ class LabelConvention:
         for src, dst in self.mapping.items():
             lut[src] = dst
         return lut[arr.astype(np.int64)]
+
+
+def label_values(label: np.ndarray) -> np.ndarray:
+    """Sorted distinct values of an integer label array.
+
+    ``np.bincount`` is used for non-negative values: ``np.unique`` sorts the whole volume and
+    was about half of the ACDC read time.
+    """
+    flat = np.asarray(label).ravel()
+    if flat.size == 0:
+        return flat[:0].astype(np.int64)
+    lo = int(flat.min())
+    if lo < 0 or int(flat.max()) > 65535:
+        return np.unique(flat).astype(np.int64)
+    return np.flatnonzero(np.bincount(flat.astype(np.intp, copy=False)))
 
 
 TASK_CLASS_NAMES: Dict[str, Dict[int, str]] = {

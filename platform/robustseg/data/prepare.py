@@ -145,7 +145,8 @@ def prepare(cfg: DataConfig, progress: ProgressFactory = _no_progress) -> Prepar
         budget = label_budget(labelled_subjects, cfg.label_budget, cfg.split_seed, strata)
 
     size = _plan_size(cfg)
-    layout = SliceLayout(height=size[0], width=size[1], image_dtype=cfg.slice_dtype)
+    layout = SliceLayout(height=size[0], width=size[1], image_dtype=cfg.slice_dtype,
+                         filter="delta2d" if cfg.slice_dtype == "uint8" else "none")
     plan_dict = plan.to_dict()
     groups = _group_into_shards(cases, folds, cfg.slices_per_shard)
 

@@ -12,7 +12,7 @@ from typing import Dict, Optional, Tuple
 import numpy as np
 import pyarrow as pa
 
-from robustseg.data.shards import SliceLayout, _DTYPES
+from robustseg.data.shards import SliceLayout, _DTYPES, unfilter
 
 _SCALARS = ("case_id", "subject_id", "dataset", "phase", "modality", "motion_level", "fold",
             "has_label", "train_labelled", "n_slices", "spacing_x", "spacing_y", "spacing_z")
@@ -49,7 +49,7 @@ def decode_volume(row: Dict[str, object], layout: SliceLayout) -> Tuple[np.ndarr
     img = np.frombuffer(row["image"], dtype=_DTYPES[layout.image_dtype]).reshape(z, layout.height, layout.width)  # type: ignore[arg-type]
     scale = np.asarray(row["image_scale"], np.float32)[:, None, None]
     offset = np.asarray(row["image_offset"], np.float32)[:, None, None]
-    image = img.astype(np.float32) * scale + offset
+    image = unfilter(img, layout).astype(np.float32) * scale + offset
     label = None
     if row["label"] is not None:
         label = np.frombuffer(row["label"], dtype=np.uint8).reshape(z, layout.height, layout.width).copy()  # type: ignore[arg-type]

@@ -1,7 +1,6 @@
 """NIfTI sources (acdc_nifti, mnms, cmrxmotion, ct_nifti) on tiny files written with SimpleITK."""
 from __future__ import annotations
 
-import importlib.util
 from pathlib import Path
 from typing import Callable, Optional, Sequence
 
@@ -15,18 +14,8 @@ from robustseg.data.sources import read_source
 from robustseg.errors import ConfigError, DataError
 
 
-def _sibling(name: str):
-    # pytest runs with --import-mode=importlib, so sibling test files are not importable by
-    # name; load the one holding the shared cardiac test anatomy from its path.
-    spec = importlib.util.spec_from_file_location(f"_robustseg_{name}", Path(__file__).with_name(f"{name}.py"))
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+from anatomy import assert_lv_inside_myo, ring_slice
 
-
-_ANATOMY = _sibling("test_acdc_h5")
-ring_slice, assert_lv_inside_myo = _ANATOMY.ring_slice, _ANATOMY.assert_lv_inside_myo
 SPACING = (1.5, 1.25, 8.0)
 ORIGIN = (10.0, -5.0, 2.0)
 ACDC_STACK = np.stack([ring_slice()] * 3)  # ACDC values: 1 RV, 2 MYO, 3 LV
