@@ -132,6 +132,7 @@ class DataConfig:
     store_volumes: bool = doc(False, "Also write whole-volume shards (one row per case, for 3D models); 2D slices always reassemble into volumes.")
     slice_dtype: str = doc("uint8", "Stored image encoding: uint8 (per-slice scale/offset, ~1/255 of the slice range), float16 or float32.")
     compression_level: int = doc(6, "zstd level of the Parquet shards.")
+    val_fold: int = doc(0, "Fold held out for validation when training one model (cross-validation sweeps set it per run).")
 
     def __post_init__(self) -> None:
         _check_choice("data.plan", self.plan, ("cmr", "ct", "slices2d"))
@@ -142,6 +143,8 @@ class DataConfig:
             raise ConfigError("data.slices_per_shard must be >= 1")
         if self.label_budget is not None and self.label_budget < 1:
             raise ConfigError("data.label_budget must be >= 1 or null")
+        if not 0 <= self.val_fold < self.folds:
+            raise ConfigError(f"data.val_fold must be in [0, {self.folds}), got {self.val_fold}")
 
 
 # --------------------------------------------------------------------------- model & training
@@ -194,6 +197,43 @@ class OptimConfig:
 
 
 @dataclass
+class LossConfig:
+    """Dice + cross-entropy with deep-supervision weighting."""
+
+    dice_weight: float = doc(1.0, "Weight of the soft Dice term.")
+    ce_weight: float = doc(1.0, "Weight of the cross-entropy term.")
+    deep_supervision: bool = doc(True, "Use the backbone's deep-supervision heads when it has them.")
+    ds_decay: float = doc(0.5, "Weight of head i is ds_decay**i (normalised; the lowest-resolution head gets 0, as in nnU-Net).")
+    include_background_dice: bool = doc(False, "Count background in the Dice term.")
+
+    def __post_init__(self) -> None:
+        if self.dice_weight < 0 or self.ce_weight < 0 or self.dice_weight + self.ce_weight == 0:
+            raise ConfigError("loss.dice_weight and loss.ce_weight must be >= 0 and not both 0")
+        if not 0 < self.ds_decay <= 1:
+            raise ConfigError(f"loss.ds_decay must be in (0, 1], got {self.ds_decay}")
+
+
+@dataclass
+class InferenceConfig:
+    """Sliding-window inference, test-time augmentation and post-processing."""
+
+    patch_size: Optional[List[int]] = doc(None, "Window size (in-plane for 2D); null: the shard slice size.")
+    overlap: float = doc(0.5, "Fractional overlap of sliding windows.")
+    gaussian: bool = doc(True, "Gaussian importance weighting of window centres.")
+    tta: bool = doc(True, "Mirror test-time augmentation on all in-plane axes (and the slice axis for 3D).")
+    postprocess: bool = doc(True, "Largest connected component per structure (slice- and volume-wise) and RV-without-LV/MYO removal.")
+    batch_size: int = doc(32, "Slices/windows per forward pass at inference.")
+    val_every: int = doc(1, "Validate every N epochs.")
+    val_max_cases: Optional[int] = doc(None, "Validate on at most this many cases (quick runs); null: all of the fold.")
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.overlap < 1:
+            raise ConfigError(f"inference.overlap must be in [0, 1), got {self.overlap}")
+        if self.batch_size < 1 or self.val_every < 1:
+            raise ConfigError("inference.batch_size and inference.val_every must be >= 1")
+
+
+@dataclass
 class AugmentConfig:
     """GPU batch augmentation preset and overrides."""
 
@@ -231,6 +271,8 @@ class ExperimentConfig:
     model: ModelConfig = doc(text="Backbone.", factory=ModelConfig)
     regime: RegimeConfig = doc(text="Training regime.", factory=RegimeConfig)
     optim: OptimConfig = doc(text="Optimiser and schedule.", factory=OptimConfig)
+    loss: LossConfig = doc(text="Loss.", factory=LossConfig)
+    inference: InferenceConfig = doc(text="Inference, TTA, post-processing, validation.", factory=InferenceConfig)
     augment: AugmentConfig = doc(text="Augmentation.", factory=AugmentConfig)
     scaling: ScalingConfig = doc(text="Ray Train scaling.", factory=ScalingConfig)
     tracking: TrackingConfig = doc(text="MLflow tracking.", factory=TrackingConfig)
