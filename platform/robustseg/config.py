@@ -240,6 +240,7 @@ class AugmentConfig:
     preset: str = doc("nnunet", "nnunet, light (thesis) or none.")
     params: Dict[str, Any] = doc(text="Per-transform overrides of the preset.", factory=dict)
     mixup: float = doc(0.0, "Mixup probability per batch (0 disables).")
+    mixup_alpha: float = doc(0.4, "Beta(alpha, alpha) parameter of the mixup ratio.")
 
 
 @dataclass

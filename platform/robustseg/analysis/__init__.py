@@ -1,0 +1,1 @@
+"""Analysis: robustness, clinical indices, representation similarity, pseudo labels."""

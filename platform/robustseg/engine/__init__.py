@@ -1,0 +1,1 @@
+"""Training engine: losses, metrics, fit/evaluate loop, inference, post-processing."""

@@ -1,0 +1,167 @@
+"""The fit loop: epochs of N iterations, whole-volume validation, checkpoints, early stopping.
+
+Runs in a plain process on plain tensors (no Ray): Ray Train wraps it later through
+``callbacks``. Every epoch writes ``last.pt`` (and ``best.pt`` on improvement) atomically, so
+a killed run resumes from the last completed epoch with identical RNG state.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Dict, Iterator, List, Mapping, Optional, Sequence
+
+import torch
+
+from robustseg.augment import build_augmenter
+from robustseg.config import ExperimentConfig, from_dict
+from robustseg.engine.checkpoint import (CheckpointError, load_checkpoint, load_model_state, restore_rng,
+                                         rng_state, save_checkpoint, unwrap)
+from robustseg.engine.losses import DiceCELoss
+from robustseg.engine.optim import build_optimizer, build_scheduler
+from robustseg.engine.validate import validate
+from robustseg.models import build_model, spatial_dims
+from robustseg.regimes import StepContext
+from robustseg.registry import REGIMES
+
+Callback = Callable[[int, Dict[str, float], Path], None]
+
+
+@dataclass
+class FitResult:
+    """Outcome of `fit`."""
+
+    best_score: float
+    best_epoch: int
+    epochs_run: int
+    stopped_early: bool
+    history: List[Dict[str, float]] = field(default_factory=list)
+    last_checkpoint: Optional[Path] = None
+    best_checkpoint: Optional[Path] = None
+
+
+def amp_dtype(cfg: ExperimentConfig, device: torch.device) -> Optional[torch.dtype]:
+    """bf16 on CUDA for ``auto``; forced bf16 anywhere for ``bf16``; None for ``off``."""
+    if cfg.optim.amp == "off" or (cfg.optim.amp == "auto" and device.type != "cuda"):
+        return None
+    return torch.bfloat16
+
+
+def default_device() -> torch.device:
+    """CUDA when available, else CPU."""
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def fit(cfg: ExperimentConfig, train_batches: Iterator[Dict[str, torch.Tensor]], val_cases: Sequence[Mapping[str, Any]],
+        *, out_dir: Path, patch_size: Sequence[int], generator: torch.Generator, class_names: Mapping[int, str],
+        spacing: Optional[Sequence[float]] = None, device: Optional[torch.device] = None,
+        extra_state: Optional[Dict[str, Any]] = None, resume: bool = True,
+        callbacks: Sequence[Callback] = (), progress: Optional[Callable[..., Any]] = None) -> FitResult:
+    """Train ``cfg.model`` with ``cfg.regime`` and keep the best checkpoint on validation Dice.
+
+    Args:
+        cfg: The experiment config (model, regime, optim, loss, augment, inference).
+        train_batches: Infinite iterator of ``{"image", "label"}`` batches on ``device``.
+        val_cases: Whole validation volumes (see `robustseg.engine.validate.validate`).
+        out_dir: Where ``last.pt``, ``best.pt`` and ``history.json`` go.
+        patch_size: Training patch (in-plane for 2D, (D, H, W) for 3D).
+        generator: The device generator the batches and augmentation draw from.
+        class_names: Class index -> structure name.
+        spacing: Voxel spacing in patch axis order (for nnU-Net topology), if known.
+        device: Training device (default: CUDA if available).
+        extra_state: Stored in checkpoints as-is (plan, layout, manifest URI).
+        resume: Continue from ``out_dir/last.pt`` when it exists.
+        callbacks: Called after each epoch with (epoch, metrics, last checkpoint path).
+        progress: tqdm-like factory for a per-epoch progress bar.
+
+    Returns:
+        A `FitResult`.
+    """
+    device = device or default_device()
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    dims = spatial_dims(cfg.model.name)
+    model = build_model(cfg.model, patch_size, spacing).to(device)
+    divisible = int(getattr(model, "divisible_by", 1))
+    optimizer = build_optimizer(cfg.optim, model.parameters())
+    scheduler = build_scheduler(cfg.optim, optimizer)
+    regime = REGIMES.get(cfg.regime.name)()
+    regime_params = from_dict(REGIMES.meta(cfg.regime.name)["params"], cfg.regime.params, f"regime.params ({cfg.regime.name})")
+    amp = amp_dtype(cfg, device)
+    run_model = torch.compile(model) if cfg.optim.compile else model
+    ctx = StepContext(model=run_model, optimizer=optimizer, loss_fn=DiceCELoss(cfg.loss, cfg.model.num_classes),
+                      augmenter=build_augmenter(cfg.augment, dims), generator=generator, device=device,
+                      amp_dtype=amp, num_classes=cfg.model.num_classes, mixup_p=cfg.augment.mixup,
+                      mixup_alpha=cfg.augment.mixup_alpha)
+    regime.setup(ctx, regime_params)
+
+    start_epoch, best_score, best_epoch, history, bad_epochs = 0, -math.inf, -1, [], 0
+    last_path, best_path = out_dir / "last.pt", out_dir / "best.pt"
+    if resume and last_path.exists():
+        ckpt = load_checkpoint(last_path, map_location=device)
+        stored_model = ckpt["config"].get("model", {})
+        if stored_model.get("name") == cfg.model.name and stored_model != dataclasses.asdict(cfg.model):
+            raise CheckpointError(f"{last_path}: the model config differs from the checkpoint's "
+                                  f"({stored_model} vs {dataclasses.asdict(cfg.model)}); use another output folder")
+        load_model_state(model, ckpt["model"], str(last_path), cfg.model.name, ckpt.get("backbone"))
+        optimizer.load_state_dict(ckpt["optimizer"])
+        scheduler.load_state_dict(ckpt["scheduler"])
+        regime.load_state_dict(ckpt.get("regime", {}))
+        restore_rng(ckpt["rng"], generator)
+        start_epoch, history = int(ckpt["epoch"]), list(ckpt.get("history", []))
+        best_score, best_epoch = ckpt["best"]["score"], ckpt["best"]["epoch"]
+        bad_epochs = int(ckpt["best"].get("bad_epochs", 0))
+
+    stopped = False
+    for epoch in range(start_epoch, cfg.optim.epochs):
+        model.train()
+        sums: Dict[str, torch.Tensor] = {}
+        t0 = time.perf_counter()
+        steps = range(cfg.optim.iters_per_epoch)
+        bar = progress(steps, desc=f"epoch {epoch + 1}/{cfg.optim.epochs}", unit="it") if progress else steps
+        for _ in bar:
+            parts = regime.train_step(next(train_batches))
+            scheduler.step()
+            for k, v in parts.items():
+                sums[k] = sums.get(k, 0) + v
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        seconds = time.perf_counter() - t0
+        n = cfg.optim.iters_per_epoch
+        metrics: Dict[str, float] = {k: float(v) / n for k, v in sums.items()}
+        metrics.update(epoch=epoch + 1, lr=optimizer.param_groups[0]["lr"], epoch_seconds=seconds,
+                       slices_per_s=n * cfg.optim.batch_size / max(seconds, 1e-9))
+        if val_cases and ((epoch + 1) % cfg.inference.val_every == 0 or epoch + 1 == cfg.optim.epochs):
+            metrics.update(validate(run_model, val_cases, spatial_dims=dims, num_classes=cfg.model.num_classes,
+                                    class_names=class_names, patch_size=patch_size, cfg=cfg.inference,
+                                    divisible_by=divisible, amp=amp is not None))
+            score = metrics["val_dice"]
+            if not math.isnan(score) and score > best_score:
+                best_score, best_epoch, bad_epochs = score, epoch + 1, 0
+                metrics["is_best"] = 1.0
+            else:
+                bad_epochs += 1
+        history.append(metrics)
+        payload = {
+            "backbone": cfg.model.name, "model": unwrap(model).state_dict(), "optimizer": optimizer.state_dict(),
+            "scheduler": scheduler.state_dict(), "regime": regime.state_dict(), "rng": rng_state(generator),
+            "epoch": epoch + 1, "best": {"score": best_score, "epoch": best_epoch, "bad_epochs": bad_epochs},
+            "history": history, "config": cfg.to_dict(), "patch_size": list(patch_size),
+            "spacing": None if spacing is None else list(spacing), "class_names": dict(class_names),
+            **(extra_state or {}),
+        }
+        save_checkpoint(last_path, payload)
+        if metrics.get("is_best"):
+            save_checkpoint(best_path, payload)
+        (out_dir / "history.json").write_text(json.dumps(history, indent=1))
+        for cb in callbacks:
+            cb(epoch + 1, metrics, last_path)
+        if cfg.optim.patience is not None and bad_epochs >= cfg.optim.patience:
+            stopped = True
+            break
+    return FitResult(best_score=best_score, best_epoch=best_epoch, epochs_run=len(history), stopped_early=stopped,
+                     history=history, last_checkpoint=last_path if last_path.exists() else None,
+                     best_checkpoint=best_path if best_path.exists() else None)

@@ -1,0 +1,342 @@
+"""Sliding-window inference with Gaussian weighting, mirror TTA and model ensembles.
+
+One core (`_sliding_window`) runs every path. Its input is a batch of independent images
+``(B, *spatial)``: the slices of a volume for 2D models (B = Z, spatial = (Y, X)) or the
+volume itself for 3D models (B = 1, spatial = (Z, Y, X)). Windows from all images, each with
+its mirrored copies, are stacked into as few forward passes as ``batch_size`` allows, so a
+2D model sees ``ceil(Z * windows * flips / batch_size)`` launches per volume.
+
+Mirror TTA is applied per window, as nnU-Net v2 does: each window is flipped, predicted,
+flipped back and the softmax probabilities averaged, before the Gaussian-weighted window
+aggregation. That is equivalent to flipping the whole volume when the window grid is mirror
+symmetric and needs one output accumulator instead of one per flip. Ensembles average the
+probabilities of every member on the same batch of windows.
+
+Everything runs on the device of the input tensor under ``torch.inference_mode()``; bf16
+autocast is used only on CUDA and only when asked (``amp=True``). The returned probabilities
+are float32 ``(C, Z, Y, X)`` in the input's grid; plans invert them to the original geometry
+with ``plan.invert_probabilities``.
+"""
+from __future__ import annotations
+
+import itertools
+import math
+from typing import List, Optional, Sequence, Tuple, Union
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+ModelOrModels = Union[nn.Module, Sequence[nn.Module]]
+
+
+def _as_tensor(image: Union[Tensor, np.ndarray]) -> Tensor:
+    """Accept numpy arrays too (float32 on the CPU); tensors keep their device."""
+    t = torch.as_tensor(image)
+    return t.float() if not torch.is_floating_point(t) or t.dtype == torch.float64 else t
+
+
+def _round_up(n: int, k: int) -> int:
+    return int(math.ceil(n / k) * k)
+
+
+def window_starts(size: int, patch: int, overlap: float) -> List[int]:
+    """Start offsets of windows of length ``patch`` covering ``size`` with the given overlap.
+
+    The first window starts at 0 and the last ends at ``size``; the ones between are spread
+    evenly, so the actual overlap is at least ``overlap`` (nnU-Net's step rule).
+
+    Args:
+        size: Padded image extent along one axis (>= patch).
+        patch: Window extent along that axis.
+        overlap: Fraction in [0, 1) of a window shared with its neighbour.
+
+    Returns:
+        Sorted start offsets.
+    """
+    if size <= patch:
+        return [0]
+    target_step = max(patch * (1.0 - overlap), 1.0)
+    n = int(math.ceil((size - patch) / target_step)) + 1
+    step = (size - patch) / (n - 1)
+    return [int(round(i * step)) for i in range(n)]
+
+
+def gaussian_importance(patch: Sequence[int], sigma_scale: float = 1.0 / 8, device: Optional[torch.device] = None) -> Tensor:
+    """Separable Gaussian weight map over a window, 1 at the centre.
+
+    Window borders see less context, so their predictions count less where windows overlap.
+    The centre is ``(p - 1) / 2`` so the map is mirror symmetric (flipped windows get the same
+    weights); the minimum is about exp(-8) at the borders, never zero, so every voxel keeps
+    a positive total weight.
+
+    Args:
+        patch: Window size per spatial axis.
+        sigma_scale: Sigma as a fraction of the window size (nnU-Net: 1/8).
+        device: Where to build it.
+
+    Returns:
+        float32 tensor of shape ``patch``.
+    """
+    w = torch.ones((), device=device)
+    for p in patch:
+        x = torch.arange(p, dtype=torch.float32, device=device) - (p - 1) / 2.0
+        g = torch.exp(-0.5 * (x / max(p * sigma_scale, 1e-6)) ** 2)
+        w = w[..., None] * g
+    return w / w.max()
+
+
+def _flip_combos(spatial_dims: int, tta: bool) -> List[Tuple[int, ...]]:
+    """Tensor dims to flip for each TTA copy of a ``(N, 1, *spatial)`` window batch."""
+    if not tta:
+        return [()]
+    axes = tuple(range(2, 2 + spatial_dims))
+    return [c for r in range(len(axes) + 1) for c in itertools.combinations(axes, r)]
+
+
+def _forward_probs(model: nn.Module, x: Tensor, num_classes: int, amp: bool) -> Tensor:
+    """Softmax of one forward pass, float32; takes the full-resolution head of list outputs."""
+    with torch.autocast(device_type=x.device.type, dtype=torch.bfloat16, enabled=amp and x.device.type == "cuda"):
+        out = model(x)
+    if isinstance(out, (list, tuple)):
+        out = out[0]  # deep supervision: element 0 is the full-resolution output
+    if out.shape[1] != num_classes or out.shape[2:] != x.shape[2:]:
+        raise ValueError(
+            f"model output shape {tuple(out.shape)} does not match input {tuple(x.shape)} "
+            f"with {num_classes} classes (is the patch divisible by what the model needs?)"
+        )
+    return torch.softmax(out.float(), dim=1)
+
+
+def _sliding_window(
+    models: Sequence[nn.Module],
+    images: Tensor,
+    num_classes: int,
+    patch_size: Optional[Sequence[int]],
+    overlap: float,
+    gaussian: bool,
+    tta: bool,
+    batch_size: int,
+    divisible_by: int,
+    amp: bool,
+) -> Tensor:
+    """Core: ``images (B, *spatial)`` -> probabilities ``(B, C, *spatial)``."""
+    nd = images.dim() - 1
+    spatial = tuple(int(s) for s in images.shape[1:])
+    if patch_size is None:
+        patch = spatial
+    else:
+        if len(patch_size) != nd:
+            raise ValueError(f"patch_size {tuple(patch_size)} must have {nd} entries for {nd}D windows")
+        patch = tuple(int(p) for p in patch_size)
+    if not 0 <= overlap < 1:
+        raise ValueError(f"overlap must be in [0, 1), got {overlap}")
+    if batch_size < 1 or divisible_by < 1:
+        raise ValueError("batch_size and divisible_by must be >= 1")
+    # Windows must satisfy the network's size constraint too, so they are rounded up.
+    patch = tuple(_round_up(p, divisible_by) for p in patch)
+    padded = tuple(_round_up(max(p, s), divisible_by) for p, s in zip(patch, spatial))
+    pad_before = [(P - s) // 2 for P, s in zip(padded, spatial)]
+    pad_pairs: List[int] = []
+    for b, P, s in reversed(list(zip(pad_before, padded, spatial))):  # F.pad wants last dim first
+        pad_pairs += [b, P - s - b]
+    # The image minimum is the background of normalised MR/CT, so padding looks like air.
+    x = F.pad(images.float(), pad_pairs, mode="constant", value=float(images.min())) if any(pad_pairs) else images.float()
+
+    device = x.device
+    weight = gaussian_importance(patch, device=device) if gaussian else torch.ones(patch, device=device)
+    starts = [window_starts(P, p, overlap) for P, p in zip(padded, patch)]
+    positions = list(itertools.product(*starts))
+    windows = [(b, pos) for pos in positions for b in range(x.shape[0])]
+    flips = _flip_combos(nd, tta)
+    per_pass = max(1, batch_size // len(flips))
+
+    out = torch.zeros((x.shape[0], num_classes) + padded, dtype=torch.float32, device=device)
+    norm = torch.zeros(padded, dtype=torch.float32, device=device)
+    for pos in positions:
+        norm[tuple(slice(s, s + p) for s, p in zip(pos, patch))] += weight
+
+    for i in range(0, len(windows), per_pass):
+        chunk = windows[i : i + per_pass]
+        crops = torch.stack([x[(b,) + tuple(slice(s, s + p) for s, p in zip(pos, patch))] for b, pos in chunk])[:, None]
+        batch = torch.cat([crops.flip(f) if f else crops for f in flips])
+        probs = torch.zeros((len(chunk), num_classes) + patch, dtype=torch.float32, device=device)
+        for model in models:
+            p_all = _forward_probs(model, batch, num_classes, amp)
+            for k, f in enumerate(flips):
+                p = p_all[k * len(chunk) : (k + 1) * len(chunk)]
+                probs += p.flip(f) if f else p
+        probs *= weight / (len(flips) * len(models))
+        for (b, pos), p in zip(chunk, probs):
+            out[(b, slice(None)) + tuple(slice(s, s + q) for s, q in zip(pos, patch))] += p
+    out /= norm
+    crop = tuple(slice(b, b + s) for b, s in zip(pad_before, spatial))
+    return out[(slice(None), slice(None)) + crop]
+
+
+def _run(models: ModelOrModels, fn, *args, **kwargs) -> Tensor:
+    """Put models in eval mode for the call and restore their previous mode afterwards.
+
+    Callers validate mid-training, so a model handed over in train mode goes back to it.
+    """
+    ms = list(models) if isinstance(models, (list, tuple)) else [models]
+    if not ms:
+        raise ValueError("no models given")
+    modes = [m.training for m in ms]
+    try:
+        for m in ms:
+            m.eval()
+        with torch.inference_mode():
+            return fn(ms, *args, **kwargs)
+    finally:
+        for m, mode in zip(ms, modes):
+            m.train(mode)
+
+
+def _check_volume(image_zyx: Union[Tensor, np.ndarray]) -> Tensor:
+    t = _as_tensor(image_zyx)
+    if t.dim() != 3 or min(t.shape) == 0:
+        raise ValueError(f"expected a non-empty (Z, Y, X) image, got shape {tuple(t.shape)}")
+    return t
+
+
+def sliding_window_2d(
+    model: ModelOrModels,
+    image_zyx: Union[Tensor, np.ndarray],
+    num_classes: int,
+    patch_size: Optional[Sequence[int]] = None,
+    overlap: float = 0.5,
+    gaussian: bool = True,
+    batch_size: int = 32,
+    divisible_by: int = 1,
+    amp: bool = False,
+    tta: bool = False,
+) -> Tensor:
+    """Slice-by-slice 2D sliding-window prediction of a volume.
+
+    Args:
+        model: A 2D network ``(N, 1, H, W) -> (N, C, H, W)`` (or a list whose element 0 is
+            that), or a list of such networks to average.
+        image_zyx: Image ``(Z, Y, X)``; its device is where inference runs.
+        num_classes: Output channels C (background included).
+        patch_size: In-plane window ``(H, W)``; None: the whole (padded) slice.
+        overlap: Fraction of a window shared with its neighbour, in [0, 1).
+        gaussian: Gaussian importance weighting (sigma = patch / 8) instead of uniform.
+        batch_size: Most windows (TTA copies included) per forward pass.
+        divisible_by: Pad slices (with the image minimum) and round windows up to a multiple
+            of this, for networks that downsample; the result is cropped back.
+        amp: bf16 autocast on CUDA (ignored on the CPU).
+        tta: Mirror each window along x, y and both, averaging the probabilities.
+
+    Returns:
+        float32 probabilities ``(C, Z, Y, X)`` summing to 1 over C.
+    """
+    img = _check_volume(image_zyx)
+    # The copy made outside inference mode is an ordinary tensor callers may update in place.
+    return _run(model, _sliding_window, img, num_classes, patch_size, overlap, gaussian, tta,
+                batch_size, divisible_by, amp).permute(1, 0, 2, 3).contiguous()
+
+
+def sliding_window_3d(
+    model: ModelOrModels,
+    image_zyx: Union[Tensor, np.ndarray],
+    num_classes: int,
+    patch_size: Optional[Sequence[int]] = None,
+    overlap: float = 0.5,
+    gaussian: bool = True,
+    batch_size: int = 2,
+    divisible_by: int = 1,
+    amp: bool = False,
+    tta: bool = False,
+) -> Tensor:
+    """3D sliding-window prediction of a volume with ``(D, H, W)`` windows.
+
+    Args:
+        model: A 3D network ``(N, 1, D, H, W) -> (N, C, D, H, W)`` (or list output), or a
+            list of such networks to average.
+        image_zyx: Image ``(Z, Y, X)``; its device is where inference runs.
+        num_classes: Output channels C.
+        patch_size: Window ``(D, H, W)``; None: the whole (padded) volume.
+        overlap: Fraction of a window shared with its neighbour, in [0, 1).
+        gaussian: Gaussian importance weighting instead of uniform.
+        batch_size: Most windows (TTA copies included) per forward pass.
+        divisible_by: Pad and round windows up to a multiple of this on every axis.
+        amp: bf16 autocast on CUDA.
+        tta: Mirror each window along all 3 axes (8 combinations).
+
+    Returns:
+        float32 probabilities ``(C, Z, Y, X)``.
+    """
+    img = _check_volume(image_zyx)
+    # clone() outside inference mode: callers may update the result in place.
+    return _run(model, _sliding_window, img[None], num_classes, patch_size, overlap, gaussian, tta,
+                batch_size, divisible_by, amp)[0].clone()
+
+
+def predict_volume(
+    model: ModelOrModels,
+    image_zyx: Union[Tensor, np.ndarray],
+    *,
+    spatial_dims: int,
+    num_classes: int,
+    patch_size: Optional[Sequence[int]] = None,
+    overlap: float = 0.5,
+    gaussian: bool = True,
+    tta: bool = True,
+    batch_size: int = 32,
+    divisible_by: int = 1,
+    amp: bool = False,
+) -> Tensor:
+    """Predict class probabilities of one volume with a 2D or 3D model (mirror TTA optional).
+
+    Args:
+        model: The network, or a list of networks to average (see `predict_ensemble`).
+        image_zyx: Preprocessed image ``(Z, Y, X)`` (the plan's output grid).
+        spatial_dims: 2 (slice-wise) or 3.
+        num_classes: Output channels C.
+        patch_size: Window size (2 or 3 entries); None: whole slice / volume.
+        overlap: Window overlap fraction.
+        gaussian: Gaussian importance weighting.
+        tta: Mirror TTA over the in-plane axes (4 copies) and, for 3D, the slice axis (8).
+        batch_size: Most windows (TTA copies included) per forward pass.
+        divisible_by: Size multiple the network needs (e.g. 2 ** number of poolings).
+        amp: bf16 autocast on CUDA.
+
+    Returns:
+        float32 probabilities ``(C, Z, Y, X)`` on the image's device.
+    """
+    if spatial_dims == 2:
+        fn = sliding_window_2d
+    elif spatial_dims == 3:
+        fn = sliding_window_3d
+    else:
+        raise ValueError(f"spatial_dims must be 2 or 3, got {spatial_dims}")
+    return fn(model, image_zyx, num_classes, patch_size=patch_size, overlap=overlap, gaussian=gaussian,
+              batch_size=batch_size, divisible_by=divisible_by, amp=amp, tta=tta)
+
+
+def predict_ensemble(models: Sequence[nn.Module], image_zyx: Union[Tensor, np.ndarray], **kwargs) -> Tensor:
+    """Average the probabilities of several models (e.g. the folds of a cross-validation).
+
+    Members share every window batch, so the windows are cut once; each member costs its own
+    forward passes. Members must share ``spatial_dims``, ``num_classes`` and the input size
+    constraint; ensembles mixing 2D and 3D members average `predict_volume` outputs instead.
+
+    Args:
+        models: The member networks.
+        image_zyx: Image ``(Z, Y, X)``.
+        **kwargs: `predict_volume` keyword arguments.
+
+    Returns:
+        float32 probabilities ``(C, Z, Y, X)``.
+    """
+    if isinstance(models, nn.Module):
+        models = [models]
+    return predict_volume(list(models), image_zyx, **kwargs)
+
+
+def probabilities_to_labels(probs_czyx: Union[Tensor, np.ndarray]) -> np.ndarray:
+    """Argmax over classes as a uint8 numpy array ``(Z, Y, X)`` (for post-processing)."""
+    p = probs_czyx.detach().cpu().numpy() if isinstance(probs_czyx, Tensor) else np.asarray(probs_czyx)
+    return np.argmax(p, axis=0).astype(np.uint8)

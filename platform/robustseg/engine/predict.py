@@ -1,0 +1,175 @@
+"""Prediction from a checkpoint: input file -> plan -> sliding window + TTA -> original grid.
+
+The checkpoint carries the config and the preprocessing plan, so a prediction needs no
+other file. Masks are written in the input's geometry (spacing, origin, direction).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
+
+import numpy as np
+import torch
+
+from robustseg.config import ExperimentConfig
+from robustseg.data.cases import Case, validate_case
+from robustseg.data.io import read_image, write_with_geometry
+from robustseg.data.preprocess import Plan, plan_from_dict
+from robustseg.engine.checkpoint import CheckpointError, load_checkpoint, load_model_state
+from robustseg.engine.inference import predict_volume
+from robustseg.engine.postprocess import postprocess
+from robustseg.errors import DataError
+from robustseg.models import build_model, spatial_dims
+
+VOLUME_SUFFIXES = (".nii.gz", ".nii", ".mha", ".mhd", ".nrrd", ".h5")
+
+
+@dataclass
+class Predictor:
+    """A model restored from a checkpoint with everything needed to predict."""
+
+    model: torch.nn.Module
+    cfg: ExperimentConfig
+    plan: Plan
+    task: str
+    class_names: Dict[int, str]
+    patch_size: Tuple[int, ...]
+    spatial_dims: int
+    device: torch.device
+    source: str
+
+
+def load_predictor(checkpoint: Union[str, Path], device: Optional[torch.device] = None,
+                   plan: Optional[Dict[str, Any]] = None) -> Predictor:
+    """Rebuild the model and plan stored in ``checkpoint``.
+
+    Args:
+        checkpoint: A ``best.pt``/``last.pt`` written by the fit loop.
+        device: Inference device (default CUDA if available).
+        plan: A plan (e.g. another store's ``plan.json``) that must equal the checkpoint's.
+
+    Raises:
+        CheckpointError: unusable checkpoint, weights that do not fit, or a plan mismatch.
+    """
+    device = device or torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    ckpt = load_checkpoint(checkpoint, map_location="cpu")
+    where = str(checkpoint)
+    cfg = ExperimentConfig.from_dict(ckpt["config"])
+    stored_plan = ckpt.get("plan")
+    if not stored_plan:
+        raise CheckpointError(f"{where}: no preprocessing plan stored; cannot map predictions to the input grid")
+    if plan is not None and dict(plan) != dict(stored_plan):
+        raise CheckpointError(f"{where}: the given plan ({plan.get('name')} {plan.get('params')}) differs from the one "
+                              f"the model was trained with ({stored_plan.get('name')} {stored_plan.get('params')})")
+    if ckpt.get("backbone") != cfg.model.name:
+        raise CheckpointError(f"{where}: backbone {ckpt.get('backbone')!r} does not match its config ({cfg.model.name!r})")
+    patch = tuple(int(p) for p in ckpt["patch_size"])
+    model = build_model(cfg.model, patch, ckpt.get("spacing"))
+    load_model_state(model, ckpt["model"], where)
+    model.to(device).eval()
+    names = {int(k): v for k, v in ckpt.get("class_names", {}).items()}
+    return Predictor(model, cfg, plan_from_dict(stored_plan), ckpt.get("task", "cardiac"), names, patch,
+                     spatial_dims(cfg.model.name), device, where)
+
+
+def read_input(path: Union[str, Path], task: str) -> Case:
+    """Read one input volume (NIfTI/MetaImage/NRRD, or an ACDC-style h5) as an unlabelled case.
+
+    Raises:
+        DataError: unreadable file, wrong dimensionality, NaN, empty volume.
+    """
+    p = Path(path)
+    modality = "CT" if task.startswith("lung") else "MR"
+    if p.suffix == ".h5":
+        import h5py
+
+        try:
+            with h5py.File(p, "r") as fh:
+                image = np.asarray(fh["image"], dtype=np.float32)
+        except (OSError, KeyError) as e:
+            raise DataError(p, f"unreadable h5 input ({e})") from None
+        case = Case(case_id=_stem(p), subject_id=_stem(p), image=image, spacing_known=False, modality=modality,
+                    task=task, source_path=str(p))
+    else:
+        vol = read_image(p)
+        case = Case(case_id=_stem(p), subject_id=_stem(p), image=vol.array, spacing=vol.spacing, origin=vol.origin,
+                    direction=vol.direction, modality=modality, task=task, source_path=str(p))
+    return validate_case(case)
+
+
+def check_modality(case: Case, plan: Plan) -> None:
+    """Reject inputs that cannot be the modality the plan expects (MR vs CT in HU)."""
+    lo, hi = float(np.percentile(case.image, 1)), float(np.percentile(case.image, 99))
+    if plan.name == "cmr" and lo < -500 and hi > 0:
+        raise DataError(case.source_path, f"looks like CT in HU (1st percentile {lo:.0f}); this model expects cardiac MR")
+    if plan.name == "ct" and lo >= 0:
+        raise DataError(case.source_path, f"has no negative values (1st percentile {lo:.1f}): not a CT in HU; "
+                        "this model expects CT")
+
+
+def predict_case(pred: Predictor, case: Case, *, tta: Optional[bool] = None, post: Optional[bool] = None,
+                 centre_yx: Optional[Sequence[float]] = None) -> np.ndarray:
+    """Label map of ``case`` on its original grid (uint8, canonical labels)."""
+    check_modality(case, pred.plan)
+    inf = pred.cfg.inference
+    pre, record = pred.plan.preprocess(case, centre_yx=centre_yx)
+    image = torch.from_numpy(pre.image).to(pred.device)
+    probs = predict_volume(pred.model, image, spatial_dims=pred.spatial_dims, num_classes=pred.cfg.model.num_classes,
+                           patch_size=pred.patch_size, overlap=inf.overlap, gaussian=inf.gaussian,
+                           tta=inf.tta if tta is None else tta, batch_size=inf.batch_size,
+                           divisible_by=int(getattr(pred.model, "divisible_by", 1)),
+                           amp=pred.device.type == "cuda")
+    back = pred.plan.invert_probabilities(probs.float().cpu().numpy(), record)
+    label = back.argmax(0).astype(np.uint8)
+    if inf.postprocess if post is None else post:
+        label = postprocess(label, pred.task)
+    return label
+
+
+def list_inputs(path: Union[str, Path]) -> List[Path]:
+    """One file, or every volume file in a folder (sorted).
+
+    Raises:
+        DataError: missing path or a folder without volumes.
+    """
+    p = Path(path)
+    if p.is_file():
+        return [p]
+    if not p.is_dir():
+        raise DataError(p, "input not found")
+    files = sorted(f for f in p.iterdir() if f.is_file() and f.name.lower().endswith(VOLUME_SUFFIXES))
+    if not files:
+        raise DataError(p, f"no input volumes ({', '.join(VOLUME_SUFFIXES)}) in this folder")
+    return files
+
+
+def _stem(p: Path) -> str:
+    name = p.name
+    for suf in VOLUME_SUFFIXES:
+        if name.lower().endswith(suf):
+            return name[: -len(suf)]
+    return p.stem
+
+
+def predict_files(checkpoint: Union[str, Path], inputs: Union[str, Path], output_dir: Union[str, Path], *,
+                  device: Optional[torch.device] = None, tta: Optional[bool] = None,
+                  progress: Optional[Any] = None) -> List[Dict[str, Any]]:
+    """Predict every input and write ``<stem>_seg.nii.gz`` masks in the input geometry.
+
+    Returns:
+        One dict per input: input, output, voxels per structure, and ``empty`` (no foreground).
+    """
+    pred = load_predictor(checkpoint, device)
+    files = list_inputs(inputs)
+    out_dir = Path(output_dir)
+    rows = []
+    for f in (progress(files, desc="predict", unit="vol") if progress else files):
+        case = read_input(f, pred.task)
+        label = predict_case(pred, case, tta=tta)
+        out = out_dir / f"{_stem(f)}_seg.nii.gz"
+        write_with_geometry(label, out, case.geometry())
+        counts = np.bincount(label.ravel(), minlength=len(pred.class_names) or 2)
+        rows.append({"input": str(f), "output": str(out), "empty": bool(counts[1:].sum() == 0),
+                     **{pred.class_names.get(i, str(i)): int(c) for i, c in enumerate(counts) if i > 0}})
+    return rows

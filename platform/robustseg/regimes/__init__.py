@@ -1,0 +1,49 @@
+"""Training regimes: each owns its ``train_step``; they compose, never inherit.
+
+Contract: a regime class registered in `REGIMES` (with ``params=`` its typed params
+dataclass) has ``setup(ctx: StepContext, params)``, ``train_step(batch) -> dict[str, float]``,
+``state_dict()`` and ``load_state_dict(state)``. The fit loop owns epochs, validation,
+schedules and checkpoints; the regime owns what one optimisation step means.
+"""
+from __future__ import annotations
+
+import importlib
+from dataclasses import dataclass
+from typing import Any, Callable, Optional
+
+import torch
+
+from robustseg.registry import REGIMES
+
+
+@dataclass
+class StepContext:
+    """What a regime's step needs, built by the fit loop.
+
+    Attributes:
+        model: The (possibly compiled) network.
+        optimizer: Its optimiser (the scheduler is stepped by the loop).
+        loss_fn: ``loss_fn(logits_or_heads, target) -> (loss, parts)``.
+        augmenter: ``augmenter(image, label, generator) -> (image, label)`` on the device.
+        generator: The device generator every random draw of a step comes from.
+        device: Training device.
+        amp_dtype: Autocast dtype (torch.bfloat16) or None.
+        num_classes: Output classes.
+        mixup_p: Probability of mixup per batch.
+        mixup_alpha: Beta parameter of the mixup ratio.
+    """
+
+    model: torch.nn.Module
+    optimizer: torch.optim.Optimizer
+    loss_fn: Callable[..., Any]
+    augmenter: Callable[..., Any]
+    generator: torch.Generator
+    device: torch.device
+    amp_dtype: Optional[torch.dtype]
+    num_classes: int
+    mixup_p: float = 0.0
+    mixup_alpha: float = 0.4
+
+
+for _m in ("supervised",):
+    importlib.import_module(f"{__name__}.{_m}")
