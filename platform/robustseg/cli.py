@@ -147,6 +147,62 @@ def cmd_config(args: argparse.Namespace) -> int:
     return 0
 
 
+def _device(name: Optional[str]):
+    import torch
+
+    if name is None:
+        return None
+    if name == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("--device cuda: no CUDA device is available")
+    return torch.device(name)
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    """Run `robustseg train` (one model, one fold, plain process)."""
+    from robustseg.engine.report import plot_history
+    from robustseg.engine.train import train_from_config
+
+    overrides = list(args.overrides)
+    if args.fold is not None:
+        overrides.append(f"data.val_fold={args.fold}")
+    cfg = load_config(args.config, overrides)
+    t0 = time.perf_counter()
+    print(f"training {cfg.model.name} ({cfg.regime.name}) on {cfg.data.shards_uri}, validation fold {cfg.data.val_fold}, "
+          f"{cfg.optim.epochs} epochs x {cfg.optim.iters_per_epoch} iterations x batch {cfg.optim.batch_size}")
+
+    def report(epoch: int, m: Dict[str, float], _: Path) -> None:
+        val = "  ".join(f"{k[len('val_dice_'):]} {v:.3f}" for k, v in m.items() if k.startswith("val_dice_"))
+        best = " *" if m.get("is_best") else ""
+        print(f"epoch {epoch:4d}  loss {m.get('loss', float('nan')):.4f}  lr {m['lr']:.2e}  "
+              f"{m['slices_per_s']:.0f} slices/s" + (f"  val Dice {m['val_dice']:.4f} ({val}){best}" if "val_dice" in m else ""),
+              flush=True)
+
+    out = Path(args.out) if args.out else None
+    result = train_from_config(cfg, out_dir=out, device=_device(args.device), resume=not args.no_resume,
+                               callbacks=[report], progress=_progress)
+    if result.last_checkpoint is not None:
+        curve = plot_history(result.history, result.last_checkpoint.parent / "learning_curve.png")
+        print(f"learning curve: {curve}")
+    print(f"done in {time.perf_counter() - t0:.1f} s: best validation Dice {result.best_score:.4f} at epoch "
+          f"{result.best_epoch}{' (early stop)' if result.stopped_early else ''}; best checkpoint {result.best_checkpoint}")
+    return 0
+
+
+def cmd_predict(args: argparse.Namespace) -> int:
+    """Run `robustseg predict` (masks in the input geometry)."""
+    from robustseg.engine.predict import predict_files
+
+    rows = predict_files(args.model, args.input, args.output, device=_device(args.device),
+                         tta=False if args.no_tta else None, progress=_progress)
+    print_table([{k: (Path(v).name if k in ("input", "output") else v) for k, v in r.items()} for r in rows])
+    print(f"{len(rows)} masks written to {args.output}")
+    empty = [r["input"] for r in rows if r["empty"]]
+    for f in empty:
+        print(f"robustseg predict: error: {f}: empty prediction (no structure found): is it the modality, view "
+              f"and orientation the model was trained on?", file=sys.stderr)
+    return 3 if empty else 0
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     """The end-to-end demo on synthetic data (extended by later layers)."""
     from robustseg.demo import run_demo
@@ -195,6 +251,30 @@ def build_parser() -> argparse.ArgumentParser:
     cf.add_argument("--config", metavar="YAML")
     cf.add_argument("overrides", nargs="*", metavar="key.path=value")
     cf.set_defaults(fn=cmd_config)
+
+    tr = sub.add_parser(
+        "train", help="train one model on one fold (plain process, no Ray)",
+        description="Train the configured backbone and regime on prepared shards (prepared on the fly from "
+                    "data.sources if the store is empty). Resumes from <out>/last.pt unless --no-resume.",
+        epilog="example:\n  robustseg train --config configs/acdc_unet2d.yaml optim.epochs=20 --fold 1",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    tr.add_argument("--config", metavar="YAML", required=True, help="experiment config")
+    tr.add_argument("--fold", type=int, help="validation fold (data.val_fold)")
+    tr.add_argument("--out", metavar="DIR", help="checkpoint folder (default <workdir>/runs/<name>/fold<k>)")
+    tr.add_argument("--device", choices=("cpu", "cuda"), help="default: cuda when available")
+    tr.add_argument("--no-resume", action="store_true", help="start from scratch even if a checkpoint exists")
+    tr.add_argument("overrides", nargs="*", metavar="key.path=value")
+    tr.set_defaults(fn=cmd_train)
+
+    pd = sub.add_parser("predict", help="segment NIfTI/h5 volumes with a checkpoint",
+                        description="Masks are written as <stem>_seg.nii.gz in each input's geometry.")
+    pd.add_argument("--model", required=True, metavar="CHECKPOINT", help="best.pt / last.pt from `robustseg train`")
+    pd.add_argument("--input", required=True, metavar="PATH", help="a volume file or a folder of them")
+    pd.add_argument("--output", required=True, metavar="DIR")
+    pd.add_argument("--device", choices=("cpu", "cuda"))
+    pd.add_argument("--no-tta", action="store_true", help="skip mirror test-time augmentation")
+    pd.set_defaults(fn=cmd_predict)
 
     de = sub.add_parser("demo", help="end-to-end demo on synthetic data")
     de.add_argument("--workdir", default="robustseg_work/demo", help="where the demo writes (default robustseg_work/demo)")

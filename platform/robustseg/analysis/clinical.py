@@ -18,7 +18,7 @@ share a voxel size (the same acquisition). Nothing is silently reported in mL.
 Quality flags (a list of short strings, empty when all is well) mark results a reader should
 not trust: a structure that is empty in a phase, a structure split into more than one 3D
 component (18-connectivity, as in `robustseg.engine.postprocess`), an EF outside 0-100 %
-(ESV larger than EDV, or EDV zero) and unknown spacing.
+(ESV larger than EDV) or undefined (EDV zero), and unknown spacing.
 """
 from __future__ import annotations
 
@@ -111,7 +111,9 @@ def cardiac_function(
         vol_es = structure_volumes_ml(es, sp_es, (LV, MYO, RV))
     else:
         if not np.allclose(sp_ed, sp_es):
-            raise ValueError(f"spacing unknown and ED/ES placeholders differ ({sp_ed} vs {sp_es}): voxel counts are not comparable")
+            raise ValueError(
+                f"spacing unknown and ED/ES placeholders differ ({sp_ed} vs {sp_es}): voxel counts are not comparable"
+            )
         units = "voxels"
         flags.append("spacing unknown: volumes in voxels, no mass")
         vol_ed = structure_volumes_ml(ed, (1000.0, 1.0, 1.0), (LV, MYO, RV))  # 1 voxel = 1 "mL"
@@ -132,7 +134,9 @@ def cardiac_function(
         edv, esv = vol_ed[c], vol_es[c]
         ef = _ef(edv, esv)
         out.update({f"{key}_edv": edv, f"{key}_esv": esv, f"{key}_sv": edv - esv, f"{key}_ef": ef})
-        if not (0.0 <= ef <= 100.0):  # also catches NaN (EDV zero)
+        if math.isnan(ef):
+            flags.append(f"{key.upper()} EF undefined (EDV is zero)")
+        elif not 0.0 <= ef <= 100.0:
             flags.append(f"{key.upper()} EF outside 0-100 % ({ef:.1f})")
     out["myo_volume_ed"] = vol_ed[MYO]
     out["myo_mass_ed"] = MYOCARDIAL_DENSITY_G_PER_ML * vol_ed[MYO] if spacing_known else float("nan")

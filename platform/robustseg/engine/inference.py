@@ -63,7 +63,9 @@ def window_starts(size: int, patch: int, overlap: float) -> List[int]:
     return [int(round(i * step)) for i in range(n)]
 
 
-def gaussian_importance(patch: Sequence[int], sigma_scale: float = 1.0 / 8, device: Optional[torch.device] = None) -> Tensor:
+def gaussian_importance(
+    patch: Sequence[int], sigma_scale: float = 1.0 / 8, device: Optional[torch.device] = None
+) -> Tensor:
     """Separable Gaussian weight map over a window, 1 at the centre.
 
     Window borders see less context, so their predictions count less where windows overlap.
@@ -122,6 +124,10 @@ def _sliding_window(
     amp: bool,
 ) -> Tensor:
     """Core: ``images (B, *spatial)`` -> probabilities ``(B, C, *spatial)``."""
+    for m in models:
+        param = next(m.parameters(), None)
+        if param is not None and param.device != images.device:
+            raise ValueError(f"model is on {param.device} but the image is on {images.device}; move one of them")
     nd = images.dim() - 1
     spatial = tuple(int(s) for s in images.shape[1:])
     if patch_size is None:
@@ -142,7 +148,9 @@ def _sliding_window(
     for b, P, s in reversed(list(zip(pad_before, padded, spatial))):  # F.pad wants last dim first
         pad_pairs += [b, P - s - b]
     # The image minimum is the background of normalised MR/CT, so padding looks like air.
-    x = F.pad(images.float(), pad_pairs, mode="constant", value=float(images.min())) if any(pad_pairs) else images.float()
+    x = images.float()
+    if any(pad_pairs):
+        x = F.pad(x, pad_pairs, mode="constant", value=float(x.min()))
 
     device = x.device
     weight = gaussian_importance(patch, device=device) if gaussian else torch.ones(patch, device=device)
@@ -163,7 +171,8 @@ def _sliding_window(
         batch = torch.cat([crops.flip(f) if f else crops for f in flips])
         probs = torch.zeros((len(chunk), num_classes) + patch, dtype=torch.float32, device=device)
         for model in models:
-            p_all = _forward_probs(model, batch, num_classes, amp)
+            # One window's mirror copies may outnumber batch_size (3D TTA: 8); split then.
+            p_all = torch.cat([_forward_probs(model, part, num_classes, amp) for part in batch.split(batch_size)])
             for k, f in enumerate(flips):
                 p = p_all[k * len(chunk) : (k + 1) * len(chunk)]
                 probs += p.flip(f) if f else p
@@ -223,7 +232,8 @@ def sliding_window_2d(
         patch_size: In-plane window ``(H, W)``; None: the whole (padded) slice.
         overlap: Fraction of a window shared with its neighbour, in [0, 1).
         gaussian: Gaussian importance weighting (sigma = patch / 8) instead of uniform.
-        batch_size: Most windows (TTA copies included) per forward pass.
+        batch_size: Most windows (TTA copies included) per forward pass; a window's mirror
+            copies go in the same pass whenever they fit.
         divisible_by: Pad slices (with the image minimum) and round windows up to a multiple
             of this, for networks that downsample; the result is cropped back.
         amp: bf16 autocast on CUDA (ignored on the CPU).

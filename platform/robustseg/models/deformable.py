@@ -140,7 +140,7 @@ class DeformableBlock(nn.Module):
         negative_slope: LeakyReLU slope.
     """
 
-    def __init__(self, in_channels: int, out_channels: int, stride: int = 1, kernel_size: int = 3,
+    def __init__(self, in_channels: int, out_channels: int, stride: IntPair = 1, kernel_size: int = 3,
                  modulated: bool = False, negative_slope: float = 0.01) -> None:
         super().__init__()
         if kernel_size % 2 != 1:
@@ -174,7 +174,7 @@ class DeformableBottleneck(nn.Module):
         modulated: Use DCNv2 modulation in both blocks.
     """
 
-    def __init__(self, in_channels: int, out_channels: int, stride: int = 2, modulated: bool = False) -> None:
+    def __init__(self, in_channels: int, out_channels: int, stride: IntPair = 2, modulated: bool = False) -> None:
         super().__init__()
         self.block1 = DeformableBlock(in_channels, out_channels, stride=stride, modulated=modulated)
         self.block2 = DeformableBlock(out_channels, out_channels, stride=1, modulated=modulated)

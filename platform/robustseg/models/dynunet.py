@@ -170,10 +170,8 @@ def build_dynunet(
     if getattr(p, "deformable", False):
         if dims != 2:
             raise ConfigError(f"{name}: the deformable bottleneck is 2D only")
-        stride = strides[-1]
-        if len(set(stride)) != 1:
-            raise ConfigError(f"{name}: deformable bottleneck needs an isotropic stride, got {stride}")
-        _replace_bottleneck(net, DeformableBottleneck(filters[-2], filters[-1], stride[0], p.deformable_modulated))
+        stride = (int(strides[-1][0]), int(strides[-1][1]))
+        _replace_bottleneck(net, DeformableBottleneck(filters[-2], filters[-1], stride, p.deformable_modulated))
     return NNUNet(net, topo, ds)
 
 

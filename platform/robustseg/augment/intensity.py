@@ -1,0 +1,363 @@
+"""Batched intensity augmentation (nnU-Net v2's default scheme) on the training device.
+
+Every transform takes the whole batch ``x`` of shape ``(B, C, *S)`` and draws its per-sample
+"apply or not" mask and its per-sample (or per-sample-and-channel) parameters as tensors in
+one call each from the caller's ``torch.Generator``; the heavy work then runs once on the
+subset of rows that were selected, never in a Python loop over samples. Rows that were not
+selected are returned bit-for-bit unchanged.
+
+The order and defaults follow nnU-Net v2's ``get_training_transforms`` (see
+``robustseg.augment.presets`` for the values and where each comes from):
+noise -> blur -> brightness -> contrast -> low resolution -> inverted gamma -> gamma.
+
+The random-draw helpers at the top are shared with ``spatial.py``.
+"""
+from __future__ import annotations
+
+import math
+from typing import Any, Callable, Dict, Mapping, Sequence, Tuple
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+Transform = Callable[[Tensor, Mapping[str, Any], torch.Generator], Tuple[Tensor, Tensor]]
+
+
+# --------------------------------------------------------------------------- random draws
+def rand(shape: Sequence[int], generator: torch.Generator, device: torch.device) -> Tensor:
+    """Uniform [0, 1) float32 draws from ``generator`` (the only source of randomness here)."""
+    return torch.rand(tuple(shape), generator=generator, device=device)
+
+
+def uniform(lo: float, hi: float, shape: Sequence[int], generator: torch.Generator,
+            device: torch.device) -> Tensor:
+    """U(lo, hi) float32 draws of ``shape``.
+
+    Args:
+        lo: Lower bound.
+        hi: Upper bound (``lo == hi`` gives the constant).
+        shape: Output shape, e.g. ``(B,)``.
+        generator: Source of randomness, on ``device``.
+        device: Where the draws live.
+    """
+    return lo + (hi - lo) * rand(shape, generator, device)
+
+
+def bernoulli(p: float, shape: Sequence[int], generator: torch.Generator,
+              device: torch.device) -> Tensor:
+    """Boolean mask of ``shape``, each entry True with probability ``p``.
+
+    ``p == 0`` draws nothing (so a disabled transform costs nothing), ``p == 1`` still draws
+    so the random stream does not depend on whether a probability is exactly one.
+    """
+    if p <= 0:
+        return torch.zeros(tuple(shape), dtype=torch.bool, device=device)
+    return rand(shape, generator, device) < p
+
+
+def around_one(lo: float, hi: float, shape: Sequence[int], generator: torch.Generator,
+               device: torch.device) -> Tensor:
+    """Factors that shrink or grow with equal odds: U(lo, 1) or U(1, hi), each half the time.
+
+    nnU-Net's ``BGContrast`` sampler; with (0.7, 1.5) a plain uniform would make the
+    "brighter" gamma side 2.7 times as likely as the "darker" one. A range that does not
+    straddle 1 falls back to U(lo, hi).
+
+    Args:
+        lo: Smallest factor.
+        hi: Largest factor.
+        shape: Output shape.
+        generator: Source of randomness.
+        device: Where the draws live.
+    """
+    below = rand(shape, generator, device) < 0.5
+    u = rand(shape, generator, device)
+    if not lo < 1.0 < hi:
+        return lo + (hi - lo) * u
+    a = torch.where(below, torch.full_like(u, lo), torch.ones_like(u))
+    b = torch.where(below, torch.ones_like(u), torch.full_like(u, hi))
+    return a + (b - a) * u
+
+
+def on_subset(x: Tensor, mask: Tensor, fn: Callable[[Tensor, Tensor], Tensor]) -> Tensor:
+    """Apply ``fn(x[idx], idx)`` to the rows where ``mask`` is True; other rows stay as they are.
+
+    Working on the selected rows only is what keeps a p=0.1 transform at a tenth of the cost,
+    and ``index_copy`` returns a new tensor so the caller's input is never modified in place.
+
+    Args:
+        x: Tensor whose first dimension matches ``mask``.
+        mask: Boolean ``(N,)`` mask of rows to transform.
+        fn: Maps the selected rows and their indices to transformed rows of the same shape.
+    """
+    idx = mask.nonzero().squeeze(1)
+    if idx.numel() == 0:
+        return x
+    return x.index_copy(0, idx, fn(x.index_select(0, idx), idx))
+
+
+def _spatial(x: Tensor) -> Tuple[int, ...]:
+    return tuple(range(2, x.ndim))
+
+
+def _per_row(v: Tensor, x: Tensor) -> Tensor:
+    """Reshape ``(N,)`` or ``(N, C)`` parameters to broadcast against ``x`` (N, C, *S)."""
+    return v.reshape(*v.shape, *([1] * (x.ndim - v.ndim))).to(x.dtype)
+
+
+def _rows(x: Tensor) -> Tensor:
+    """View ``(B, C, *S)`` as ``(B*C, 1, *S)`` so per-channel choices become per-row ones."""
+    return x.reshape(x.shape[0] * x.shape[1], 1, *x.shape[2:])
+
+
+# --------------------------------------------------------------------------- transforms
+def gaussian_noise(x: Tensor, cfg: Mapping[str, Any], g: torch.Generator) -> Tuple[Tensor, Tensor]:
+    """Additive Gaussian noise with a per-sample standard deviation U(std[0], std[1]).
+
+    Args:
+        x: Image batch ``(B, C, *S)``.
+        cfg: ``{"p", "std"}``.
+        g: Generator.
+    """
+    b, dev = x.shape[0], x.device
+    apply = bernoulli(cfg["p"], (b,), g, dev)
+    if cfg["p"] <= 0:
+        return x, apply
+    sigma = uniform(*cfg["std"], (b,), g, dev)
+
+    def add(sub: Tensor, idx: Tensor) -> Tensor:
+        noise = torch.randn(sub.shape, generator=g, device=dev, dtype=torch.float32).to(sub.dtype)
+        return sub + noise * _per_row(sigma[idx], sub)
+
+    return on_subset(x, apply, add), apply
+
+
+def _gaussian_kernels(sigma: Tensor, radius: int) -> Tensor:
+    """Normalised 1D Gaussian kernels ``(N, 2r+1)``, one per sigma."""
+    t = torch.arange(-radius, radius + 1, device=sigma.device, dtype=sigma.dtype)
+    w = torch.exp(-0.5 * (t[None, :] / sigma[:, None]) ** 2)
+    return w / w.sum(dim=1, keepdim=True)
+
+
+def _blur_axis(rows: Tensor, kernels: Tensor, axis: int) -> Tensor:
+    """Separable blur step along spatial ``axis`` of ``(N, 1, *S)`` rows, one kernel per row.
+
+    The rows become the channels of a single grouped convolution (groups=N), which applies a
+    different kernel to every row in one call.
+    """
+    n, nd = rows.shape[0], rows.ndim - 2
+    size, k = rows.shape[2 + axis], kernels.shape[1]
+    r = k // 2
+    pad = [0] * (2 * nd)
+    pad[2 * (nd - 1 - axis)] = pad[2 * (nd - 1 - axis) + 1] = r
+    # Reflect keeps edge intensities (no dark rim as with zero padding); it needs r < size.
+    mode = "reflect" if r < size else "replicate"
+    padded = F.pad(rows.reshape(1, n, *rows.shape[2:]), pad, mode=mode)
+    shape = [n, 1] + [1] * nd
+    shape[2 + axis] = k
+    conv = (F.conv1d, F.conv2d, F.conv3d)[nd - 1]
+    return conv(padded, kernels.to(rows.dtype).reshape(shape), groups=n).reshape(rows.shape)
+
+
+def gaussian_blur(x: Tensor, cfg: Mapping[str, Any], g: torch.Generator) -> Tuple[Tensor, Tensor]:
+    """Gaussian blur, sigma U(sigma[0], sigma[1]) drawn per sample, channel and axis.
+
+    A selected sample blurs each channel with probability ``p_per_channel`` (nnU-Net 0.5).
+    The kernel radius is ``ceil(3 * sigma[1])`` for all rows so they share one grouped conv.
+
+    Args:
+        x: Image batch ``(B, C, *S)``.
+        cfg: ``{"p", "sigma", "p_per_channel"}``.
+        g: Generator.
+    """
+    b, c, nd, dev = x.shape[0], x.shape[1], x.ndim - 2, x.device
+    apply = bernoulli(cfg["p"], (b,), g, dev)
+    if cfg["p"] <= 0:
+        return x, apply
+    channel = bernoulli(cfg["p_per_channel"], (b, c), g, dev)
+    sigma = uniform(*cfg["sigma"], (b * c, nd), g, dev).clamp_min(1e-3)
+    radius = max(1, math.ceil(3.0 * cfg["sigma"][1]))
+
+    def blur(rows: Tensor, idx: Tensor) -> Tensor:
+        s = sigma[idx]
+        for axis in range(nd):
+            rows = _blur_axis(rows, _gaussian_kernels(s[:, axis], radius), axis)
+        return rows
+
+    mask = (apply[:, None] & channel).reshape(-1)
+    return on_subset(_rows(x), mask, blur).reshape(x.shape), apply
+
+
+def brightness(x: Tensor, cfg: Mapping[str, Any], g: torch.Generator) -> Tuple[Tensor, Tensor]:
+    """Multiplicative brightness, one factor per sample and channel (nnU-Net ``BGContrast``).
+
+    Args:
+        x: Image batch ``(B, C, *S)``.
+        cfg: ``{"p", "range"}``.
+        g: Generator.
+    """
+    b, c, dev = x.shape[0], x.shape[1], x.device
+    apply = bernoulli(cfg["p"], (b,), g, dev)
+    if cfg["p"] <= 0:
+        return x, apply
+    factor = around_one(*cfg["range"], (b, c), g, dev)
+    return on_subset(x, apply, lambda sub, idx: sub * _per_row(factor[idx], sub)), apply
+
+
+def contrast(x: Tensor, cfg: Mapping[str, Any], g: torch.Generator) -> Tuple[Tensor, Tensor]:
+    """Contrast around the per-channel mean; ``preserve_range`` clips to the original min/max.
+
+    Args:
+        x: Image batch ``(B, C, *S)``.
+        cfg: ``{"p", "range", "preserve_range"}``.
+        g: Generator.
+    """
+    b, c, dev = x.shape[0], x.shape[1], x.device
+    apply = bernoulli(cfg["p"], (b,), g, dev)
+    if cfg["p"] <= 0:
+        return x, apply
+    factor = around_one(*cfg["range"], (b, c), g, dev)
+
+    def stretch(sub: Tensor, idx: Tensor) -> Tensor:
+        dims = _spatial(sub)
+        mean = sub.mean(dim=dims, keepdim=True)
+        out = (sub - mean) * _per_row(factor[idx], sub) + mean
+        if cfg["preserve_range"]:
+            out = torch.clamp(out, sub.amin(dim=dims, keepdim=True), sub.amax(dim=dims, keepdim=True))
+        return out
+
+    return on_subset(x, apply, stretch), apply
+
+
+def _lowres_indices(size: int, n: Tensor) -> Tuple[Tensor, Tensor, Tensor]:
+    """Source pixels and weights of "nearest-exact down to n, linear back up to size".
+
+    Both steps are separable and pick from the original pixels, so the pair collapses to
+    ``out[i] = (1 - w) * x[src0[i]] + w * x[src1[i]]`` per axis -- a gather, which handles a
+    different low-resolution size in every row at once (``interpolate`` needs one size per
+    call). The index formulas are torch's ``nearest-exact`` and ``align_corners=False``
+    linear ones.
+    """
+    i = torch.arange(size, device=n.device, dtype=torch.float32)[None, :]
+    nf = n.to(torch.float32)[:, None]
+    u = ((i + 0.5) * nf / size - 0.5).clamp_min(0.0)
+    k0 = torch.minimum(torch.floor(u), nf - 1)
+    w = u - k0
+    k1 = torch.minimum(k0 + 1, nf - 1)
+
+    def source(k: Tensor) -> Tensor:
+        return torch.floor((k + 0.5) * size / nf).clamp(max=size - 1).long()
+
+    return source(k0), source(k1), w
+
+
+def simulate_lowres(x: Tensor, cfg: Mapping[str, Any], g: torch.Generator) -> Tuple[Tensor, Tensor]:
+    """Low-resolution simulation: nearest downsampling by zoom U(zoom) then linear upsampling.
+
+    The zoom is drawn per sample and channel and shared by the axes (nnU-Net
+    ``synchronize_axes=True``). In 3D the slice axis is left alone unless ``slice_axis`` is
+    set, as nnU-Net does for anisotropic data.
+
+    Args:
+        x: Image batch ``(B, C, *S)``.
+        cfg: ``{"p", "zoom", "p_per_channel", "slice_axis"}``.
+        g: Generator.
+    """
+    b, c, nd, dev = x.shape[0], x.shape[1], x.ndim - 2, x.device
+    apply = bernoulli(cfg["p"], (b,), g, dev)
+    if cfg["p"] <= 0:
+        return x, apply
+    channel = bernoulli(cfg["p_per_channel"], (b, c), g, dev)
+    zoom = uniform(*cfg["zoom"], (b * c,), g, dev)
+    axes = range(nd) if (nd == 2 or cfg["slice_axis"]) else range(1, nd)
+
+    def degrade(rows: Tensor, idx: Tensor) -> Tensor:
+        out = rows
+        for axis in axes:
+            size = rows.shape[2 + axis]
+            n = torch.round(size * zoom[idx]).clamp(1, size)
+            src0, src1, w = _lowres_indices(size, n)
+            view = [rows.shape[0]] + [1] * (nd + 1)
+            view[2 + axis] = size
+            full = out.shape
+            a = out.gather(2 + axis, src0.reshape(view).expand(full))
+            z = out.gather(2 + axis, src1.reshape(view).expand(full))
+            wv = w.reshape(view).to(out.dtype)
+            out = a + wv * (z - a)
+        return out
+
+    mask = (apply[:, None] & channel).reshape(-1)
+    return on_subset(_rows(x), mask, degrade).reshape(x.shape), apply
+
+
+def _gamma(x: Tensor, cfg: Mapping[str, Any], g: torch.Generator, invert: bool) -> Tuple[Tensor, Tensor]:
+    b, c, dev = x.shape[0], x.shape[1], x.device
+    apply = bernoulli(cfg["p"], (b,), g, dev)
+    if cfg["p"] <= 0:
+        return x, apply
+    gamma = around_one(*cfg["gamma"], (b, c), g, dev)
+
+    def correct(sub: Tensor, idx: Tensor) -> Tensor:
+        dims = _spatial(sub)
+        y = -sub if invert else sub
+        mean, std = y.mean(dim=dims, keepdim=True), y.std(dim=dims, keepdim=True)
+        lo = y.amin(dim=dims, keepdim=True)
+        rng = y.amax(dim=dims, keepdim=True) - lo
+        # Gamma needs [0, 1]: map the channel's own range there and back.
+        y = ((y - lo) / rng.clamp_min(1e-7)).pow(_per_row(gamma[idx], sub)) * rng + lo
+        if cfg["retain_stats"]:
+            # The network sees z-scored inputs; keep mean/std so gamma only changes the shape.
+            y = (y - y.mean(dim=dims, keepdim=True)) / y.std(dim=dims, keepdim=True).clamp_min(1e-7) * std + mean
+        return -y if invert else y
+
+    return on_subset(x, apply, correct), apply
+
+
+def gamma(x: Tensor, cfg: Mapping[str, Any], g: torch.Generator) -> Tuple[Tensor, Tensor]:
+    """Gamma correction ``x' = x ** gamma`` on the channel's [min, max] range.
+
+    Args:
+        x: Image batch ``(B, C, *S)``.
+        cfg: ``{"p", "gamma", "retain_stats"}``.
+        g: Generator.
+    """
+    return _gamma(x, cfg, g, invert=False)
+
+
+def inverted_gamma(x: Tensor, cfg: Mapping[str, Any], g: torch.Generator) -> Tuple[Tensor, Tensor]:
+    """Gamma on the negated image (stretches the bright end instead of the dark end).
+
+    Args:
+        x: Image batch ``(B, C, *S)``.
+        cfg: ``{"p", "gamma", "retain_stats"}``.
+        g: Generator.
+    """
+    return _gamma(x, cfg, g, invert=True)
+
+
+# nnU-Net v2 order: the blur acts on the noise, the gammas come last.
+INTENSITY_TRANSFORMS: Dict[str, Transform] = {
+    "noise": gaussian_noise,
+    "blur": gaussian_blur,
+    "brightness": brightness,
+    "contrast": contrast,
+    "lowres": simulate_lowres,
+    "inverted_gamma": inverted_gamma,
+    "gamma": gamma,
+}
+
+
+def augment_intensity(x: Tensor, params: Mapping[str, Mapping[str, Any]], g: torch.Generator,
+                      info: Dict[str, Tensor]) -> Tensor:
+    """Run every intensity transform in nnU-Net's order.
+
+    Args:
+        x: Image batch ``(B, C, *S)``, floating point.
+        params: Resolved parameters by transform name (see ``presets.resolve_params``).
+        g: Generator on ``x.device``.
+        info: Receives each transform's ``(B,)`` "applied" mask under its name.
+    """
+    for name, fn in INTENSITY_TRANSFORMS.items():
+        x, info[name] = fn(x, params[name], g)
+    return x

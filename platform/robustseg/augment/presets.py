@@ -1,0 +1,315 @@
+"""Augmentation presets, per-transform overrides, and the `Augmenter` the engine calls.
+
+``AugmentConfig.preset`` picks a full parameter set; ``AugmentConfig.params`` overrides it by
+transform name and key, e.g. ``{"rotation": {"p": 0.5, "degrees": 30}, "mirror": {"p": 0}}``.
+Unknown names or keys raise `ConfigError` listing the valid ones.
+
+Presets:
+
+* ``nnunet``: nnU-Net v2's default training augmentation (``nnUNetTrainer.
+  get_training_transforms``), value by value, documented in `NNUNET` below.
+* ``light``: the thesis's (seed 002, §3.3) small augmentation for lung CT: rotation within
+  ±3° (patient pose on the table), a small elastic deformation (breath-hold shape change),
+  random gamma (scanner differences) and Gaussian noise. No flips: a patient lies on the
+  table face up, so a flipped or strongly rotated lung is an image the network never meets.
+* ``none``: identity (every probability 0); overrides can still switch single transforms on.
+
+Value formats: probabilities in [0, 1]; ranges ``[lo, hi]`` (a single number means the
+fixed value); ``degrees`` a number ``d`` meaning U(-d, d) or a range, e.g. ``[90, 90]``.
+"""
+from __future__ import annotations
+
+import copy
+import numbers
+from dataclasses import dataclass, field
+from typing import Any, Callable, Dict, List, Mapping, Optional, Tuple, Union
+
+import torch
+from torch import Tensor
+
+from robustseg.augment.intensity import augment_intensity, rand
+from robustseg.augment.mixup import mixup_batch
+from robustseg.augment.spatial import augment_spatial, mirror
+from robustseg.config import AugmentConfig
+from robustseg.errors import ConfigError
+
+Params = Dict[str, Dict[str, Any]]
+
+# nnU-Net v2 defaults (nnUNetTrainer.get_training_transforms and
+# configure_rotation_dummyDA_mirroring_and_inital_patch_size), with each nnU-Net value.
+NNUNET: Params = {
+    # Out-of-patch fill of the image; nnU-Net pads with 0 (the z-scored mean).
+    "spatial": {"image_pad": "zeros"},
+    # p_rotation=0.2; 2D: U(-180°, 180°) (nnU-Net uses ±15° only when the patch aspect ratio
+    # exceeds 1.5); anisotropic 3D ("dummy 2D"): in-plane ±180°, nothing out of plane
+    # (isotropic 3D in nnU-Net: ±30° about every axis -- set out_of_plane_degrees: 30).
+    "rotation": {"p": 0.2, "degrees": 180.0, "out_of_plane_degrees": 0.0},
+    # p_scaling=0.2, scaling=(0.7, 1.4), same factor on every axis; > 1 zooms out.
+    "scaling": {"p": 0.2, "range": [0.7, 1.4]},
+    # p_elastic_deform=0: nnU-Net v2 trains without elastic deformation.
+    "elastic": {"p": 0.0, "max_displacement": [0.0, 4.0], "control_points": 6},
+    # GaussianNoiseTransform p=0.1, noise_variance=(0, 0.1): nnU-Net passes the drawn value
+    # as the normal's scale, so it is a standard deviation U(0, 0.1) in z-score units.
+    "noise": {"p": 0.1, "std": [0.0, 0.1]},
+    # GaussianBlurTransform p=0.2, blur_sigma=(0.5, 1.0) per channel and axis, p_per_channel=0.5.
+    "blur": {"p": 0.2, "sigma": [0.5, 1.0], "p_per_channel": 0.5},
+    # MultiplicativeBrightnessTransform p=0.15, BGContrast((0.75, 1.25)).
+    "brightness": {"p": 0.15, "range": [0.75, 1.25]},
+    # ContrastTransform p=0.15, BGContrast((0.75, 1.25)), preserve_range=True.
+    "contrast": {"p": 0.15, "range": [0.75, 1.25], "preserve_range": True},
+    # SimulateLowResolutionTransform p=0.25, scale=(0.5, 1), p_per_channel=0.5, axes
+    # synchronised; the slice axis is ignored for anisotropic 3D (ignore_axes=(0,)).
+    "lowres": {"p": 0.25, "zoom": [0.5, 1.0], "p_per_channel": 0.5, "slice_axis": False},
+    # GammaTransform p=0.1, BGContrast((0.7, 1.5)), p_invert_image=1, p_retain_stats=1.
+    "inverted_gamma": {"p": 0.1, "gamma": [0.7, 1.5], "retain_stats": True},
+    # GammaTransform p=0.3, BGContrast((0.7, 1.5)), p_invert_image=0, p_retain_stats=1.
+    "gamma": {"p": 0.3, "gamma": [0.7, 1.5], "retain_stats": True},
+    # MirrorTransform on every spatial axis (2D: (0, 1), 3D: (0, 1, 2)), p=0.5 per axis.
+    # axes: null = all spatial axes.
+    "mirror": {"p": 0.5, "axes": None},
+    # Mixup (not nnU-Net): lambda ~ Beta(alpha, alpha); 0.2 as in Zhang et al. (thesis [7]).
+    # How often is AugmentConfig.mixup (per batch).
+    "mixup": {"alpha": 0.2},
+}
+
+_OFF: Params = {name: ({**p, "p": 0.0} if "p" in p else dict(p)) for name, p in NNUNET.items()}
+
+LIGHT: Params = copy.deepcopy(_OFF)
+LIGHT["rotation"].update(p=0.5, degrees=3.0)  # thesis: "small random rotation between [-3, 3] degree"
+LIGHT["elastic"].update(p=0.3, max_displacement=[0.0, 3.0])  # "small elastic": <= 3 px, smooth
+LIGHT["gamma"].update(p=0.3)  # "random gamma correction" (nnU-Net's range)
+LIGHT["noise"].update(p=0.2)  # "random gaussian noise", std U(0, 0.1)
+
+PRESETS: Dict[str, Params] = {"nnunet": NNUNET, "light": LIGHT, "none": _OFF}
+
+
+# --------------------------------------------------------------------------- validation
+def _number(where: str, v: Any) -> float:
+    if isinstance(v, bool) or not isinstance(v, numbers.Real):
+        raise ConfigError(f"{where} must be a number, got {v!r}")
+    return float(v)
+
+
+def _prob(where: str, v: Any) -> float:
+    x = _number(where, v)
+    if not 0.0 <= x <= 1.0:
+        raise ConfigError(f"{where} must be a probability in [0, 1], got {v!r}")
+    return x
+
+
+def _range(lo_min: float, hi_max: float = float("inf"), open_lo: bool = False) -> Callable[[str, Any], List[float]]:
+    def check(where: str, v: Any) -> List[float]:
+        pair = [v, v] if isinstance(v, numbers.Real) and not isinstance(v, bool) else v
+        if not isinstance(pair, (list, tuple)) or len(pair) != 2:
+            raise ConfigError(f"{where} must be [low, high] or a number, got {v!r}")
+        lo, hi = (_number(where, x) for x in pair)
+        bad_lo = lo <= lo_min if open_lo else lo < lo_min
+        if lo > hi or bad_lo or hi > hi_max:
+            bound = f"{'(' if open_lo else '['}{lo_min}, {hi_max}]"
+            raise ConfigError(f"{where} must satisfy low <= high within {bound}, got {v!r}")
+        return [lo, hi]
+
+    return check
+
+
+def _angle(where: str, v: Any) -> List[float]:
+    if isinstance(v, numbers.Real) and not isinstance(v, bool):
+        d = _number(where, v)
+        if d < 0:
+            raise ConfigError(f"{where}: a single angle means U(-d, d) and must be >= 0, got {v!r}")
+        v = [-d, d]
+    return _range(-360.0, 360.0)(where, v)
+
+
+def _count(where: str, v: Any) -> int:
+    if isinstance(v, bool) or not isinstance(v, int) or v < 2:
+        raise ConfigError(f"{where} must be an integer >= 2, got {v!r}")
+    return v
+
+
+def _bool(where: str, v: Any) -> bool:
+    if not isinstance(v, bool):
+        raise ConfigError(f"{where} must be true or false, got {v!r}")
+    return v
+
+
+def _pad(where: str, v: Any) -> Union[str, float]:
+    if v in ("zeros", "border", "reflection", "min"):
+        return v
+    if isinstance(v, numbers.Real) and not isinstance(v, bool):
+        return float(v)
+    raise ConfigError(f"{where} must be zeros, border, reflection, min or a number, got {v!r}")
+
+
+def _axes(where: str, v: Any) -> Optional[List[int]]:
+    if v is None:
+        return None
+    if not isinstance(v, (list, tuple)) or not all(isinstance(a, int) and not isinstance(a, bool) and a >= 0 for a in v):
+        raise ConfigError(f"{where} must be null (all axes) or a list of spatial axis indices, got {v!r}")
+    if len(set(v)) != len(v):
+        raise ConfigError(f"{where} has repeated axes: {v!r}")
+    return list(v)
+
+
+def _alpha(where: str, v: Any) -> float:
+    x = _number(where, v)
+    if x < 0:
+        raise ConfigError(f"{where} must be >= 0, got {v!r}")
+    return x
+
+
+_CHECKS: Dict[str, Dict[str, Callable[[str, Any], Any]]] = {
+    "spatial": {"image_pad": _pad},
+    "rotation": {"p": _prob, "degrees": _angle, "out_of_plane_degrees": _angle},
+    "scaling": {"p": _prob, "range": _range(0.0, open_lo=True)},
+    "elastic": {"p": _prob, "max_displacement": _range(0.0), "control_points": _count},
+    "noise": {"p": _prob, "std": _range(0.0)},
+    "blur": {"p": _prob, "sigma": _range(0.0, open_lo=True), "p_per_channel": _prob},
+    "brightness": {"p": _prob, "range": _range(0.0)},
+    "contrast": {"p": _prob, "range": _range(0.0), "preserve_range": _bool},
+    "lowres": {"p": _prob, "zoom": _range(0.0, 1.0, open_lo=True), "p_per_channel": _prob, "slice_axis": _bool},
+    "inverted_gamma": {"p": _prob, "gamma": _range(0.0, open_lo=True), "retain_stats": _bool},
+    "gamma": {"p": _prob, "gamma": _range(0.0, open_lo=True), "retain_stats": _bool},
+    "mirror": {"p": _prob, "axes": _axes},
+    "mixup": {"alpha": _alpha},
+}
+
+
+def resolve_params(preset: str, overrides: Optional[Mapping[str, Any]] = None) -> Params:
+    """The preset's parameters with ``overrides`` applied, every value checked and normalised.
+
+    Args:
+        preset: ``nnunet``, ``light`` or ``none``.
+        overrides: ``{transform: {key: value}}``, as in ``AugmentConfig.params``.
+
+    Raises:
+        ConfigError: unknown preset, transform name or key (listing the valid ones), or a
+            value of the wrong type or out of range.
+    """
+    if preset not in PRESETS:
+        raise ConfigError(f"augment.preset: unknown preset {preset!r}; valid: {sorted(PRESETS)}")
+    merged = copy.deepcopy(PRESETS[preset])
+    for name, keys in (overrides or {}).items():
+        if name not in _CHECKS:
+            raise ConfigError(f"augment.params: unknown transform {name!r}; valid: {list(_CHECKS)}")
+        if not isinstance(keys, Mapping):
+            raise ConfigError(f"augment.params.{name} must be a mapping of keys to values, got {keys!r}")
+        unknown = [k for k in keys if k not in _CHECKS[name]]
+        if unknown:
+            raise ConfigError(f"augment.params.{name}: unknown key(s) {unknown}; valid keys: {list(_CHECKS[name])}")
+        merged[name].update(keys)
+    return {name: {k: check(f"augment.params.{name}.{k}", merged[name][k]) for k, check in keys.items()}
+            for name, keys in _CHECKS.items()}
+
+
+# --------------------------------------------------------------------------- the augmenter
+def _check_inputs(image: Tensor, label: Tensor, generator: torch.Generator, nd: int) -> None:
+    if not image.is_floating_point():
+        raise ValueError(f"augment: image must be floating point, got {image.dtype}")
+    if image.ndim != nd + 2:
+        raise ValueError(f"augment: expected image (B, C, *S) with {nd} spatial dims, got shape {tuple(image.shape)}")
+    if label.is_floating_point() or label.dtype == torch.bool or label.is_complex():
+        raise ValueError(f"augment: label must be an integer tensor, got {label.dtype}")
+    if label.shape != (image.shape[0], 1, *image.shape[2:]):
+        raise ValueError(f"augment: label shape {tuple(label.shape)} does not match image {tuple(image.shape)} "
+                         "(expected (B, 1, *S))")
+    if label.device != image.device or generator.device.type != image.device.type:
+        raise ValueError(f"augment: image on {image.device}, label on {label.device}, generator on "
+                         f"{generator.device}: all must share the training device")
+
+
+@dataclass
+class Augmenter:
+    """Batched augmentation of ``(image, label)`` on the tensors' device.
+
+    Build it with `build_augmenter`. Construction only stores resolved parameters, so it is
+    cheap; all randomness comes from the generator passed to each call.
+
+    Args:
+        preset: Preset name (for ``describe``).
+        spatial_dims: 2 or 3.
+        params: Resolved parameters (`resolve_params`), mirror axes filled in.
+        mixup_p: Per-batch mixup probability (``AugmentConfig.mixup``).
+    """
+
+    preset: str
+    spatial_dims: int
+    params: Params
+    mixup_p: float = 0.0
+    last_info: Optional[Dict[str, Tensor]] = field(default=None, repr=False, compare=False)
+
+    @property
+    def mixup_alpha(self) -> float:
+        """Beta(alpha, alpha) parameter of mixup."""
+        return float(self.params["mixup"]["alpha"])
+
+    def __call__(self, image: Tensor, label: Tensor, generator: torch.Generator,
+                 return_info: bool = False) -> Union[Tuple[Tensor, Tensor], Tuple[Tensor, Tensor, Dict[str, Tensor]]]:
+        """Augment a batch: spatial -> intensity -> mirroring (nnU-Net's order).
+
+        Args:
+            image: ``(B, C, *S)`` float image on the training device.
+            label: ``(B, 1, *S)`` integer label (any integer dtype; returned unchanged in dtype).
+            generator: ``torch.Generator`` on the same device: the only source of randomness.
+            return_info: Also return the per-transform "applied" masks (also kept in
+                ``self.last_info``): ``(B,)`` bool per transform, ``mirror`` is ``(B, n_axes)``.
+
+        Returns:
+            ``(image, label)`` of the input shapes, dtypes and device (plus ``info``). Samples
+            a transform skipped are bit-identical to the input; with nothing to do the input
+            tensors themselves are returned.
+        """
+        _check_inputs(image, label, generator, self.spatial_dims)
+        dtype = image.dtype
+        # Half precision loses too much in gamma's pow and the grid; compute in float32.
+        x = image.float() if dtype in (torch.float16, torch.bfloat16) else image
+        info: Dict[str, Tensor] = {}
+        x, y = augment_spatial(x, label, self.params, generator, info)
+        x = augment_intensity(x, self.params, generator, info)
+        x, y = mirror(x, y, self.params["mirror"], generator, info)
+        self.last_info = info
+        x = x.to(dtype)
+        return (x, y, info) if return_info else (x, y)
+
+    def maybe_mixup(self, image: Tensor, target: Tensor, generator: torch.Generator) -> Tuple[Tensor, Tensor]:
+        """Mixup the batch with probability ``mixup_p`` (one draw per batch).
+
+        Args:
+            image: ``(B, C, *S)`` float image (after `__call__`).
+            target: ``(B, K, *S)`` one-hot or soft float target.
+            generator: Generator on the tensors' device.
+        """
+        if self.mixup_p <= 0 or self.mixup_alpha <= 0:
+            return image, target
+        if bool(rand((1,), generator, image.device)[0] < self.mixup_p):
+            return mixup_batch(image, target, self.mixup_alpha, generator)
+        return image, target
+
+    def describe(self) -> Dict[str, Any]:
+        """Resolved parameters as plain Python values (for MLflow params/logs)."""
+        return {"preset": self.preset, "spatial_dims": self.spatial_dims,
+                "mixup_p": self.mixup_p, "transforms": copy.deepcopy(self.params)}
+
+
+def build_augmenter(cfg: AugmentConfig, spatial_dims: int) -> Augmenter:
+    """Resolve ``cfg`` into an `Augmenter` for 2D or 3D batches.
+
+    Args:
+        cfg: The ``augment`` section of the experiment config.
+        spatial_dims: 2 for ``(B, C, H, W)`` batches, 3 for ``(B, C, D, H, W)`` (D = slices).
+
+    Raises:
+        ConfigError: unknown preset/transform/key, bad values, mirror axes beyond
+            ``spatial_dims`` or a mixup probability outside [0, 1].
+    """
+    if spatial_dims not in (2, 3):
+        raise ConfigError(f"augment: spatial_dims must be 2 or 3, got {spatial_dims!r}")
+    params = resolve_params(cfg.preset, cfg.params)
+    axes = params["mirror"]["axes"]
+    if axes is None:
+        params["mirror"]["axes"] = list(range(spatial_dims))
+    elif any(a >= spatial_dims for a in axes):
+        raise ConfigError(f"augment.params.mirror.axes: {axes} out of range for {spatial_dims} spatial dims "
+                          f"(valid: {list(range(spatial_dims))})")
+    mixup_p = _prob("augment.mixup", cfg.mixup)
+    return Augmenter(preset=cfg.preset, spatial_dims=spatial_dims, params=params, mixup_p=mixup_p)

@@ -1,0 +1,200 @@
+"""Batched spatial augmentation: rotation, scaling and elastic deformation in one resampling.
+
+Each sample gets its own rotation, scale and displacement field; they are combined into one
+sampling grid per sample, and the image (bilinear) and the label (nearest, through the SAME
+grid, so labels never take new values) are resampled once. Only the samples that drew at
+least one spatial transform are resampled; the others come back bit-for-bit unchanged.
+Mirroring is separate, by index (exact for labels), and runs last as in nnU-Net.
+
+Geometry conventions (tensor axes ``(H, W)`` in 2D, ``(D, H, W)`` in 3D, D the slice axis):
+
+* The output has the input's shape (nnU-Net samples a patch of the patch size).
+* A positive in-plane angle turns the content counter-clockwise as displayed with row 0 at
+  the top (from +W towards -H), like ``torchvision.transforms.functional.rotate``.
+* Rotation is about the patch centre, in pixel units: non-square patches are not sheared.
+* A scale factor ``s`` multiplies the sampling coordinates: ``s > 1`` zooms out (objects get
+  smaller), as nnU-Net's ``scaling``.
+* 3D data is assumed anisotropic: the in-plane angle turns about the slice axis,
+  ``out_of_plane_degrees`` (default 0) adds turns about the H and W axes, and the elastic
+  field displaces within the plane only.
+"""
+from __future__ import annotations
+
+import math
+from typing import Any, Dict, Mapping, Optional, Sequence, Tuple
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from robustseg.augment.intensity import bernoulli, on_subset, rand, uniform
+
+
+def _plane_rotation(angle: Tensor, nd: int, i: int, j: int) -> Tensor:
+    """Batched rotations ``(N, nd, nd)`` in the plane of tensor axes ``i`` and ``j``.
+
+    In axis order, ``R[i, i] = R[j, j] = cos``, ``R[i, j] = -sin``, ``R[j, i] = sin``: with
+    ``(i, j) = (H, W)`` a positive angle maps +W onto -H, i.e. counter-clockwise on screen.
+    """
+    r = torch.eye(nd, device=angle.device, dtype=angle.dtype).repeat(angle.shape[0], 1, 1)
+    c, s = torch.cos(angle), torch.sin(angle)
+    r[:, i, i], r[:, j, j], r[:, i, j], r[:, j, i] = c, c, -s, s
+    return r
+
+
+def rotation_matrix(angles: Tensor, nd: int) -> Tensor:
+    """Forward rotation ``(N, nd, nd)`` in tensor-axis order from per-sample angles (radians).
+
+    Args:
+        angles: ``(N, 1)`` in 2D (in-plane); ``(N, 3)`` in 3D: about D (in-plane), H, W.
+        nd: Spatial dimensions, 2 or 3.
+    """
+    if nd == 2:
+        return _plane_rotation(angles[:, 0], 2, 0, 1)
+    in_plane = _plane_rotation(angles[:, 0], 3, 1, 2)
+    about_h = _plane_rotation(angles[:, 1], 3, 0, 2)
+    about_w = _plane_rotation(angles[:, 2], 3, 0, 1)
+    return in_plane @ about_h @ about_w
+
+
+def _identity_grid(shape: Sequence[int], device: torch.device) -> Tensor:
+    """Pixel-centre coordinates in grid_sample's normalised units, ``(*S, nd)`` in (x, y[, z]) order."""
+    axes = [(torch.arange(n, device=device, dtype=torch.float32) * 2 + 1) / n - 1 for n in shape]
+    mesh = torch.meshgrid(*axes, indexing="ij")
+    return torch.stack(mesh[::-1], dim=-1)
+
+
+def _normalised_affine(backward: Tensor, shape: Sequence[int]) -> Tensor:
+    """Pixel-space backward matrix (axis order) -> normalised-grid matrix (grid order).
+
+    Normalised coordinate ``u = 2 p / N`` (align_corners=False, p measured from the centre),
+    so ``M[i, j] = A[i, j] * N_j / N_i``; grid_sample orders axes (x=W, y=H, z=D), the reverse.
+    """
+    n = torch.tensor(list(shape), device=backward.device, dtype=backward.dtype)
+    m = backward * n[None, None, :] / n[None, :, None]
+    return m.flip(-1).flip(-2)
+
+
+def _elastic_field(magnitude: Tensor, shape: Sequence[int], control_points: int,
+                   g: torch.Generator) -> Tensor:
+    """Smooth in-plane displacement ``(N, *S, nd)`` in normalised grid units (grid order).
+
+    Uniform noise in [-1, 1] on a coarse lattice of ``control_points`` per axis, upsampled
+    (bicubic in 2D, trilinear in 3D, corners aligned) and clamped, so ``magnitude`` (pixels)
+    is the largest displacement.
+    """
+    nd, n = len(shape), magnitude.shape[0]
+    coarse = [max(2, min(control_points, s)) for s in shape]
+    noise = rand((n, 2, *coarse), g, magnitude.device) * 2 - 1
+    mode = "bicubic" if nd == 2 else "trilinear"
+    field = F.interpolate(noise, size=tuple(shape), mode=mode, align_corners=True).clamp(-1, 1)
+    field = field * magnitude.reshape(n, 1, *([1] * nd))
+    # Channel 0 displaces W (x), channel 1 displaces H (y); pixels -> normalised units.
+    scale = torch.tensor([2.0 / shape[-1], 2.0 / shape[-2]], device=field.device)
+    field = field.movedim(1, -1) * scale
+    if nd == 3:
+        field = torch.cat([field, torch.zeros_like(field[..., :1])], dim=-1)
+    return field
+
+
+def sampling_grid(backward: Tensor, shape: Sequence[int], displacement: Optional[Tensor] = None) -> Tensor:
+    """Per-sample grid ``(N, *S, nd)`` for ``F.grid_sample`` from pixel-space backward matrices.
+
+    Args:
+        backward: ``(N, nd, nd)`` matrices mapping an output pixel offset from the centre
+            (tensor-axis order) to the input offset it samples.
+        shape: Spatial shape ``S``.
+        displacement: Optional ``(N, *S, nd)`` field in normalised grid units, applied before
+            the affine part (deform, then rotate/scale, as nnU-Net).
+    """
+    base = _identity_grid(shape, backward.device)[None]
+    if displacement is not None:
+        base = base + displacement
+    m = _normalised_affine(backward, shape)
+    nd = len(shape)
+    flat = base.reshape(base.shape[0], -1, nd) @ m.transpose(1, 2)
+    return flat.reshape(backward.shape[0], *shape, nd)
+
+
+def _resample_image(image: Tensor, grid: Tensor, pad: Any) -> Tensor:
+    """Bilinear resampling; ``pad`` is a grid_sample mode, "min" or a constant value."""
+    grid = grid.to(image.dtype)
+    if pad in ("zeros", "border", "reflection"):
+        return F.grid_sample(image, grid, mode="bilinear", padding_mode=pad, align_corners=False)
+    dims = tuple(range(2, image.ndim))
+    fill = image.amin(dim=dims, keepdim=True) if pad == "min" else image.new_full((*image.shape[:2], *([1] * (image.ndim - 2))), float(pad))
+    # Zero padding of (x - fill), then + fill, pads with fill and keeps bilinear weights exact.
+    return F.grid_sample(image - fill, grid, mode="bilinear", padding_mode="zeros", align_corners=False) + fill
+
+
+def _resample_label(label: Tensor, grid: Tensor) -> Tensor:
+    """Nearest resampling with background (0) outside: output values are input values."""
+    dtype = torch.float64 if grid.dtype == torch.float64 else torch.float32
+    out = F.grid_sample(label.to(dtype), grid.to(dtype), mode="nearest", padding_mode="zeros", align_corners=False)
+    return out.round().to(label.dtype)
+
+
+def _angles(cfg: Mapping[str, Any], b: int, nd: int, g: torch.Generator, dev: torch.device) -> Tensor:
+    deg = [cfg["degrees"]] + ([cfg["out_of_plane_degrees"]] * 2 if nd == 3 else [])
+    cols = [uniform(lo, hi, (b,), g, dev) for lo, hi in deg]
+    return torch.stack(cols, dim=1) * (math.pi / 180.0)
+
+
+def augment_spatial(image: Tensor, label: Tensor, params: Mapping[str, Mapping[str, Any]],
+                    g: torch.Generator, info: Dict[str, Tensor]) -> Tuple[Tensor, Tensor]:
+    """Rotate, scale and elastically deform each sample through one grid.
+
+    Args:
+        image: ``(B, C, *S)`` floating point.
+        label: ``(B, 1, *S)`` integer.
+        params: Resolved parameters with ``rotation``, ``scaling``, ``elastic`` and ``spatial``.
+        g: Generator on the tensors' device.
+        info: Receives the ``(B,)`` masks ``rotation``, ``scaling``, ``elastic``.
+    """
+    b, nd, dev, shape = image.shape[0], image.ndim - 2, image.device, image.shape[2:]
+    rot, scl, ela = params["rotation"], params["scaling"], params["elastic"]
+    do_rot = bernoulli(rot["p"], (b,), g, dev)
+    do_scl = bernoulli(scl["p"], (b,), g, dev)
+    do_ela = bernoulli(ela["p"], (b,), g, dev)
+    info.update(rotation=do_rot, scaling=do_scl, elastic=do_ela)
+    if rot["p"] <= 0 and scl["p"] <= 0 and ela["p"] <= 0:
+        return image, label
+    angles = _angles(rot, b, nd, g, dev) * do_rot[:, None]
+    scale = torch.where(do_scl, uniform(*scl["range"], (b,), g, dev), torch.ones(b, device=dev))
+    magnitude = torch.where(do_ela, uniform(*ela["max_displacement"], (b,), g, dev), torch.zeros(b, device=dev))
+
+    idx = (do_rot | do_scl | do_ela).nonzero().squeeze(1)
+    if idx.numel() == 0:
+        return image, label
+    # Backward map: output offset p samples the input at s * R^T p.
+    backward = rotation_matrix(angles[idx], nd).transpose(1, 2) * scale[idx, None, None]
+    field = None
+    if ela["p"] > 0:
+        field = _elastic_field(magnitude[idx], shape, ela["control_points"], g)
+    grid = sampling_grid(backward, shape, field)
+    img = _resample_image(image.index_select(0, idx), grid, params["spatial"]["image_pad"])
+    lab = _resample_label(label.index_select(0, idx), grid)
+    return image.index_copy(0, idx, img), label.index_copy(0, idx, lab)
+
+
+def mirror(image: Tensor, label: Tensor, cfg: Mapping[str, Any], g: torch.Generator,
+           info: Dict[str, Tensor]) -> Tuple[Tensor, Tensor]:
+    """Flip each sample along each of ``cfg["axes"]`` with probability ``cfg["p"]`` (by index).
+
+    Args:
+        image: ``(B, C, *S)``.
+        label: ``(B, 1, *S)``.
+        cfg: ``{"p", "axes"}``; axes are spatial indices (0 = first spatial axis).
+        g: Generator.
+        info: Receives ``mirror``: a ``(B, len(axes))`` mask of the flips done.
+    """
+    axes = list(cfg["axes"])
+    flips = bernoulli(cfg["p"], (image.shape[0], len(axes)), g, image.device)
+    info["mirror"] = flips
+    if cfg["p"] <= 0:
+        return image, label
+    for j, axis in enumerate(axes):
+        dim = 2 + axis
+        image = on_subset(image, flips[:, j], lambda x, _i, d=dim: x.flip(d))
+        label = on_subset(label, flips[:, j], lambda x, _i, d=dim: x.flip(d))
+    return image, label

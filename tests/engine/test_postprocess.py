@@ -1,0 +1,127 @@
+"""Post-processing: largest components (slice- and volume-wise) and canonical RV removal."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from robustseg.data.labels import LV, MYO, RV
+from robustseg.engine.postprocess import (
+    cardiac_postprocess,
+    keep_largest_per_class,
+    largest_component,
+    postprocess,
+    remove_rv_without_lv_myo,
+)
+from robustseg.errors import UnknownNameError
+
+
+def heart(z: int = 8, size: int = 32) -> np.ndarray:
+    """Canonical short-axis stack: LV disc in a MYO ring with the RV beside it on slices 1-6."""
+    yy, xx = np.mgrid[:size, :size]
+    r = np.hypot(yy - 16, xx - 18)
+    sl = np.zeros((size, size), np.uint8)
+    sl[r < 8] = MYO
+    sl[r < 5] = LV
+    sl[(np.hypot(yy - 16, xx - 5) < 4) & (r >= 8)] = RV
+    vol = np.zeros((z, size, size), np.uint8)
+    vol[1:7] = sl
+    return vol
+
+
+def test_spurious_blob_removed_main_structure_kept() -> None:
+    vol = heart()
+    noisy = vol.copy()
+    noisy[3, 28:31, 28:31] = LV  # an LV island in a corner of one slice
+    noisy[5, 1:3, 28:30] = RV  # and an RV island
+    out = cardiac_postprocess(noisy)
+    np.testing.assert_array_equal(out, vol)
+    assert noisy[3, 29, 29] == LV, "input must not be modified"
+    assert out.dtype == noisy.dtype
+
+
+def test_slice_wise_and_volume_wise_passes_differ() -> None:
+    main = np.zeros((8, 20, 20), bool)
+    main[1:6, 5:11, 5:11] = True
+    # (a) a blob alone on a distant slice: the largest on its slice, unconnected in 3D.
+    a = main.copy()
+    a[7, 2:5, 2:5] = True
+    assert largest_component(a, "slice")[7].any()
+    assert not largest_component(a, "volume")[7].any()
+    # (b) an in-plane island on slice 3 joined to the main body through a bridge on slice 4.
+    b = main.copy()
+    b[3, 6:8, 14:16] = True
+    b[4, 6:8, 11:16] = True
+    assert not largest_component(b, "slice")[3, 6, 14]
+    assert largest_component(b, "volume")[3, 6, 14]
+    lab = b.astype(np.uint8) * LV
+    assert keep_largest_per_class(lab, [LV], slice_wise=False, volume_wise=True)[3, 6, 14] == LV
+    assert keep_largest_per_class(lab, [LV], slice_wise=True, volume_wise=False)[3, 6, 14] == 0
+    # The paper's order (slice then volume) removes both kinds of outlier.
+    both = a | b
+    both[3, 6:8, 14:16] = True
+    out = keep_largest_per_class(both.astype(np.uint8) * LV, [LV])
+    assert not out[7].any() and out[3, 6, 14] == 0 and out[4, 6, 14] == LV
+
+
+def test_connectivity_in_plane_corners_join_across_slices_corners_do_not() -> None:
+    m = np.zeros((3, 6, 6), bool)
+    m[0, 1, 1] = m[0, 2, 2] = True  # diagonal neighbours in-plane: one component (8-conn)
+    assert largest_component(m, "slice").sum() == 2
+    v = np.zeros((3, 6, 6), bool)
+    v[0, 1:3, 1:3] = True  # 4 voxels
+    v[1, 3, 3] = True  # touches the block only at a corner across slices: separate (18-conn)
+    assert largest_component(v, "volume").sum() == 4
+    v[1, 3, 2] = True  # now shares an edge with the block: joined
+    assert largest_component(v, "volume").sum() == 6
+    with pytest.raises(ValueError, match="mode"):
+        largest_component(v, "both")
+
+
+def test_rv_removed_only_on_slices_without_lv_and_myo() -> None:
+    vol = heart()
+    vol[0, 14:18, 2:6] = RV  # basal slice: RV only -> removed
+    vol[7, 14:18, 2:6] = RV  # apical slice: RV only -> removed
+    vol[6][vol[6] == LV] = 0  # slice 6 keeps MYO and RV -> RV stays
+    out = remove_rv_without_lv_myo(vol)
+    assert not (out[0] == RV).any() and not (out[7] == RV).any()
+    assert (out[6] == RV).any() and (out[1:6] == RV).sum() == (vol[1:6] == RV).sum()
+    np.testing.assert_array_equal(out[vol != RV], vol[vol != RV])  # nothing else changes
+
+
+def test_rv_rule_uses_canonical_labels_not_acdc_order() -> None:
+    # Canonical: 1 LV, 3 RV. The paper's public code applied the rule with ACDC numbering
+    # (1 RV, 3 LV); under that mistake slice 0 would lose its LV and slice 1 keep its RV.
+    vol = np.zeros((2, 10, 10), np.uint8)
+    vol[0, 2:6, 2:6] = LV  # a slice with only LV (e.g. LV cavity at the apex): untouched
+    vol[1, 2:6, 2:6] = RV  # a slice with only RV: the RV goes
+    out = remove_rv_without_lv_myo(vol)
+    assert (out[0] == LV).sum() == 16, "LV deleted: label 1 treated as RV (ACDC order)"
+    assert not (out[1] == RV).any(), "RV kept on a slice without LV/MYO: label 3 treated as LV"
+    assert (remove_rv_without_lv_myo(np.where(vol == RV, MYO, vol)) == MYO).sum() == 16
+
+
+def test_cardiac_postprocess_runs_both_steps() -> None:
+    vol = heart()
+    vol[7, 28:31, 1:4] = RV  # a lone RV blob on a slice without ventricles, unconnected
+    vol[7, 0:2, 0:2] = 0
+    out = postprocess(vol, "cardiac")
+    assert not (out[7] == RV).any()
+    np.testing.assert_array_equal(out[:7], heart()[:7])
+
+
+def test_lung_tasks_keep_multifocal_lesions() -> None:
+    lab = np.zeros((4, 30, 30), np.uint8)
+    lab[1:3, 2:8, 2:8] = 1  # left lung lesion
+    lab[1:3, 20:27, 20:27] = 1  # right lung lesion (larger): both are real
+    lab[3, 15, 15] = 1  # a single-voxel speck
+    np.testing.assert_array_equal(postprocess(lab, "lung_binary"), lab)
+    cleaned = postprocess(lab, "lung_binary", min_lesion_voxels=5)
+    assert cleaned[3, 15, 15] == 0 and cleaned[1, 3, 3] == 1 and cleaned[1, 21, 21] == 1
+    multi = lab.copy()
+    multi[2, 4, 4] = 2  # a one-voxel consolidation speck inside the ground glass
+    out = postprocess(multi, "lung_multiclass", min_lesion_voxels=5)
+    assert out[2, 4, 4] == 0 and out[1, 3, 3] == 1
+    with pytest.raises(UnknownNameError, match="cardiac"):
+        postprocess(lab, "brain")
+    with pytest.raises(ValueError, match=r"\(Z, Y, X\)"):
+        postprocess(lab[0], "cardiac")
