@@ -203,6 +203,20 @@ def cmd_predict(args: argparse.Namespace) -> int:
     return 3 if empty else 0
 
 
+def cmd_evaluate(args: argparse.Namespace) -> int:
+    """Run `robustseg evaluate`."""
+    from robustseg.engine.evaluate import evaluate_folder
+
+    res = evaluate_folder(args.pred, args.gt, convention=args.convention, task=args.task, out_dir=args.out)
+    cols = [k for k in res["rows"][0] if k.startswith(("case_id", "dice_", "hd95_"))]
+    print_table([{k: (f"{r[k]:.3f}" if isinstance(r[k], float) else r[k]) for k in cols} for r in res["rows"]])
+    overall = res["summary"]["overall"]
+    print("mean: " + "  ".join(f"{k} {v:.3f}" for k, v in overall.items() if k.startswith(("dice_", "hd95_"))
+                               and isinstance(v, float)) + f"  (HD95 in {overall.get('hd95_unit')})")
+    print(f"per-case CSV {res['csv']}, summary {res['json']}, plot {res['plot']}")
+    return 0
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     """The end-to-end demo on synthetic data (extended by later layers)."""
     from robustseg.demo import run_demo
@@ -275,6 +289,18 @@ def build_parser() -> argparse.ArgumentParser:
     pd.add_argument("--device", choices=("cpu", "cuda"))
     pd.add_argument("--no-tta", action="store_true", help="skip mirror test-time augmentation")
     pd.set_defaults(fn=cmd_predict)
+
+    ev = sub.add_parser("evaluate", help="Dice/HD95 of predicted masks against ground truth",
+                        description="Pairs <stem>_seg.nii.gz predictions with <stem>_gt / -label / _label / <stem> "
+                                    "ground truth (NIfTI or ACDC h5), checks grids, writes metrics.csv, summary.json, dice.png.")
+    ev.add_argument("--pred", required=True, metavar="DIR")
+    ev.add_argument("--gt", required=True, metavar="DIR")
+    ev.add_argument("--convention", default="auto",
+                    help="ground-truth label convention (acdc, mnms, cmrxmotion, canonical_cardiac, lung_binary, ...); "
+                         "auto: acdc for .h5, canonical otherwise")
+    ev.add_argument("--task", default="cardiac", choices=("cardiac", "lung_binary", "lung_multiclass"))
+    ev.add_argument("--out", metavar="DIR", help="where the CSV/JSON/plot go (default: the prediction folder)")
+    ev.set_defaults(fn=cmd_evaluate)
 
     de = sub.add_parser("demo", help="end-to-end demo on synthetic data")
     de.add_argument("--workdir", default="robustseg_work/demo", help="where the demo writes (default robustseg_work/demo)")

@@ -1,0 +1,142 @@
+"""Spatial augmentation: label/image alignment, exact geometry of rotations and flips."""
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from robustseg.augment import build_augmenter
+from robustseg.config import AugmentConfig
+
+
+def _augmenter(params: dict, dims: int = 2):
+    return build_augmenter(AugmentConfig(preset="none", params=params), dims)
+
+
+def _disks(b: int = 8, size: int = 64) -> torch.Tensor:
+    """(B, 1, size, size) int64 labels: a disk (1) with an off-centre inner disk (2)."""
+    yy, xx = torch.meshgrid(torch.arange(size), torch.arange(size), indexing="ij")
+    out = torch.zeros(b, 1, size, size, dtype=torch.int64)
+    for i in range(b):
+        cy, cx = 22 + 2 * i, 26 + i
+        out[i, 0][(yy - cy) ** 2 + (xx - cx) ** 2 <= 100] = 1
+        out[i, 0][(yy - cy - 3) ** 2 + (xx - cx + 2) ** 2 <= 16] = 2
+    return out
+
+
+def _centroid(mask: torch.Tensor) -> torch.Tensor:
+    """(B, nd) centroid of a (B, 1, *S) boolean mask, in pixels, tensor-axis order."""
+    nd = mask.ndim - 2
+    grids = torch.meshgrid(*[torch.arange(n, dtype=torch.float64) for n in mask.shape[2:]], indexing="ij")
+    m = mask[:, 0].double()
+    total = m.flatten(1).sum(1)
+    return torch.stack([(m * g).flatten(1).sum(1) / total for g in grids], dim=1).reshape(-1, nd)
+
+
+def _iou(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    inter = (a & b).flatten(1).sum(1).double()
+    union = (a | b).flatten(1).sum(1).double()
+    return inter / union
+
+
+def test_image_and_label_stay_aligned_through_rotation_scaling_elastic():
+    label = _disks()
+    image = label.float()  # intensity encodes the label
+    aug = _augmenter({"rotation": {"p": 1, "degrees": 40}, "scaling": {"p": 1, "range": [0.8, 1.25]},
+                      "elastic": {"p": 1, "max_displacement": [1, 3]}})
+    img, lab = aug(image, label, torch.Generator().manual_seed(3))
+
+    assert set(lab.unique().tolist()) <= {0, 1, 2}  # nearest: no new label values
+    fg_img, fg_lab = img > 0.5, lab > 0
+    assert _iou(fg_img, fg_lab).min() > 0.95
+    assert _iou(img > 1.5, lab == 2).min() > 0.8
+    moved = (_centroid(fg_lab) - _centroid(label > 0)).norm(dim=1)
+    assert moved.max() > 2.0  # the transform did move the shapes...
+    assert (_centroid(fg_img) - _centroid(fg_lab)).norm(dim=1).max() < 0.5  # ...identically
+
+
+def test_fixed_90_degree_rotation_turns_counter_clockwise():
+    label = _disks(4)
+    aug = _augmenter({"rotation": {"p": 1, "degrees": [90, 90]}})
+    img, lab = aug(label.float(), label, torch.Generator().manual_seed(0))
+    c = (64 - 1) / 2
+    before = _centroid(label == 2) - c
+    after = _centroid(lab == 2) - c
+    # (row, col) offset (dr, dc) -> (-dc, dr): content right of centre moves to the top.
+    expected = torch.stack([-before[:, 1], before[:, 0]], dim=1)
+    assert torch.allclose(after, expected, atol=0.5)
+    # On this grid a quarter turn maps pixel centres onto pixel centres: it is rot90.
+    assert (lab != torch.rot90(label, 1, dims=(2, 3))).float().mean() < 1e-3
+    assert torch.allclose(_centroid(img > 1.5), _centroid(lab == 2), atol=0.5)
+
+
+def test_3d_rotation_is_in_plane_and_keeps_slices():
+    label = torch.zeros(2, 1, 8, 32, 32, dtype=torch.uint8)
+    label[:, :, 2:6, 6:14, 18:26] = 1
+    aug = _augmenter({"rotation": {"p": 1, "degrees": [90, 90]}}, dims=3)
+    img, lab = aug(label.float(), label, torch.Generator().manual_seed(0))
+    assert img.shape == (2, 1, 8, 32, 32) and lab.dtype == torch.uint8
+    assert torch.equal(lab, torch.rot90(label, 1, dims=(3, 4)))
+    before, after = _centroid(label > 0), _centroid(lab > 0)
+    assert torch.allclose(after[:, 0], before[:, 0])  # slice position untouched
+
+
+def test_mirror_moves_centroid_to_mirrored_position_exactly():
+    label = _disks(4)
+    image = label.float() + 0.25
+    aug = _augmenter({"mirror": {"p": 1, "axes": [1]}})
+    img, lab = aug(image, label, torch.Generator().manual_seed(0))
+    assert torch.equal(lab, label.flip(3)) and torch.equal(img, image.flip(3))
+    before, after = _centroid(label > 0), _centroid(lab > 0)
+    assert torch.allclose(after[:, 1], 63 - before[:, 1], atol=1e-9)
+    assert torch.allclose(after[:, 0], before[:, 0], atol=1e-9)
+
+
+def test_untouched_samples_are_bit_identical_and_info_matches():
+    label = _disks(8)
+    image = torch.randn(8, 1, 64, 64)
+    aug = _augmenter({"rotation": {"p": 0.5, "degrees": 20}})
+    img, lab, info = aug(image, label, torch.Generator().manual_seed(5), return_info=True)
+    applied = info["rotation"]
+    assert 0 < int(applied.sum()) < 8
+    assert torch.equal(img[~applied], image[~applied]) and torch.equal(lab[~applied], label[~applied])
+    assert not torch.equal(img[applied], image[applied])
+    assert aug.last_info is not None and torch.equal(aug.last_info["rotation"], applied)
+
+
+def test_image_padding_modes():
+    image = torch.full((2, 1, 32, 32), -1.0)
+    image[:, :, 8:24, 8:24] = 2.0
+    label = torch.zeros(2, 1, 32, 32, dtype=torch.int64)
+    rot = {"p": 1, "degrees": [45, 45]}
+    zeros, _ = _augmenter({"rotation": rot})(image, label, torch.Generator().manual_seed(0))
+    low, _ = _augmenter({"rotation": rot, "spatial": {"image_pad": "min"}})(image, label, torch.Generator().manual_seed(0))
+    const, _ = _augmenter({"rotation": rot, "spatial": {"image_pad": 5.0}})(image, label, torch.Generator().manual_seed(0))
+    assert zeros[0, 0, 0, 0] == 0.0
+    assert low[0, 0, 0, 0] == pytest.approx(-1.0) and low.min() >= -1.0 - 1e-5
+    assert const[0, 0, 0, 0] == pytest.approx(5.0)
+    assert torch.allclose(zeros[:, :, 12:20, 12:20], low[:, :, 12:20, 12:20])
+
+
+def test_per_sample_probabilities_are_respected():
+    n = 2000
+    image = torch.randn(n, 1, 8, 8)
+    label = torch.zeros(n, 1, 8, 8, dtype=torch.uint8)
+    aug = _augmenter({"rotation": {"p": 0.2}, "scaling": {"p": 0.5}, "mirror": {"p": 0.3}})
+    _, _, info = aug(image, label, torch.Generator().manual_seed(11), return_info=True)
+    for frac, p in [(info["rotation"].float().mean(), 0.2), (info["scaling"].float().mean(), 0.5),
+                    (info["mirror"][:, 0].float().mean(), 0.3), (info["mirror"][:, 1].float().mean(), 0.3)]:
+        assert abs(float(frac) - p) < 4 * math.sqrt(p * (1 - p) / n)
+    assert info["mirror"].shape == (n, 2)
+    # Draws are independent: rotation and scaling co-occur at about p1 * p2.
+    both = (info["rotation"] & info["scaling"]).float().mean()
+    assert abs(float(both) - 0.1) < 4 * math.sqrt(0.1 * 0.9 / n)
+
+
+def test_scaling_above_one_zooms_out():
+    label = _disks(2)
+    aug = _augmenter({"scaling": {"p": 1, "range": [1.25, 1.25]}})
+    _, lab = aug(label.float(), label, torch.Generator().manual_seed(0))
+    ratio = (lab > 0).flatten(1).sum(1).double() / (label > 0).flatten(1).sum(1).double()
+    assert torch.allclose(ratio, torch.full_like(ratio, 1 / 1.25 ** 2), rtol=0.08)
