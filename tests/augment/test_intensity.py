@@ -150,3 +150,12 @@ def test_dtype_is_preserved(dtype):
     aug = build_augmenter(AugmentConfig(preset="nnunet", params={name: {"p": 1.0} for name in INTENSITY}), 2)
     out, lab = aug(x, _labels(x.float()), torch.Generator().manual_seed(0))
     assert out.dtype == dtype and torch.isfinite(out.float()).all()
+
+
+@pytest.mark.parametrize("name", INTENSITY)
+def test_each_transform_in_3d(name):
+    x = torch.randn(2, 2, 8, 16, 16, generator=torch.Generator().manual_seed(0))
+    y = torch.zeros(2, 1, 8, 16, 16, dtype=torch.uint8)
+    out, lab = _only(name, dims=3)(x, y, torch.Generator().manual_seed(1))
+    assert out.shape == x.shape and torch.isfinite(out).all() and not torch.equal(out, x)
+    assert torch.equal(lab, y)

@@ -140,3 +140,14 @@ def test_scaling_above_one_zooms_out():
     _, lab = aug(label.float(), label, torch.Generator().manual_seed(0))
     ratio = (lab > 0).flatten(1).sum(1).double() / (label > 0).flatten(1).sum(1).double()
     assert torch.allclose(ratio, torch.full_like(ratio, 1 / 1.25 ** 2), rtol=0.08)
+
+
+def test_3d_out_of_plane_rotation_and_elastic_keep_labels():
+    label = torch.zeros(2, 1, 8, 32, 32, dtype=torch.int64)
+    label[:, :, 2:6, 8:24, 8:24] = 1
+    label[:, :, 3:5, 12:20, 12:20] = 3
+    aug = _augmenter({"rotation": {"p": 1, "degrees": 20, "out_of_plane_degrees": 10},
+                      "elastic": {"p": 1, "max_displacement": [1, 2]}}, dims=3)
+    img, lab = aug(label.float(), label, torch.Generator().manual_seed(0))
+    assert set(lab.unique().tolist()) <= {0, 1, 3} and not torch.equal(lab, label)
+    assert _iou(img > 0.5, lab > 0).min() > 0.9

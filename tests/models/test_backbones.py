@@ -3,7 +3,6 @@ its params; plus the pure-torch deformable convolution and Swin-UNet internals."
 from __future__ import annotations
 
 import dataclasses
-import math
 
 import pytest
 import torch
@@ -22,6 +21,7 @@ from robustseg.models.swin_unet import (
     window_merge,
     window_partition,
 )
+from robustseg.models.transfer import ENCODER_PREFIXES, flatten_3d_to_2d, freeze, reinitialize
 from robustseg.registry import BACKBONES
 
 NUM_CLASSES = 4
@@ -246,5 +246,36 @@ def test_swin_unet_loads_local_pretrained(tmp_path):
 
 
 def test_swin_unet_default_divisibility():
-    assert SwinUNetParams().divisible_by == 224
-    assert math.prod([4, 2**3, 7]) == 224
+    assert SwinUNetParams().divisible_by == 224  # Swin-T at 224: 4 * 2**3 * 7
+
+
+# ------------------------------------------------------------------ transfer helpers
+@pytest.mark.parametrize("name", sorted(ENCODER_PREFIXES))
+def test_encoder_freeze_leaves_decoder_trainable(name):
+    model = _build(name).train()
+    frozen = freeze(model, ENCODER_PREFIXES[name])
+    trainable = [n for n, p in model.named_parameters() if p.requires_grad]
+    assert frozen and trainable and not set(frozen) & set(trainable)
+    freeze(model, [""], frozen=False)
+    assert all(p.requires_grad for p in model.parameters())
+    with pytest.raises(ValueError, match="no parameter matches"):
+        freeze(model, ["no_such_module."])
+
+
+def test_reinitialize_resets_weights():
+    model = _build("unet")
+    before = model.head.weight.detach().clone()
+    assert reinitialize(model, ["head."]) == ["head"]
+    assert not torch.equal(before, model.head.weight)
+
+
+def test_flatten_3d_to_2d():
+    torch.manual_seed(0)
+    m3 = _build("unet3d")
+    m2 = build_model(ModelConfig(name="unet2d", params=TINY["unet3d"][0], num_classes=NUM_CLASSES), (32, 32))
+    assert m2.topology.n_stages == m3.topology.n_stages
+    rep = flatten_3d_to_2d(m3.state_dict(), m2)
+    assert rep["flattened"] and not rep["missing"] and not rep["skipped"]
+    w3 = m3.net.input_block.conv1.conv.weight  # (O, I, 1, 3, 3) on 10 mm slices
+    torch.testing.assert_close(m2.net.input_block.conv1.conv.weight, w3.sum(2))
+    m2.eval()(torch.randn(1, 1, 32, 32))

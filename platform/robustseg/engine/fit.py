@@ -23,7 +23,7 @@ from robustseg.engine.checkpoint import (CheckpointError, load_checkpoint, load_
 from robustseg.engine.losses import DiceCELoss
 from robustseg.engine.optim import build_optimizer, build_scheduler
 from robustseg.engine.validate import validate
-from robustseg.models import build_model, spatial_dims
+from robustseg.models import build_model, size_multiple, spatial_dims
 from robustseg.regimes import StepContext
 from robustseg.registry import REGIMES
 
@@ -85,7 +85,7 @@ def fit(cfg: ExperimentConfig, train_batches: Iterator[Dict[str, torch.Tensor]],
     out_dir.mkdir(parents=True, exist_ok=True)
     dims = spatial_dims(cfg.model.name)
     model = build_model(cfg.model, patch_size, spacing).to(device)
-    divisible = int(getattr(model, "divisible_by", 1))
+    divisible = size_multiple(model)
     optimizer = build_optimizer(cfg.optim, model.parameters())
     scheduler = build_scheduler(cfg.optim, optimizer)
     regime = REGIMES.get(cfg.regime.name)()

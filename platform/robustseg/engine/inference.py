@@ -120,7 +120,7 @@ def _sliding_window(
     gaussian: bool,
     tta: bool,
     batch_size: int,
-    divisible_by: int,
+    divisible_by: Union[int, Sequence[int]],
     amp: bool,
 ) -> Tensor:
     """Core: ``images (B, *spatial)`` -> probabilities ``(B, C, *spatial)``."""
@@ -138,11 +138,15 @@ def _sliding_window(
         patch = tuple(int(p) for p in patch_size)
     if not 0 <= overlap < 1:
         raise ValueError(f"overlap must be in [0, 1), got {overlap}")
-    if batch_size < 1 or divisible_by < 1:
+    div = (int(divisible_by),) * nd if isinstance(divisible_by, (int, np.integer)) else tuple(int(d) for d in divisible_by)
+    if len(div) != nd:
+        raise ValueError(f"divisible_by {div} must have {nd} entries for {nd}D windows")
+    if batch_size < 1 or min(div) < 1:
         raise ValueError("batch_size and divisible_by must be >= 1")
-    # Windows must satisfy the network's size constraint too, so they are rounded up.
-    patch = tuple(_round_up(p, divisible_by) for p in patch)
-    padded = tuple(_round_up(max(p, s), divisible_by) for p, s in zip(patch, spatial))
+    # Windows must satisfy the network's size constraint too, so they are rounded up (per
+    # axis: an anisotropic 3D U-Net needs 4 along z but 32 in-plane).
+    patch = tuple(_round_up(p, d) for p, d in zip(patch, div))
+    padded = tuple(_round_up(max(p, s), d) for p, s, d in zip(patch, spatial, div))
     pad_before = [(P - s) // 2 for P, s in zip(padded, spatial)]
     pad_pairs: List[int] = []
     for b, P, s in reversed(list(zip(pad_before, padded, spatial))):  # F.pad wants last dim first
@@ -218,7 +222,7 @@ def sliding_window_2d(
     overlap: float = 0.5,
     gaussian: bool = True,
     batch_size: int = 32,
-    divisible_by: int = 1,
+    divisible_by: Union[int, Sequence[int]] = 1,
     amp: bool = False,
     tta: bool = False,
 ) -> Tensor:
@@ -256,7 +260,7 @@ def sliding_window_3d(
     overlap: float = 0.5,
     gaussian: bool = True,
     batch_size: int = 2,
-    divisible_by: int = 1,
+    divisible_by: Union[int, Sequence[int]] = 1,
     amp: bool = False,
     tta: bool = False,
 ) -> Tensor:
@@ -295,7 +299,7 @@ def predict_volume(
     gaussian: bool = True,
     tta: bool = True,
     batch_size: int = 32,
-    divisible_by: int = 1,
+    divisible_by: Union[int, Sequence[int]] = 1,
     amp: bool = False,
 ) -> Tensor:
     """Predict class probabilities of one volume with a 2D or 3D model (mirror TTA optional).

@@ -20,7 +20,7 @@ from robustseg.engine.checkpoint import CheckpointError, load_checkpoint, load_m
 from robustseg.engine.inference import predict_volume
 from robustseg.engine.postprocess import postprocess
 from robustseg.errors import DataError
-from robustseg.models import build_model, spatial_dims
+from robustseg.models import build_model, size_multiple, spatial_dims
 
 VOLUME_SUFFIXES = (".nii.gz", ".nii", ".mha", ".mhd", ".nrrd", ".h5")
 
@@ -118,7 +118,7 @@ def predict_case(pred: Predictor, case: Case, *, tta: Optional[bool] = None, pos
     probs = predict_volume(pred.model, image, spatial_dims=pred.spatial_dims, num_classes=pred.cfg.model.num_classes,
                            patch_size=pred.patch_size, overlap=inf.overlap, gaussian=inf.gaussian,
                            tta=inf.tta if tta is None else tta, batch_size=inf.batch_size,
-                           divisible_by=int(getattr(pred.model, "divisible_by", 1)),
+                           divisible_by=size_multiple(pred.model),
                            amp=pred.device.type == "cuda")
     back = pred.plan.invert_probabilities(probs.float().cpu().numpy(), record)
     label = back.argmax(0).astype(np.uint8)

@@ -12,7 +12,7 @@ from robustseg.engine.metrics import dice_per_class
 
 
 def validate(model: torch.nn.Module, cases: Sequence[Mapping[str, Any]], *, spatial_dims: int, num_classes: int,
-             class_names: Mapping[int, str], patch_size: Sequence[int], cfg: InferenceConfig, divisible_by: int = 1,
+             class_names: Mapping[int, str], patch_size: Sequence[int], cfg: InferenceConfig, divisible_by: Sequence[int] | int = 1,
              amp: bool = False, tta: bool = False) -> Dict[str, float]:
     """Mean per-structure Dice over validation volumes (in preprocessed space).
 

@@ -56,3 +56,12 @@ def build_model(cfg: ModelConfig, patch_size: Sequence[int], spacing: Optional[S
 def spatial_dims(name: str) -> int:
     """2 or 3: the dimensionality a registered backbone trains on."""
     return int(BACKBONES.meta(name)["spatial_dims"])
+
+
+def size_multiple(model) -> tuple:
+    """Per-axis input-size multiple of a built backbone (``divisible_by_axes`` or ``divisible_by``)."""
+    inner = getattr(model, "_orig_mod", model)
+    axes = getattr(inner, "divisible_by_axes", None)
+    if axes is not None:
+        return tuple(int(a) for a in axes)
+    return (int(getattr(inner, "divisible_by", 1)),) * int(getattr(inner, "spatial_dims", 2))

@@ -4,10 +4,7 @@ A Swin-transformer encoder with a convolutional U-Net decoder (Hatamizadeh et al
 MONAI 1.6 infers sizes at run time (no ``img_size`` argument); inputs must be multiples of
 ``2**5 = 32`` per axis. The source paper trains it on 224 x 224 crops with AdamW
 (lr 4e-4, weight decay 5e-5). Weights start random: there is no download here.
-
-MONAI's SwinUNETR calls ``einops.rearrange``, an optional MONAI dependency. Every pattern it
-uses is a plain axis permutation, so when einops is absent a permutation-only stand-in is put
-in its place (`_ensure_rearrange`); with einops installed nothing is touched.
+MONAI's SwinUNETR needs ``einops`` (declared in pyproject).
 """
 from __future__ import annotations
 
@@ -16,7 +13,6 @@ from typing import List, Optional, Sequence
 
 import torch
 from monai.networks.nets import SwinUNETR
-from monai.utils import optional_import
 from torch import nn
 
 from robustseg.config import doc
@@ -25,22 +21,6 @@ from robustseg.models.topology import check_patch
 from robustseg.registry import BACKBONES
 
 _DIVISIBLE_BY = 32  # patch embedding 2 x four 2x merges
-
-
-def _permute_rearrange(x: torch.Tensor, pattern: str) -> torch.Tensor:
-    """``einops.rearrange`` restricted to pure permutations such as ``"b c h w -> b h w c"``."""
-    src, _, dst = pattern.partition("->")
-    a, b = src.split(), dst.split()
-    if sorted(a) != sorted(b) or len(set(a)) != len(a) or len(a) != x.dim() or not all(n.isidentifier() for n in a):
-        raise ValueError(f"einops is not installed and {pattern!r} is not a plain permutation; pip install einops")
-    return x.permute(*[a.index(n) for n in b])
-
-
-def _ensure_rearrange() -> None:
-    import monai.networks.nets.swin_unetr as mod
-
-    if not optional_import("einops")[1]:
-        mod.rearrange = _permute_rearrange
 
 
 @dataclass
@@ -96,7 +76,6 @@ def swin_unetr(p: SwinUNETRParams, in_channels: int, num_classes: int, patch_siz
     if len(patch_size) != 2:
         raise ConfigError(f"swin_unetr: patch_size must be (H, W), got {tuple(patch_size)}")
     check_patch("swin_unetr", patch_size, (_DIVISIBLE_BY, _DIVISIBLE_BY))
-    _ensure_rearrange()
     model = SwinUNETR(
         in_channels=in_channels,
         out_channels=num_classes,
