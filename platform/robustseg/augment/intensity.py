@@ -3,8 +3,9 @@
 Every transform takes the whole batch ``x`` of shape ``(B, C, *S)`` and draws its per-sample
 "apply or not" mask and its per-sample (or per-sample-and-channel) parameters as tensors in
 one call each from the caller's ``torch.Generator``; the heavy work then runs once on the
-subset of rows that were selected, never in a Python loop over samples. Rows that were not
-selected are returned bit-for-bit unchanged.
+subset of rows that were selected, never in a Python loop over samples, and writes them back
+into ``x`` in place (the `Augmenter` works on its own copy of the batch). Rows that were not
+selected are left bit-for-bit unchanged.
 
 The order and defaults follow nnU-Net v2's ``get_training_transforms`` (see
 ``robustseg.augment.presets`` for the values and where each comes from):
@@ -81,20 +82,21 @@ def around_one(lo: float, hi: float, shape: Sequence[int], generator: torch.Gene
 
 
 def on_subset(x: Tensor, mask: Tensor, fn: Callable[[Tensor, Tensor], Tensor]) -> Tensor:
-    """Apply ``fn(x[idx], idx)`` to the rows where ``mask`` is True; other rows stay as they are.
+    """Replace the rows of ``x`` where ``mask`` is True by ``fn(x[idx], idx)``, in place.
 
-    Working on the selected rows only is what keeps a p=0.1 transform at a tenth of the cost,
-    and ``index_copy`` returns a new tensor so the caller's input is never modified in place.
+    Working on the selected rows only is what keeps a p=0.1 transform at a tenth of the cost;
+    writing in place avoids one full copy of the batch per transform. ``x`` must therefore be
+    a tensor the caller owns (the `Augmenter` copies its inputs once).
 
     Args:
-        x: Tensor whose first dimension matches ``mask``.
+        x: Tensor whose first dimension matches ``mask``; modified and returned.
         mask: Boolean ``(N,)`` mask of rows to transform.
-        fn: Maps the selected rows and their indices to transformed rows of the same shape.
+        fn: Maps the selected rows (a copy) and their indices to new rows of the same shape.
     """
     idx = mask.nonzero().squeeze(1)
     if idx.numel() == 0:
         return x
-    return x.index_copy(0, idx, fn(x.index_select(0, idx), idx))
+    return x.index_copy_(0, idx, fn(x.index_select(0, idx), idx))
 
 
 def _spatial(x: Tensor) -> Tuple[int, ...]:
@@ -104,6 +106,15 @@ def _spatial(x: Tensor) -> Tuple[int, ...]:
 def _per_row(v: Tensor, x: Tensor) -> Tensor:
     """Reshape ``(N,)`` or ``(N, C)`` parameters to broadcast against ``x`` (N, C, *S)."""
     return v.reshape(*v.shape, *([1] * (x.ndim - v.ndim))).to(x.dtype)
+
+
+def _mean_std(x: Tensor, dims: Tuple[int, ...]) -> Tuple[Tensor, Tensor]:
+    """Per-row mean and (unbiased) std over ``dims``; two plain passes, ~2x faster than
+    ``torch.std``'s Welford kernel on the CPU and exact enough for z-scored images."""
+    mean = x.mean(dim=dims, keepdim=True)
+    d = x - mean
+    n = math.prod(x.shape[i] for i in dims)
+    return mean, ((d * d).sum(dim=dims, keepdim=True) / max(n - 1, 1)).sqrt()
 
 
 def _rows(x: Tensor) -> Tensor:
@@ -301,14 +312,15 @@ def _gamma(x: Tensor, cfg: Mapping[str, Any], g: torch.Generator, invert: bool) 
     def correct(sub: Tensor, idx: Tensor) -> Tensor:
         dims = _spatial(sub)
         y = -sub if invert else sub
-        mean, std = y.mean(dim=dims, keepdim=True), y.std(dim=dims, keepdim=True)
+        mean, std = _mean_std(y, dims)
         lo = y.amin(dim=dims, keepdim=True)
         rng = y.amax(dim=dims, keepdim=True) - lo
         # Gamma needs [0, 1]: map the channel's own range there and back.
         y = ((y - lo) / rng.clamp_min(1e-7)).pow(_per_row(gamma[idx], sub)) * rng + lo
         if cfg["retain_stats"]:
             # The network sees z-scored inputs; keep mean/std so gamma only changes the shape.
-            y = (y - y.mean(dim=dims, keepdim=True)) / y.std(dim=dims, keepdim=True).clamp_min(1e-7) * std + mean
+            mean_now, std_now = _mean_std(y, dims)
+            y = (y - mean_now) / std_now.clamp_min(1e-7) * std + mean
         return -y if invert else y
 
     return on_subset(x, apply, correct), apply

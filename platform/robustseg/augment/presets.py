@@ -27,8 +27,7 @@ from typing import Any, Callable, Dict, List, Mapping, Optional, Tuple, Union
 import torch
 from torch import Tensor
 
-from robustseg.augment.intensity import augment_intensity, rand
-from robustseg.augment.mixup import mixup_batch
+from robustseg.augment.intensity import augment_intensity
 from robustseg.augment.spatial import augment_spatial, mirror
 from robustseg.config import AugmentConfig
 from robustseg.errors import ConfigError
@@ -67,10 +66,9 @@ NNUNET: Params = {
     # MirrorTransform on every spatial axis (2D: (0, 1), 3D: (0, 1, 2)), p=0.5 per axis.
     # axes: null = all spatial axes.
     "mirror": {"p": 0.5, "axes": None},
-    # Mixup (not nnU-Net): lambda ~ Beta(alpha, alpha); 0.2 as in Zhang et al. (thesis [7]).
-    # How often is AugmentConfig.mixup (per batch).
-    "mixup": {"alpha": 0.2},
 }
+# Mixup is configured by AugmentConfig.mixup (per-batch probability) and .mixup_alpha, and
+# applied by the regime after one-hot encoding (see mixup.py).
 
 _OFF: Params = {name: ({**p, "p": 0.0} if "p" in p else dict(p)) for name, p in NNUNET.items()}
 
@@ -151,13 +149,6 @@ def _axes(where: str, v: Any) -> Optional[List[int]]:
     return list(v)
 
 
-def _alpha(where: str, v: Any) -> float:
-    x = _number(where, v)
-    if x < 0:
-        raise ConfigError(f"{where} must be >= 0, got {v!r}")
-    return x
-
-
 _CHECKS: Dict[str, Dict[str, Callable[[str, Any], Any]]] = {
     "spatial": {"image_pad": _pad},
     "rotation": {"p": _prob, "degrees": _angle, "out_of_plane_degrees": _angle},
@@ -171,7 +162,6 @@ _CHECKS: Dict[str, Dict[str, Callable[[str, Any], Any]]] = {
     "inverted_gamma": {"p": _prob, "gamma": _range(0.0, open_lo=True), "retain_stats": _bool},
     "gamma": {"p": _prob, "gamma": _range(0.0, open_lo=True), "retain_stats": _bool},
     "mirror": {"p": _prob, "axes": _axes},
-    "mixup": {"alpha": _alpha},
 }
 
 
@@ -229,19 +219,16 @@ class Augmenter:
         preset: Preset name (for ``describe``).
         spatial_dims: 2 or 3.
         params: Resolved parameters (`resolve_params`), mirror axes filled in.
-        mixup_p: Per-batch mixup probability (``AugmentConfig.mixup``).
+        mixup_p: Per-batch mixup probability (``AugmentConfig.mixup``), for ``describe``.
+        mixup_alpha: Beta(alpha, alpha) of mixup (``AugmentConfig.mixup_alpha``), likewise.
     """
 
     preset: str
     spatial_dims: int
     params: Params
     mixup_p: float = 0.0
+    mixup_alpha: float = 0.0
     last_info: Optional[Dict[str, Tensor]] = field(default=None, repr=False, compare=False)
-
-    @property
-    def mixup_alpha(self) -> float:
-        """Beta(alpha, alpha) parameter of mixup."""
-        return float(self.params["mixup"]["alpha"])
 
     def __call__(self, image: Tensor, label: Tensor, generator: torch.Generator,
                  return_info: bool = False) -> Union[Tuple[Tensor, Tensor], Tuple[Tensor, Tensor, Dict[str, Tensor]]]:
@@ -255,40 +242,28 @@ class Augmenter:
                 ``self.last_info``): ``(B,)`` bool per transform, ``mirror`` is ``(B, n_axes)``.
 
         Returns:
-            ``(image, label)`` of the input shapes, dtypes and device (plus ``info``). Samples
-            a transform skipped are bit-identical to the input; with nothing to do the input
-            tensors themselves are returned.
+            New ``(image, label)`` tensors (never views of the inputs) of the input shapes,
+            dtypes and device, plus ``info`` if asked. Samples that no transform picked are
+            bit-identical to the input.
         """
         _check_inputs(image, label, generator, self.spatial_dims)
         dtype = image.dtype
+        # One copy up front: the transforms then write their selected rows in place.
         # Half precision loses too much in gamma's pow and the grid; compute in float32.
-        x = image.float() if dtype in (torch.float16, torch.bfloat16) else image
+        x = image.float() if dtype in (torch.float16, torch.bfloat16) else image.clone()
+        y = label.clone()
         info: Dict[str, Tensor] = {}
-        x, y = augment_spatial(x, label, self.params, generator, info)
+        x, y = augment_spatial(x, y, self.params, generator, info)
         x = augment_intensity(x, self.params, generator, info)
         x, y = mirror(x, y, self.params["mirror"], generator, info)
         self.last_info = info
         x = x.to(dtype)
         return (x, y, info) if return_info else (x, y)
 
-    def maybe_mixup(self, image: Tensor, target: Tensor, generator: torch.Generator) -> Tuple[Tensor, Tensor]:
-        """Mixup the batch with probability ``mixup_p`` (one draw per batch).
-
-        Args:
-            image: ``(B, C, *S)`` float image (after `__call__`).
-            target: ``(B, K, *S)`` one-hot or soft float target.
-            generator: Generator on the tensors' device.
-        """
-        if self.mixup_p <= 0 or self.mixup_alpha <= 0:
-            return image, target
-        if bool(rand((1,), generator, image.device)[0] < self.mixup_p):
-            return mixup_batch(image, target, self.mixup_alpha, generator)
-        return image, target
-
     def describe(self) -> Dict[str, Any]:
         """Resolved parameters as plain Python values (for MLflow params/logs)."""
-        return {"preset": self.preset, "spatial_dims": self.spatial_dims,
-                "mixup_p": self.mixup_p, "transforms": copy.deepcopy(self.params)}
+        return {"preset": self.preset, "spatial_dims": self.spatial_dims, "mixup_p": self.mixup_p,
+                "mixup_alpha": self.mixup_alpha, "transforms": copy.deepcopy(self.params)}
 
 
 def build_augmenter(cfg: AugmentConfig, spatial_dims: int) -> Augmenter:
@@ -300,7 +275,7 @@ def build_augmenter(cfg: AugmentConfig, spatial_dims: int) -> Augmenter:
 
     Raises:
         ConfigError: unknown preset/transform/key, bad values, mirror axes beyond
-            ``spatial_dims`` or a mixup probability outside [0, 1].
+            ``spatial_dims``, a mixup probability outside [0, 1], or a mixup alpha < 0 (or 0 with mixup on).
     """
     if spatial_dims not in (2, 3):
         raise ConfigError(f"augment: spatial_dims must be 2 or 3, got {spatial_dims!r}")
@@ -312,4 +287,8 @@ def build_augmenter(cfg: AugmentConfig, spatial_dims: int) -> Augmenter:
         raise ConfigError(f"augment.params.mirror.axes: {axes} out of range for {spatial_dims} spatial dims "
                           f"(valid: {list(range(spatial_dims))})")
     mixup_p = _prob("augment.mixup", cfg.mixup)
-    return Augmenter(preset=cfg.preset, spatial_dims=spatial_dims, params=params, mixup_p=mixup_p)
+    mixup_alpha = _number("augment.mixup_alpha", cfg.mixup_alpha)
+    if mixup_alpha < 0 or (mixup_p > 0 and mixup_alpha == 0):
+        raise ConfigError(f"augment.mixup_alpha must be > 0 when mixup is on, got {cfg.mixup_alpha!r}")
+    return Augmenter(preset=cfg.preset, spatial_dims=spatial_dims, params=params, mixup_p=mixup_p,
+                     mixup_alpha=mixup_alpha)
