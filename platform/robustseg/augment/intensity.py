@@ -93,10 +93,25 @@ def on_subset(x: Tensor, mask: Tensor, fn: Callable[[Tensor, Tensor], Tensor]) -
         mask: Boolean ``(N,)`` mask of rows to transform.
         fn: Maps the selected rows (a copy) and their indices to new rows of the same shape.
     """
+    if sync_free(x):
+        # On the GPU `nonzero` would stall the host once per transform; transforming every
+        # row and blending by the mask keeps the CPU queueing ahead of the GPU instead.
+        everything = torch.arange(x.shape[0], device=x.device)
+        out = fn(x.index_select(0, everything), everything)
+        return x.copy_(torch.where(_per_row(mask, x).bool(), out, x))
     idx = mask.nonzero().squeeze(1)
     if idx.numel() == 0:
         return x
     return x.index_copy_(0, idx, fn(x.index_select(0, idx), idx))
+
+
+# None: sync-free (blend) mode on CUDA, subset mode on the CPU. Tests force either.
+SYNC_FREE: "bool | None" = None
+
+
+def sync_free(x: Tensor) -> bool:
+    """Whether transforms blend full-batch results instead of selecting rows (no host sync)."""
+    return x.is_cuda if SYNC_FREE is None else SYNC_FREE
 
 
 def _spatial(x: Tensor) -> Tuple[int, ...]:

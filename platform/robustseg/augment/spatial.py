@@ -28,7 +28,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from robustseg.augment.intensity import bernoulli, on_subset, rand, uniform
+from robustseg.augment.intensity import bernoulli, on_subset, rand, sync_free, uniform
 
 
 def _plane_rotation(angle: Tensor, nd: int, i: int, j: int) -> Tensor:
@@ -178,7 +178,9 @@ def augment_spatial(image: Tensor, label: Tensor, params: Mapping[str, Mapping[s
     scale = torch.where(do_scl, uniform(*scl["range"], (b,), g, dev), torch.ones(b, device=dev))
     magnitude = torch.where(do_ela, uniform(*ela["max_displacement"], (b,), g, dev), torch.zeros(b, device=dev))
 
-    idx = (do_rot | do_scl | do_ela).nonzero().squeeze(1)
+    selected = do_rot | do_scl | do_ela
+    blend = sync_free(image)
+    idx = torch.arange(b, device=dev) if blend else selected.nonzero().squeeze(1)
     if idx.numel() == 0:
         return image, label
     # Backward map: output offset p samples the input at s * R^T p.
@@ -189,6 +191,9 @@ def augment_spatial(image: Tensor, label: Tensor, params: Mapping[str, Mapping[s
     grid = sampling_grid(backward, shape, field)
     img = _resample_image(image.index_select(0, idx), grid, params["spatial"]["image_pad"])
     lab = _resample_label(label.index_select(0, idx), grid)
+    if blend:  # every row was resampled; keep the untouched rows exact (no host sync)
+        m = selected.reshape(b, *([1] * (image.ndim - 1)))
+        return image.copy_(torch.where(m, img, image)), label.copy_(torch.where(m, lab, label))
     return image.index_copy_(0, idx, img), label.index_copy_(0, idx, lab)
 
 
