@@ -213,6 +213,13 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     overall = res["summary"]["overall"]
     print("mean: " + "  ".join(f"{k} {v:.3f}" for k, v in overall.items() if k.startswith(("dice_", "hd95_"))
                                and isinstance(v, float)) + f"  (HD95 in {overall.get('hd95_unit')})")
+    for key in ("motion_level", "phase"):
+        for value, stats in res["summary"].get(key, {}).items():
+            print(f"  {key}={value}: n={stats['n']} dice_mean {stats.get('dice_mean', float('nan')):.3f}")
+    if res["function"]:
+        err = res["summary"]["cardiac_function"]
+        print(f"cardiac function ({len(res['function'])} ED/ES pairs): mean |EF error| LV {err['lv_ef_abs_error']:.1f} "
+              f"RV {err['rv_ef_abs_error']:.1f} percentage points -> {res['function_csv']}")
     print(f"per-case CSV {res['csv']}, summary {res['json']}, plot {res['plot']}")
     return 0
 

@@ -4,12 +4,14 @@ Each ``<stem>_seg.nii.gz`` in the prediction folder is paired with a ground-trut
 same stem (``<stem>_gt``, ``<stem>-label``, ``<stem>_label``, ``<stem>`` with a volume
 suffix, or an ACDC-style ``<stem>.h5``), remapped to canonical labels with the given
 convention, checked to lie on the same grid, and scored: Dice and HD95 per structure per
-case (CSV), aggregated overall and by motion level / dataset / phase (JSON), with a Dice
-box plot.
+case (CSV), aggregated overall and by motion level / phase read from the file names (JSON),
+with a Dice box plot; ED/ES pairs of a subject also give predicted vs true ventricular
+volumes and ejection fractions (``cardiac_function.csv``).
 """
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Tuple, Union
 
@@ -21,6 +23,8 @@ from robustseg.engine.metrics import aggregate, evaluate_case, to_csv
 from robustseg.errors import DataError
 
 _SUFFIXES = (".nii.gz", ".nii", ".mha", ".nrrd")
+_PHASE = re.compile(r"(?:^|[_-])(ED|ES)(?=$|[_-])", re.IGNORECASE)
+_MOTION = re.compile(r"[_-]m([0-3])(?=$|[_-])")
 _GT_PATTERNS = ("{s}_gt", "{s}-label", "{s}_label", "{s}_seg", "{s}")
 
 
@@ -59,6 +63,59 @@ def _read_gt(path: Path, convention: str) -> Tuple[np.ndarray, Tuple[float, ...]
     return conv.to_canonical(vol.array, path), vol.spacing, True, vol
 
 
+def stem_meta(stem: str) -> Dict[str, Any]:
+    """Case id, subject, phase and motion level read from a file stem.
+
+    ``acdc_patient001_ED`` -> phase ED, subject ``acdc_patient001``; ``syn0003_ES_m2`` -> motion
+    level 2. Unknown parts are left out (the breakdown then skips them).
+    """
+    meta: Dict[str, Any] = {"case_id": stem}
+    phase = _PHASE.search(stem)
+    if phase:
+        meta["phase"] = phase.group(1).upper()
+        meta["subject"] = (stem[: phase.start()] + "#" + stem[phase.end():]).strip("_-")
+    motion = _MOTION.search(stem)
+    if motion:
+        meta["motion_level"] = int(motion.group(1))
+    return meta
+
+
+def cardiac_function_rows(labels: Dict[str, Dict[str, Any]]) -> List[Dict[str, Any]]:
+    """LV/RV volumes and EF from predicted and true ED/ES pairs of the same subject.
+
+    Args:
+        labels: case id -> ``{"meta", "pred", "gt", "spacing", "known"}``.
+
+    Returns:
+        One row per subject with both phases: predicted and true EDV/ESV/EF and EF errors.
+    """
+    from robustseg.analysis.clinical import cardiac_function
+
+    pairs: Dict[str, Dict[str, Dict[str, Any]]] = {}
+    for item in labels.values():
+        m = item["meta"]
+        if "phase" in m and "subject" in m:
+            pairs.setdefault(m["subject"], {})[m["phase"]] = item
+    rows = []
+    for subject, phases in sorted(pairs.items()):
+        if set(phases) != {"ED", "ES"}:
+            continue
+        ed, es = phases["ED"], phases["ES"]
+        known = ed["known"] and es["known"]
+        row: Dict[str, Any] = {"subject": subject.replace("#", "")}
+        for who in ("pred", "gt"):
+            f = cardiac_function(ed[who], es[who], ed["spacing"], es["spacing"], spacing_known=known)
+            for k in ("lv_edv", "lv_esv", "lv_ef", "rv_edv", "rv_esv", "rv_ef", "myo_mass_ed"):
+                row[f"{k}_{who}"] = f[k]
+            row["units"] = f["units"]
+            if who == "pred":
+                row["flags"] = "; ".join(f["flags"])
+        row["lv_ef_abs_error"] = abs(row["lv_ef_pred"] - row["lv_ef_gt"])
+        row["rv_ef_abs_error"] = abs(row["rv_ef_pred"] - row["rv_ef_gt"])
+        rows.append(row)
+    return rows
+
+
 def evaluate_folder(pred_dir: Union[str, Path], gt_dir: Union[str, Path], *, convention: str = "auto",
                     task: str = "cardiac", out_dir: Optional[Union[str, Path]] = None) -> Dict[str, Any]:
     """Score every prediction in ``pred_dir`` against ``gt_dir``.
@@ -76,6 +133,7 @@ def evaluate_folder(pred_dir: Union[str, Path], gt_dir: Union[str, Path], *, con
         raise DataError(pred_dir, "no predicted masks (*_seg.nii.gz) found")
     names = TASK_CLASS_NAMES[task]
     rows: List[Dict[str, Any]] = []
+    kept: Dict[str, Dict[str, Any]] = {}
     for p in preds:
         stem = _stem(p.name)
         gt_path = find_ground_truth(gt_dir, stem)
@@ -88,15 +146,24 @@ def evaluate_folder(pred_dir: Union[str, Path], gt_dir: Union[str, Path], *, con
         elif pred_vol.array.shape != gt.shape:
             raise DataError(p, f"prediction shape {pred_vol.array.shape} differs from ground truth {gt_path} {gt.shape}")
         pred = pred_vol.array.astype(np.int64)
-        rows.append(evaluate_case(pred, gt, spacing, known, names, meta={"case_id": stem}))
+        meta = stem_meta(stem)
+        rows.append(evaluate_case(pred, gt, spacing, known, names, meta={k: v for k, v in meta.items() if k != "subject"}))
+        if task == "cardiac":
+            kept[stem] = {"meta": meta, "pred": pred, "gt": gt, "spacing": spacing, "known": known}
     out = Path(out_dir) if out_dir else pred_dir
     out.mkdir(parents=True, exist_ok=True)
-    summary = aggregate(rows, by=())
+    summary = aggregate(rows, by=("motion_level", "phase"))
     csv_path = to_csv(rows, out / "metrics.csv")
+    function = cardiac_function_rows(kept)
+    function_csv = to_csv(function, out / "cardiac_function.csv") if function else None
+    if function:
+        summary["cardiac_function"] = {k: float(np.nanmean([r[k] for r in function]))
+                                       for k in ("lv_ef_abs_error", "rv_ef_abs_error")}
     json_path = out / "summary.json"
     json_path.write_text(json.dumps(summary, indent=1, default=float))
     plot = _plot_dice(rows, names, out / "dice.png")
-    return {"rows": rows, "summary": summary, "csv": csv_path, "json": json_path, "plot": plot}
+    return {"rows": rows, "summary": summary, "csv": csv_path, "json": json_path, "plot": plot,
+            "function": function, "function_csv": function_csv}
 
 
 def _plot_dice(rows: List[Dict[str, Any]], names: Dict[int, str], path: Path) -> Path:
