@@ -59,7 +59,9 @@ def fit(cfg: ExperimentConfig, train_batches: Iterator[Dict[str, torch.Tensor]],
         *, out_dir: Path, patch_size: Sequence[int], generator: torch.Generator, class_names: Mapping[int, str],
         spacing: Optional[Sequence[float]] = None, device: Optional[torch.device] = None,
         extra_state: Optional[Dict[str, Any]] = None, resume: bool = True,
-        callbacks: Sequence[Callback] = (), progress: Optional[Callable[..., Any]] = None) -> FitResult:
+        callbacks: Sequence[Callback] = (), progress: Optional[Callable[..., Any]] = None,
+        model_wrapper: Optional[Callable[[torch.nn.Module], torch.nn.Module]] = None,
+        write_checkpoints: bool = True) -> FitResult:
     """Train ``cfg.model`` with ``cfg.regime`` and keep the best checkpoint on validation Dice.
 
     Args:
@@ -76,6 +78,9 @@ def fit(cfg: ExperimentConfig, train_batches: Iterator[Dict[str, torch.Tensor]],
         resume: Continue from ``out_dir/last.pt`` when it exists.
         callbacks: Called after each epoch with (epoch, metrics, last checkpoint path).
         progress: tqdm-like factory for a per-epoch progress bar.
+        model_wrapper: Wraps the model after it is on the device and weights are restored
+            (Ray Train passes ``ray.train.torch.prepare_model`` for DDP).
+        write_checkpoints: False on non-zero DDP ranks: only rank 0 writes files.
 
     Returns:
         A `FitResult`.
@@ -86,6 +91,17 @@ def fit(cfg: ExperimentConfig, train_batches: Iterator[Dict[str, torch.Tensor]],
     dims = spatial_dims(cfg.model.name)
     model = build_model(cfg.model, patch_size, spacing).to(device)
     divisible = size_multiple(model)
+    last_path, best_path = out_dir / "last.pt", out_dir / "best.pt"
+    ckpt = load_checkpoint(last_path, map_location=device) if resume and last_path.exists() else None
+    if ckpt is not None:
+        stored_model = ckpt["config"].get("model", {})
+        if stored_model.get("name") == cfg.model.name and stored_model != dataclasses.asdict(cfg.model):
+            raise CheckpointError(f"{last_path}: the model config differs from the checkpoint's "
+                                  f"({stored_model} vs {dataclasses.asdict(cfg.model)}); use another output folder")
+        # Weights go in before any DDP wrapping, so every rank starts from the same state.
+        load_model_state(model, ckpt["model"], str(last_path), cfg.model.name, ckpt.get("backbone"))
+    if model_wrapper is not None:
+        model = model_wrapper(model)
     optimizer = build_optimizer(cfg.optim, model.parameters())
     scheduler = build_scheduler(cfg.optim, optimizer)
     regime = REGIMES.get(cfg.regime.name)()
@@ -99,14 +115,7 @@ def fit(cfg: ExperimentConfig, train_batches: Iterator[Dict[str, torch.Tensor]],
     regime.setup(ctx, regime_params)
 
     start_epoch, best_score, best_epoch, history, bad_epochs = 0, -math.inf, -1, [], 0
-    last_path, best_path = out_dir / "last.pt", out_dir / "best.pt"
-    if resume and last_path.exists():
-        ckpt = load_checkpoint(last_path, map_location=device)
-        stored_model = ckpt["config"].get("model", {})
-        if stored_model.get("name") == cfg.model.name and stored_model != dataclasses.asdict(cfg.model):
-            raise CheckpointError(f"{last_path}: the model config differs from the checkpoint's "
-                                  f"({stored_model} vs {dataclasses.asdict(cfg.model)}); use another output folder")
-        load_model_state(model, ckpt["model"], str(last_path), cfg.model.name, ckpt.get("backbone"))
+    if ckpt is not None:
         optimizer.load_state_dict(ckpt["optimizer"])
         scheduler.load_state_dict(ckpt["scheduler"])
         regime.load_state_dict(ckpt.get("regime", {}))
@@ -153,10 +162,11 @@ def fit(cfg: ExperimentConfig, train_batches: Iterator[Dict[str, torch.Tensor]],
             "spacing": None if spacing is None else list(spacing), "class_names": dict(class_names),
             **(extra_state or {}),
         }
-        save_checkpoint(last_path, payload)
-        if metrics.get("is_best"):
-            save_checkpoint(best_path, payload)
-        (out_dir / "history.json").write_text(json.dumps(history, indent=1))
+        if write_checkpoints:
+            save_checkpoint(last_path, payload)
+            if metrics.get("is_best"):
+                save_checkpoint(best_path, payload)
+            (out_dir / "history.json").write_text(json.dumps(history, indent=1))
         for cb in callbacks:
             cb(epoch + 1, metrics, last_path)
         if cfg.optim.patience is not None and bad_epochs >= cfg.optim.patience:

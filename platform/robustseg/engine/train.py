@@ -67,7 +67,10 @@ def patch_for(cfg: ExperimentConfig, manifest: Manifest) -> Sequence[int]:
 
 def train_from_config(cfg: ExperimentConfig, *, out_dir: Optional[Path] = None, device: Optional[torch.device] = None,
                       resume: bool = True, callbacks: Sequence[Any] = (),
-                      progress: Optional[Callable[..., Any]] = None) -> FitResult:
+                      progress: Optional[Callable[..., Any]] = None,
+                      train_batches: Optional[Callable[[torch.Generator, Sequence[int]], Any]] = None,
+                      model_wrapper: Optional[Callable[[torch.nn.Module], torch.nn.Module]] = None,
+                      write_checkpoints: bool = True) -> FitResult:
     """Train one model on one fold as configured.
 
     Args:
@@ -77,31 +80,41 @@ def train_from_config(cfg: ExperimentConfig, *, out_dir: Optional[Path] = None, 
         resume: Continue from ``out_dir/last.pt``.
         callbacks: Per-epoch callbacks (see `fit`).
         progress: tqdm-like factory.
+        train_batches: ``factory(generator, patch) -> iterator`` of training batches on the
+            device (Ray Data streaming); default: the in-memory `SliceBatcher`/`VolumeBatcher`.
+        model_wrapper: See `fit` (DDP under Ray Train).
+        write_checkpoints: See `fit` (False on non-zero ranks).
     """
     device = device or default_device()
     manifest = ensure_prepared(cfg, progress)
     if cfg.model.num_classes != len(manifest.class_names):
         raise ConfigError(f"model.num_classes={cfg.model.num_classes} but the data has "
                           f"{len(manifest.class_names)} classes ({manifest.class_names})")
-    data = load_train_data(cfg, device, manifest)
     generator = torch.Generator(device=device)
     generator.manual_seed(cfg.optim.seed)
     torch.manual_seed(cfg.optim.seed)
     patch = patch_for(cfg, manifest)
-    if spatial_dims(cfg.model.name) == 3:
-        batches = VolumeBatcher(data.train, cfg.optim.batch_size, patch, generator)
+    dims = spatial_dims(cfg.model.name)
+    if train_batches is None:
+        data = load_train_data(cfg, device, manifest)
+        train, val = data.train, data.val
+        batches = (VolumeBatcher if dims == 3 else SliceBatcher)(train, cfg.optim.batch_size, patch, generator)
+        spacing = _median_spacing(train, dims)
     else:
-        batches = SliceBatcher(data.train, cfg.optim.batch_size, patch, generator)
-    val_cases = [v for v in data.val.volumes() if v["has_label"]]
+        store = open_store(cfg.data.shards_uri, cfg.data.storage)
+        val = load_slice_set(store, manifest, folds=[cfg.data.val_fold], device=device)
+        batches = train_batches(generator, patch)
+        spacing = _median_spacing(val, dims)
+    val_cases = [v for v in val.volumes() if v["has_label"]]
     if cfg.inference.val_max_cases is not None:
         val_cases = val_cases[: cfg.inference.val_max_cases]
-    spacing = _median_spacing(data.train, spatial_dims(cfg.model.name))
     out = Path(out_dir) if out_dir else absolute_workdir(cfg) / "runs" / cfg.name / f"fold{cfg.data.val_fold}"
     extra = {"plan": manifest.plan, "layout": manifest.layout.to_dict(), "manifest_uri": manifest.uri,
              "task": manifest.task}
     return fit(cfg, batches, val_cases, out_dir=out, patch_size=patch, generator=generator,
                class_names={int(k): v for k, v in manifest.class_names.items()}, spacing=spacing, device=device,
-               extra_state=extra, resume=resume, callbacks=callbacks, progress=progress)
+               extra_state=extra, resume=resume, callbacks=callbacks, progress=progress,
+               model_wrapper=model_wrapper, write_checkpoints=write_checkpoints)
 
 
 def _median_spacing(data: SliceSet, dims: int) -> Optional[Sequence[float]]:
