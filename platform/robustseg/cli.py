@@ -224,6 +224,54 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     return 0
 
 
+def init_ray(num_cpus: Optional[int] = None) -> None:
+    """Attach to ``RAY_ADDRESS`` when set, else start a local Ray with room for Ray Data.
+
+    On small machines Train workers plus a Tune trial can starve Ray Data of CPUs (see
+    STACK_NOTES); declaring at least 4 logical CPUs avoids that deadlock.
+    """
+    import os
+
+    import ray
+
+    if ray.is_initialized():
+        return
+    if os.environ.get("RAY_ADDRESS"):
+        ray.init()
+    else:
+        ray.init(num_cpus=num_cpus or max(4, os.cpu_count() or 1), include_dashboard=False, log_to_driver=False)
+
+
+def cmd_tune(args: argparse.Namespace) -> int:
+    """Run `robustseg tune`: an Optuna sweep whose objective is the K-fold mean Dice."""
+    from robustseg.tracking import resolve_tracking_uri
+    from trainables.tune_driver import run_sweep
+
+    cfg = load_config(args.config, args.overrides)
+    init_ray(args.num_cpus)
+    print(f"sweep {args.name or '(auto name)'}: space {args.space}, {args.trials} trials x {cfg.data.folds} folds, "
+          f"concurrency {args.concurrency}{', ASHA' if args.scheduler else ''}{', resuming' if args.resume else ''}")
+    res = run_sweep(cfg, space=args.space, trials=args.trials, concurrency=args.concurrency, scheduler=args.scheduler,
+                    resume=args.resume, storage_path=args.storage, sweep_name=args.name, mlflow=True, seed=args.seed)
+    print_table([{k: (f"{v:.4f}" if isinstance(v, float) else v) for k, v in row.items()} for row in res.table])
+    print(f"best cross-validated Dice {res.best_cv_dice:.4f} (per fold {', '.join(f'{d:.3f}' for d in res.per_fold)})")
+    print(f"best config: {res.path}/best_config.yaml")
+    print(f"look at the runs: mlflow ui --backend-store-uri {resolve_tracking_uri(cfg)}")
+    return 0
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    """Run `robustseg report`: a self-contained HTML report of a sweep."""
+    from robustseg.report import write_report
+    from robustseg.tracking import resolve_tracking_uri
+
+    cfg = load_config(args.config, [])
+    uri = args.tracking_uri or resolve_tracking_uri(cfg)
+    out = write_report(uri, args.sweep, args.out)
+    print(f"report written to {out}")
+    return 0
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     """The end-to-end demo on synthetic data (extended by later layers)."""
     from robustseg.demo import run_demo
@@ -296,6 +344,33 @@ def build_parser() -> argparse.ArgumentParser:
     pd.add_argument("--device", choices=("cpu", "cuda"))
     pd.add_argument("--no-tta", action="store_true", help="skip mirror test-time augmentation")
     pd.set_defaults(fn=cmd_predict)
+
+    tu = sub.add_parser(
+        "tune", help="Optuna sweep over hyperparameters, objective = K-fold cross-validated Dice (Ray Tune)",
+        description="Each trial trains one model per subject-grouped fold (Ray Train runs, in parallel when "
+                    "resources allow) and reports the mean validation Dice. Runs are tracked in MLflow.",
+        epilog="example:\n  robustseg tune --config configs/acdc_unet2d.yaml --space unet2d --trials 8 --concurrency 2",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    tu.add_argument("--config", metavar="YAML", required=True)
+    tu.add_argument("--space", required=True, help="registered search space (backbone or regime name)")
+    tu.add_argument("--trials", type=int, default=8)
+    tu.add_argument("--concurrency", type=int, default=1, help="trials at once")
+    tu.add_argument("--scheduler", choices=("asha",), help="early-stop poor trials after their first folds")
+    tu.add_argument("--name", help="sweep name (needed to --resume)")
+    tu.add_argument("--resume", action="store_true", help="continue an interrupted sweep of the same --name")
+    tu.add_argument("--storage", metavar="PATH_OR_URI", help="Ray storage (default <workdir>/ray_results)")
+    tu.add_argument("--seed", type=int, default=0, help="TPE sampler seed")
+    tu.add_argument("--num-cpus", type=int, help="logical CPUs of a local Ray (default max(4, cores))")
+    tu.add_argument("overrides", nargs="*", metavar="key.path=value")
+    tu.set_defaults(fn=cmd_tune)
+
+    rp = sub.add_parser("report", help="self-contained HTML report of a sweep from MLflow")
+    rp.add_argument("--sweep", required=True, metavar="NAME_OR_RUN_ID")
+    rp.add_argument("--out", default="robustseg_report.html")
+    rp.add_argument("--config", metavar="YAML", help="config whose tracking section locates MLflow")
+    rp.add_argument("--tracking-uri", help="MLflow tracking URI (overrides the config)")
+    rp.set_defaults(fn=cmd_report)
 
     ev = sub.add_parser("evaluate", help="Dice/HD95 of predicted masks against ground truth",
                         description="Pairs <stem>_seg.nii.gz predictions with <stem>_gt / -label / _label / <stem> "

@@ -1,0 +1,1 @@
+"""Ray entry points."""
