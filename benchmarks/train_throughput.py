@@ -60,6 +60,11 @@ def machine() -> dict:
     """What the numbers were measured on."""
     info = {"host": socket.gethostname(), "platform": platform.platform(), "python": platform.python_version(),
             "torch": torch.__version__, "cpu_count": __import__("os").cpu_count()}
+    try:
+        cpu = [l.split(":", 1)[1].strip() for l in open("/proc/cpuinfo") if l.startswith("model name")]
+        info["cpu"] = cpu[0] if cpu else platform.processor()
+    except OSError:
+        info["cpu"] = platform.processor()
     if torch.cuda.is_available():
         info["gpu"] = torch.cuda.get_device_name(0)
     return info

@@ -1,0 +1,194 @@
+"""Driver for one (backbone, regime, fold, hyperparameters) training run on Ray Train.
+
+`build_trainer` turns an `ExperimentConfig` into a `TorchTrainer`: scaling from
+``cfg.scaling`` (gloo on CPU, NCCL on GPU), a Ray Data stream of the training folds (all but
+``data.val_fold``, labelled slices only), checkpoints under ``<storage_path>/<run_name>`` and
+``FailureConfig(max_failures=cfg.scaling.max_failures)`` so a killed worker resumes from the
+last reported epoch. `run_fold` fits it and returns a small summary dict for sweeps.
+
+Resuming in Ray 2.60 (Train V2). ``TorchTrainer.restore`` and ``TorchTrainer.can_restore``
+are deprecated stubs that raise ``DeprecationWarning``. V2 resumes by name instead: a new
+trainer with the same ``RunConfig(name, storage_path)`` loads the run's
+``checkpoint_manager_snapshot.json`` and hands the latest reported checkpoint to the workers
+through ``ray.train.get_checkpoint()``; the worker copies it back and the fit loop continues
+at the next epoch. Within one ``fit()`` the same happens after each worker failure, up to
+``max_failures`` times. Re-running a completed run trains nothing and returns its stored result.
+`can_resume` checks for the snapshot; ``run_fold(resume=False)`` refuses to reuse a run folder
+that has one, so nothing is silently continued or overwritten.
+"""
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Any, Callable, Dict, List, Optional, Sequence
+
+from robustseg.config import ExperimentConfig
+from robustseg.errors import ConfigError
+
+#: Ray Train V2 keeps the run's checkpoint list in this file under ``<storage>/<run name>``.
+SNAPSHOT = "checkpoint_manager_snapshot.json"
+
+
+def storage_uri(storage_path: str) -> str:
+    """An absolute local path or a URI as-is: Ray workers run in other directories."""
+    if "://" in str(storage_path):
+        return str(storage_path)
+    return str(Path(storage_path).expanduser().resolve())
+
+
+def can_resume(storage_path: str, run_name: str, storage_filesystem: Any = None) -> bool:
+    """Whether ``<storage_path>/<run_name>`` holds a Ray Train run with reported checkpoints.
+
+    Args:
+        storage_path: The ``RunConfig.storage_path`` of the run (path or URI).
+        run_name: The ``RunConfig.name`` of the run.
+        storage_filesystem: A custom pyarrow filesystem (then ``storage_path`` is a path in it).
+    """
+    import pyarrow.fs as pafs
+
+    if storage_filesystem is not None:
+        fs, root = storage_filesystem, str(storage_path)
+    else:
+        fs, root = pafs.FileSystem.from_uri(storage_uri(storage_path))
+    info = fs.get_file_info(f"{root.rstrip('/')}/{run_name}/{SNAPSHOT}")
+    return info.type == pafs.FileType.File
+
+
+def build_trainer(cfg: ExperimentConfig, *, storage_path: str, run_name: str, mlflow: Optional[Dict[str, Any]] = None,
+                  callbacks: Sequence[Any] = (), worker_callbacks: Sequence[Callable[..., None]] = (),
+                  storage_filesystem: Any = None, shuffle_buffer: Optional[int] = None) -> "TorchTrainer":  # noqa: F821
+    """A `TorchTrainer` for one fold of ``cfg`` (the data is prepared first if needed).
+
+    Args:
+        cfg: The experiment; ``data.val_fold`` is held out, ``scaling`` sizes the workers.
+        storage_path: Where Ray persists checkpoints (local path or URI, e.g. ``s3://...``).
+        run_name: The run's folder under ``storage_path``; the same name resumes the run.
+        mlflow: ``robustseg.tracking.FitTracker`` keyword arguments (tracking_uri, experiment,
+            run_name, parent_run_id, tags) for rank 0, or None for no tracking.
+        callbacks: Ray Train ``RunConfig`` callbacks (e.g. Tune's ``TuneReportCallback``).
+        worker_callbacks: Picklable per-epoch callbacks run in every worker before the report
+            (e.g. `trainables.train_worker.FailOnce`).
+        storage_filesystem: A custom pyarrow filesystem for ``storage_path``.
+        shuffle_buffer: Rows in each worker's local shuffle buffer (default: streaming's).
+
+    Raises:
+        ConfigError: ``data.val_fold`` is not a fold of the data, or the training folds hold
+            fewer labelled slices than one batch per worker.
+    """
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchConfig, TorchTrainer
+
+    from robustseg.data.streaming import labelled_rows, slice_dataset
+    from robustseg.engine.train import ensure_prepared
+    from trainables.train_worker import train_loop_per_worker
+
+    manifest = ensure_prepared(cfg)
+    k = int(manifest.folds["k"])
+    if not 0 <= cfg.data.val_fold < k:
+        raise ConfigError(f"data.val_fold={cfg.data.val_fold} but {manifest.uri} has {k} folds")
+    sc = cfg.scaling
+    rows = labelled_rows(manifest, exclude_folds=[cfg.data.val_fold])
+    if rows < cfg.optim.batch_size * sc.num_workers:
+        raise ConfigError(f"{manifest.uri}: {rows} labelled training slices outside fold {cfg.data.val_fold}, "
+                          f"fewer than batch_size x num_workers = {cfg.optim.batch_size} x {sc.num_workers}")
+    dataset = slice_dataset(cfg.data, manifest, exclude_folds=[cfg.data.val_fold], labelled_only=True,
+                            shuffle_seed=cfg.optim.seed)
+    resources: Dict[str, float] = {"CPU": float(sc.cpus_per_worker)}
+    if sc.use_gpu:
+        resources["GPU"] = float(sc.gpus_per_worker)
+    loop_config: Dict[str, Any] = {"experiment": cfg.to_dict(), "layout": manifest.layout.to_dict(),
+                                   "mlflow": mlflow, "callbacks": list(worker_callbacks)}
+    if shuffle_buffer is not None:
+        loop_config["shuffle_buffer"] = int(shuffle_buffer)
+    return TorchTrainer(
+        train_loop_per_worker,
+        train_loop_config=loop_config,
+        torch_config=TorchConfig(backend="nccl" if sc.use_gpu else "gloo"),
+        scaling_config=ScalingConfig(num_workers=sc.num_workers, use_gpu=sc.use_gpu, resources_per_worker=resources),
+        run_config=RunConfig(
+            name=run_name,
+            storage_path=storage_path if storage_filesystem is not None else storage_uri(storage_path),
+            storage_filesystem=storage_filesystem,
+            failure_config=FailureConfig(max_failures=sc.max_failures),
+            # Every checkpoint folder holds last.pt and best.pt: two keep a fallback, not a history.
+            checkpoint_config=CheckpointConfig(num_to_keep=2),
+            callbacks=list(callbacks) or None,
+        ),
+        datasets={"train": dataset},
+    )
+
+
+def run_fold(cfg: ExperimentConfig, *, storage_path: str, run_name: str, mlflow: Optional[Dict[str, Any]] = None,
+             resume: bool = True, callbacks: Sequence[Any] = (), worker_callbacks: Sequence[Callable[..., None]] = (),
+             storage_filesystem: Any = None) -> Dict[str, Any]:
+    """Train one fold on Ray Train and summarise it.
+
+    Args:
+        cfg: The experiment (see `build_trainer`).
+        storage_path: Where Ray persists the run (local path or URI).
+        run_name: The run's folder name; an existing run of that name is continued.
+        mlflow: FitTracker keyword arguments for rank 0, or None.
+        resume: Continue an interrupted (or return a finished) run of the same name; False
+            refuses to start when the folder already holds a run.
+        callbacks: Ray Train ``RunConfig`` callbacks.
+        worker_callbacks: Per-epoch callbacks run in every worker (see `build_trainer`).
+        storage_filesystem: A custom pyarrow filesystem for ``storage_path``.
+
+    Returns:
+        ``{"val_dice": best validation Dice, "best_epoch", "metrics": the last reported
+        metrics, "checkpoint": path of the latest checkpoint folder (holding last.pt and
+        best.pt) in the storage filesystem, "path": the run folder, "error": None or the
+        failure message}``. A failed run (retries exhausted) is reported, not raised, with
+        whatever checkpoint it left.
+
+    Raises:
+        FileExistsError: ``resume=False`` and the run folder already holds a run.
+    """
+    from ray.train import Result
+
+    if not resume and can_resume(storage_path, run_name, storage_filesystem):
+        raise FileExistsError(f"{storage_path}/{run_name} already holds a Ray Train run: pass resume=True to "
+                              "continue it, or choose another run name")
+    trainer = build_trainer(cfg, storage_path=storage_path, run_name=run_name, mlflow=mlflow, callbacks=callbacks,
+                            worker_callbacks=worker_callbacks, storage_filesystem=storage_filesystem)
+    error: Optional[str] = None
+    try:
+        result = trainer.fit()
+    except Exception as e:  # TrainingFailedError (retries exhausted) or a controller error
+        error = f"{type(e).__name__}: {e}"
+        result = None
+        if can_resume(storage_path, run_name, storage_filesystem):
+            base = storage_uri(storage_path) if storage_filesystem is None else storage_path
+            result = Result.from_path(f"{str(base).rstrip('/')}/{run_name}", storage_filesystem)
+    return summarise(result, error)
+
+
+def summarise(result: Any, error: Optional[str] = None) -> Dict[str, Any]:
+    """The `run_fold` summary of a Ray Train ``Result`` (or of none, for a run that failed early)."""
+    metrics: Dict[str, Any] = dict(result.metrics or {}) if result is not None else {}
+    best = metrics.get("best_val_dice", math.nan)
+    ckpt = result.checkpoint if result is not None else None
+    return {
+        "val_dice": float(best) if best is not None else math.nan,
+        "best_epoch": int(metrics.get("best_epoch", -1)),
+        "metrics": metrics,
+        "checkpoint": ckpt.path if ckpt is not None else None,
+        "path": getattr(result, "path", None),
+        "error": error,
+    }
+
+
+def history_of(checkpoint_path: str, storage_filesystem: Any = None) -> List[Dict[str, Any]]:
+    """The epoch history stored in a run checkpoint folder (``history.json``).
+
+    Args:
+        checkpoint_path: ``run_fold(...)["checkpoint"]``.
+        storage_filesystem: The filesystem it lives in (default: local / from the URI).
+    """
+    import json
+
+    from ray.train import Checkpoint
+
+    ckpt = Checkpoint(checkpoint_path, filesystem=storage_filesystem)
+    with ckpt.as_directory() as d:
+        return json.loads((Path(d) / "history.json").read_text())

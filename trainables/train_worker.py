@@ -1,0 +1,227 @@
+"""The Ray Train per-worker function: config in, the engine's fit loop, reports out.
+
+Each worker rebuilds the `ExperimentConfig` from its dict, picks its device, streams its
+share of the training folds from Ray Data and calls `robustseg.engine.train.train_from_config`
+with three Ray hooks: DDP wrapping (``prepare_model``) when there are several ranks, rank-0-only
+checkpoint files, and a per-epoch callback that reports to Ray Train.
+
+Checkpoint protocol: every rank works in a private local folder. Rank 0's folder (``last.pt``,
+``best.pt``, ``history.json``) is reported as the Ray checkpoint after every epoch; the other
+ranks report metrics only, the same number of times (Ray Train needs one report per rank per
+epoch). After a failure Ray restarts the workers and ``ray.train.get_checkpoint()`` returns the
+latest reported checkpoint: every rank copies it into its folder and the fit loop resumes from
+``last.pt`` at the next epoch, with the optimiser, scheduler and RNG state of that epoch.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import shutil
+import tempfile
+import time
+from pathlib import Path
+from typing import Any, Callable, Dict, List, Optional, Sequence
+
+from robustseg.config import ExperimentConfig
+from robustseg.data.shards import SliceLayout
+
+log = logging.getLogger(__name__)
+
+#: Files of a robustseg checkpoint folder (what a restore copies back).
+CHECKPOINT_FILES = ("last.pt", "best.pt", "history.json")
+
+
+def restore_into(checkpoint: Any, out_dir: Path, files: Sequence[str] = CHECKPOINT_FILES) -> List[Dict[str, Any]]:
+    """Copy a Ray checkpoint's files into ``out_dir`` so the fit loop resumes from them.
+
+    Args:
+        checkpoint: A ``ray.train.Checkpoint`` (local or remote storage) or None.
+        out_dir: The worker's local run folder.
+        files: Which files to copy (the ones present are copied).
+
+    Returns:
+        The restored history (empty without a checkpoint).
+    """
+    if checkpoint is None:
+        return []
+    out_dir.mkdir(parents=True, exist_ok=True)
+    with checkpoint.as_directory() as d:
+        for name in files:
+            src = Path(d) / name
+            if src.exists():
+                shutil.copy2(src, out_dir / name)
+    hist = out_dir / "history.json"
+    return json.loads(hist.read_text()) if hist.exists() else []
+
+
+def best_of(history: Sequence[Dict[str, Any]]) -> Dict[str, float]:
+    """Best validation Dice so far and its epoch (first maximum, as the fit loop keeps it)."""
+    best, epoch = -math.inf, -1
+    for h in history:
+        v = h.get("val_dice")
+        if v is not None and not math.isnan(float(v)) and float(v) > best:
+            best, epoch = float(v), int(h["epoch"])
+    return {"best_val_dice": best if epoch > 0 else math.nan, "best_epoch": float(epoch)}
+
+
+class RayReporter:
+    """Per-epoch callback: ``ray.train.report`` on every rank, the checkpoint from rank 0 only.
+
+    Metrics are made plain floats and extended with the running best (``best_val_dice``,
+    ``best_epoch``) and ``resumed_from`` (the epoch this attempt restored, 0 for a fresh
+    start), so a driver or Tune sees the objective and the restart history without reading
+    any file.
+
+    Args:
+        rank: World rank.
+        out_dir: The rank's local run folder (rank 0's is the checkpoint).
+        history: History restored from the checkpoint (empty for a fresh start).
+    """
+
+    def __init__(self, rank: int, out_dir: Path, history: Sequence[Dict[str, Any]] = ()) -> None:
+        self.rank, self.out_dir = rank, out_dir
+        self.history = [dict(h) for h in history]
+        self.resumed_from = float(self.history[-1]["epoch"]) if self.history else 0.0
+
+    def __call__(self, epoch: int, metrics: Dict[str, Any], last_path: Path) -> None:
+        import ray.train
+        from ray.train import Checkpoint
+
+        self.history.append(dict(metrics))
+        out = {k: float(v) for k, v in metrics.items() if isinstance(v, (int, float))}
+        out.update(best_of(self.history), epoch=float(epoch), resumed_from=self.resumed_from)
+        ckpt = Checkpoint.from_directory(str(self.out_dir)) if self.rank == 0 else None
+        ray.train.report(out, checkpoint=ckpt)
+
+
+class FailOnce:
+    """Failure drill: kill this worker once at the end of epoch ``epoch``, before its report.
+
+    A marker file records that the drill fired, so the restarted attempt trains on. Used by
+    the tests and handy on a real cluster to check that a run resumes (``max_failures >= 1``).
+
+    Ray Train collects a worker's report when the controller next polls it (every
+    ``RAY_TRAIN_HEALTH_CHECK_INTERVAL_S``, 2 s by default); a process that dies before that
+    poll loses its last report and resumes one checkpoint earlier (from scratch after epoch
+    1). The drill runs before the reporter and first waits ``settle_s`` so the previous
+    epoch's report has certainly been collected: it tests resuming, not that race.
+
+    Args:
+        epoch: Epoch after whose training the worker dies (>= 2 to resume from a checkpoint).
+        marker: File created when the drill fires (must be visible to every attempt).
+        hard: ``os._exit`` (a killed process) rather than raising an exception.
+        rank: Only this rank dies.
+        settle_s: Wait before dying (default: two poll intervals plus 0.5 s).
+    """
+
+    def __init__(self, epoch: int, marker: str, hard: bool = True, rank: int = 0,
+                 settle_s: Optional[float] = None) -> None:
+        self.epoch, self.marker, self.hard, self.rank = int(epoch), str(marker), hard, int(rank)
+        self.settle_s = settle_s
+
+    def __call__(self, epoch: int, metrics: Dict[str, Any], last_path: Path) -> None:
+        import ray.train
+
+        if epoch != self.epoch or ray.train.get_context().get_world_rank() != self.rank:
+            return
+        if os.path.exists(self.marker):
+            return
+        poll = float(os.environ.get("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "2.0"))
+        time.sleep(self.settle_s if self.settle_s is not None else 2 * poll + 0.5)
+        Path(self.marker).write_text(f"killed after epoch {epoch} at {time.time()}\n")
+        if self.hard:
+            os._exit(1)
+        raise RuntimeError(f"failure drill: worker stopped after epoch {epoch}")
+
+
+def _tracker(cfg: ExperimentConfig, mlflow: Optional[Dict[str, Any]]) -> Any:
+    """Rank 0's MLflow tracker, or None when tracking is off or unavailable."""
+    if not mlflow:
+        return None
+    try:
+        from robustseg.tracking import FitTracker
+    except ImportError as e:  # tracking is optional for a training run
+        log.warning("MLflow tracking requested but robustseg.tracking is unavailable: %s", e)
+        return None
+    return FitTracker(cfg, **mlflow)
+
+
+def _ddp(model: Any) -> Any:
+    """DDP through Ray; unused parameters allowed.
+
+    Some parameters get no gradient in a step: the lowest-resolution deep-supervision head has
+    loss weight 0 (nnU-Net), and regimes may skip heads. Plain DDP then fails on the next step.
+    """
+    import ray.train.torch
+
+    return ray.train.torch.prepare_model(model, parallel_strategy_kwargs={"find_unused_parameters": True})
+
+
+def train_loop_per_worker(config: Dict[str, Any]) -> Dict[str, Any]:
+    """Train one fold on this Ray Train worker.
+
+    Args:
+        config: ``{"experiment": ExperimentConfig.to_dict(), "layout": SliceLayout dict or None,
+            "mlflow": FitTracker kwargs or None, "callbacks": extra per-epoch callbacks (run
+            before the report, e.g. `FailOnce`), "shuffle_buffer": local shuffle rows}``.
+
+    Returns:
+        Rank 0's summary (best score and epoch, epochs run); Ray keeps it as the result's
+        ``return_value``.
+    """
+    import ray.train
+    import ray.train.torch
+
+    from robustseg.data.streaming import DEFAULT_SHUFFLE_BUFFER, RayDataBatches
+    from robustseg.engine.train import train_from_config
+
+    cfg = ExperimentConfig.from_dict(config["experiment"])
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    device = ray.train.torch.get_device()
+    if device.type == "cuda":
+        import torch
+
+        torch.cuda.set_device(device)
+
+    out_dir = Path(tempfile.mkdtemp(prefix=f"robustseg-{cfg.name}-rank{rank}-"))
+    # Rank 0 needs the whole folder (best.pt survives a restart); other ranks only last.pt.
+    history = restore_into(ray.train.get_checkpoint(), out_dir, CHECKPOINT_FILES if rank == 0 else ("last.pt",))
+    if history:
+        log.info("rank %d resumes after epoch %s", rank, history[-1]["epoch"])
+
+    layout = SliceLayout(**config["layout"]) if config.get("layout") else None
+    if layout is None:
+        from robustseg.data.manifest import read_manifest
+        from robustseg.data.storage import open_store
+
+        layout = read_manifest(open_store(cfg.data.shards_uri, cfg.data.storage)).layout
+    shard = ray.train.get_dataset_shard("train")
+    shuffle = config.get("shuffle_buffer", DEFAULT_SHUFFLE_BUFFER)
+
+    def batches(generator: Any, patch: Sequence[int]) -> RayDataBatches:
+        return RayDataBatches(shard, layout, cfg.optim.batch_size, device, patch_size=patch, generator=generator,
+                              local_shuffle_buffer_size=shuffle, seed=cfg.optim.seed + rank)
+
+    reporter = RayReporter(rank, out_dir, history)
+    tracker = _tracker(cfg, config.get("mlflow")) if rank == 0 else None
+    callbacks: List[Callable[..., None]] = list(config.get("callbacks") or []) + [reporter]
+    if tracker is not None:
+        callbacks.append(tracker.on_epoch)
+    try:
+        result = train_from_config(
+            cfg, out_dir=out_dir, device=device, resume=True, callbacks=callbacks, train_batches=batches,
+            model_wrapper=_ddp if world > 1 else None, write_checkpoints=rank == 0)
+        if tracker is not None:
+            tracker.finish(result, out_dir)
+    except BaseException as e:
+        if tracker is not None:
+            tracker.fail(e)
+        raise
+    finally:
+        # Every reported epoch is already in the run's storage: the local copy is scratch.
+        shutil.rmtree(out_dir, ignore_errors=True)
+    return {"best_val_dice": float(result.best_score), "best_epoch": int(result.best_epoch),
+            "epochs_run": int(result.epochs_run), "stopped_early": bool(result.stopped_early)}
