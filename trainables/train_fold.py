@@ -12,18 +12,22 @@ trainer with the same ``RunConfig(name, storage_path)`` loads the run's
 ``checkpoint_manager_snapshot.json`` and hands the latest reported checkpoint to the workers
 through ``ray.train.get_checkpoint()``; the worker copies it back and the fit loop continues
 at the next epoch. Within one ``fit()`` the same happens after each worker failure, up to
-``max_failures`` times. Re-running a completed run trains nothing and returns its stored result.
+``max_failures`` times. `run_fold` returns a run that reached its last epoch as stored,
+without starting workers (`stored_result` reads it with ``ray.train.Result.from_path``).
 `can_resume` checks for the snapshot; ``run_fold(resume=False)`` refuses to reuse a run folder
 that has one, so nothing is silently continued or overwritten.
 """
 from __future__ import annotations
 
+import logging
 import math
 from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional, Sequence
 
 from robustseg.config import ExperimentConfig
 from robustseg.errors import ConfigError
+
+log = logging.getLogger(__name__)
 
 #: Ray Train V2 keeps the run's checkpoint list in this file under ``<storage>/<run name>``.
 SNAPSHOT = "checkpoint_manager_snapshot.json"
@@ -144,11 +148,15 @@ def run_fold(cfg: ExperimentConfig, *, storage_path: str, run_name: str, mlflow:
     Raises:
         FileExistsError: ``resume=False`` and the run folder already holds a run.
     """
-    from ray.train import Result
-
     if not resume and can_resume(storage_path, run_name, storage_filesystem):
         raise FileExistsError(f"{storage_path}/{run_name} already holds a Ray Train run: pass resume=True to "
                               "continue it, or choose another run name")
+    if resume:
+        prior = stored_result(storage_path, run_name, storage_filesystem)
+        # A run that reached its last epoch is returned as stored: starting workers only to
+        # find nothing left to train costs a worker group start-up per fold on a resumed sweep.
+        if prior is not None and float((prior.metrics or {}).get("epoch", 0)) >= cfg.optim.epochs:
+            return summarise(prior)
     trainer = build_trainer(cfg, storage_path=storage_path, run_name=run_name, mlflow=mlflow, callbacks=callbacks,
                             worker_callbacks=worker_callbacks, storage_filesystem=storage_filesystem)
     error: Optional[str] = None
@@ -156,11 +164,33 @@ def run_fold(cfg: ExperimentConfig, *, storage_path: str, run_name: str, mlflow:
         result = trainer.fit()
     except Exception as e:  # TrainingFailedError (retries exhausted) or a controller error
         error = f"{type(e).__name__}: {e}"
-        result = None
-        if can_resume(storage_path, run_name, storage_filesystem):
-            base = storage_uri(storage_path) if storage_filesystem is None else storage_path
-            result = Result.from_path(f"{str(base).rstrip('/')}/{run_name}", storage_filesystem)
+        if mlflow:
+            _mark_failed(cfg, mlflow, e)
+        try:
+            result = stored_result(storage_path, run_name, storage_filesystem)
+        except Exception:  # nothing usable persisted: the error says why
+            result = None
     return summarise(result, error)
+
+
+def _mark_failed(cfg: ExperimentConfig, mlflow: Dict[str, Any], exc: BaseException) -> None:
+    """Mark the fold's MLflow run FAILED after Ray gave up on it (workers leave it RUNNING)."""
+    try:
+        from robustseg.tracking import FitTracker
+
+        FitTracker(cfg, **mlflow).fail(exc)  # re-attaches the unfinished run of that name
+    except Exception as e:  # tracking trouble must not hide the training error
+        log.warning("could not mark the MLflow run %s FAILED: %s", mlflow.get("run_name"), e)
+
+
+def stored_result(storage_path: str, run_name: str, storage_filesystem: Any = None) -> Any:
+    """The ``ray.train.Result`` persisted for a run (latest checkpoint and its metrics), or None."""
+    from ray.train import Result
+
+    if not can_resume(storage_path, run_name, storage_filesystem):
+        return None
+    base = storage_uri(storage_path) if storage_filesystem is None else str(storage_path)
+    return Result.from_path(f"{base.rstrip('/')}/{run_name}", storage_filesystem)
 
 
 def summarise(result: Any, error: Optional[str] = None) -> Dict[str, Any]:

@@ -148,6 +148,14 @@ def _tracker(cfg: ExperimentConfig, mlflow: Optional[Dict[str, Any]]) -> Any:
     return FitTracker(cfg, **mlflow)
 
 
+def _persisted(local: Path) -> str:
+    """Where the just-reported copy of a checkpoint file lives in the run's storage."""
+    import ray.train
+
+    ckpt = ray.train.get_checkpoint()  # the latest checkpoint this worker reported or restored
+    return f"{ckpt.path.rstrip('/')}/{Path(local).name}" if ckpt is not None else str(local)
+
+
 def _ddp(model: Any) -> Any:
     """DDP through Ray; unused parameters allowed.
 
@@ -209,14 +217,17 @@ def train_loop_per_worker(config: Dict[str, Any]) -> Dict[str, Any]:
     tracker = _tracker(cfg, config.get("mlflow")) if rank == 0 else None
     callbacks: List[Callable[..., None]] = list(config.get("callbacks") or []) + [reporter]
     if tracker is not None:
-        callbacks.append(tracker.on_epoch)
+        callbacks.append(lambda epoch, metrics, path: tracker.on_epoch(epoch, metrics, _persisted(path)))
     try:
         result = train_from_config(
             cfg, out_dir=out_dir, device=device, resume=True, callbacks=callbacks, train_batches=batches,
             model_wrapper=_ddp if world > 1 else None, write_checkpoints=rank == 0)
         if tracker is not None:
             tracker.finish(result, out_dir)
-    except BaseException as e:
+    # Only Ctrl-C ends the MLflow run here. Other errors leave it RUNNING on purpose: Ray may
+    # restart this worker, and the next attempt's FitTracker re-attaches the unfinished run. The
+    # driver (`run_fold`) marks it FAILED once Ray gives up, which also covers a killed process.
+    except KeyboardInterrupt as e:
         if tracker is not None:
             tracker.fail(e)
         raise

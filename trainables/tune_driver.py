@@ -1,8 +1,10 @@
-"""Ray Tune + Optuna over folds and hyperparameters: `run_sweep` and its trial, `cv_objective`.
+"""Ray Tune + Optuna over folds and hyperparameters: `run_sweep`.
 
 Folds are part of the search design: a trial's objective (``cv_dice``) is the mean best
 validation Dice over the ``data.folds`` subject-grouped folds, each fold one Ray Train run
-(`trainables.train_fold.run_fold`), run in threads when ``fold_concurrency > 1``.
+(`trainables.train_fold.run_fold`), run in threads when ``fold_concurrency > 1``. The trial
+function is `trainables.tune_trial.cv_objective` (re-exported here); the MLflow bookkeeping
+of sweep and trial runs is `trainables.tune_tracking`.
 
 How the pieces fit Ray 2.60 (checked against the installed source):
 
@@ -30,7 +32,6 @@ import logging
 import math
 import os
 import time
-import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional, Sequence
@@ -39,6 +40,7 @@ from ray.tune import Callback
 
 from robustseg.config import ExperimentConfig, absolute_workdir
 from search_spaces import apply_sample, flatten_sample, get_space
+from trainables.tune_tracking import open_sweep_tracking
 from trainables.tune_trial import (FOLD_STORAGE, METRIC, MODE, SAMPLE_KEY, FoldFailedError, cv_objective,
                                    fold_columns, trial_config)
 
@@ -119,12 +121,17 @@ class SweepProgress(Callback):
               f"[{min(ended, self.trials)}/{self.trials} trials]", flush=True)
 
     def on_trial_error(self, iteration: int, trials: List[Any], trial: Any, **info: Any) -> None:
-        print(f"trial {trial.trial_id} FAILED (details: {getattr(trial, 'local_path', None) or trial.path})", flush=True)
+        print(f"trial {trial.trial_id} FAILED: see {trial.path}/error.txt", flush=True)
 
 
 def trial_name(trial: Any) -> str:
-    """Tune trial name (and run-name prefix of its folds): short and unique."""
-    return f"trial_{trial.trial_id}"
+    """Tune trial name and folder, and run-name prefix of its folds: ``trial_<n>_<id>``.
+
+    ``n`` is the searcher's running trial count, the leading number of Tune's experiment tag:
+    names sort in sampling order and MLflow gets the trial number from them.
+    """
+    n = str(getattr(trial, "experiment_tag", "") or "").split("_", 1)[0]
+    return f"trial_{int(n):03d}_{trial.trial_id}" if n.isdigit() else f"trial_{trial.trial_id}"
 
 
 # --------------------------------------------------------------------------- helpers
@@ -195,48 +202,6 @@ def default_fold_concurrency(cfg: ExperimentConfig, concurrency: int) -> int:
     return max(1, min(cfg.data.folds, slots // max(1, concurrency)))
 
 
-class _SweepTracking:
-    """The sweep's parent MLflow run and the end states the driver is responsible for."""
-
-    def __init__(self, cfg: ExperimentConfig, name: str, space: str, resume: bool) -> None:
-        from robustseg import tracking
-
-        self._tracking = tracking
-        self.uri = tracking.resolve_tracking_uri(cfg)
-        self.run_id = tracking.sweep_parent(cfg, name, resume=resume, tags={"robustseg.space": space})
-        self.info = {"tracking_uri": self.uri, "experiment": cfg.tracking.experiment, "parent_run_id": self.run_id}
-
-    def end_trial(self, run_id: str, status: str) -> None:
-        """End a trial run its own process could not end (scheduler stop, interruption)."""
-        try:
-            self._tracking.end_run(self.uri, run_id, status)
-        except Exception:  # tracking trouble never hides the sweep's result
-            log.warning("could not end MLflow run %s", run_id, exc_info=True)
-
-    def end(self, status: str, error: Optional[BaseException] = None, best: Optional[float] = None,
-            best_trial: Optional[str] = None) -> None:
-        """Log the best result on the sweep run and end it."""
-        try:
-            if best is not None:
-                from mlflow.tracking import MlflowClient
-
-                client = MlflowClient(self.uri)
-                client.log_metric(self.run_id, "best_cv_dice", best)
-                client.set_tag(self.run_id, "robustseg.best_trial", str(best_trial))
-            self._tracking.end_run(self.uri, self.run_id, status, error=error)
-        except Exception:
-            log.warning("could not end the MLflow sweep run %s", self.run_id, exc_info=True)
-
-
-def open_tracking(cfg: ExperimentConfig, name: str, space: str, *, resume: bool) -> Optional[_SweepTracking]:
-    """The sweep's MLflow parent run, or None (with a warning) when tracking is unavailable."""
-    try:
-        return _SweepTracking(cfg, name, space, resume)
-    except ImportError as e:
-        warnings.warn(f"MLflow tracking requested but unavailable ({e}); the sweep runs untracked")
-        return None
-
-
 def run_sweep(cfg: ExperimentConfig, *, space: str, trials: int, concurrency: int = 1,
               scheduler: Optional[str] = None, resume: bool = False, storage_path: Optional[str] = None,
               sweep_name: Optional[str] = None, fold_runner: Optional[FoldRunner] = None, seed: int = 0,
@@ -283,7 +248,9 @@ def run_sweep(cfg: ExperimentConfig, *, space: str, trials: int, concurrency: in
         try:
             from robustseg.tracking import resolve_tracking_uri
 
-            cfg = cfg.with_overrides([f"tracking.tracking_uri={resolve_tracking_uri(cfg)}"])
+            d = cfg.to_dict()
+            d["tracking"]["tracking_uri"] = resolve_tracking_uri(cfg)
+            cfg = ExperimentConfig.from_dict(d)
         except ImportError:  # open_tracking warns below
             pass
     storage = storage_root(cfg, storage_path)
@@ -305,7 +272,7 @@ def run_sweep(cfg: ExperimentConfig, *, space: str, trials: int, concurrency: in
             log.warning("sweep %s was started with %s trials; resuming keeps that number", name, meta["trials"])
         trials = int(meta["trials"])
         base = ExperimentConfig.from_dict(meta["base"])
-        tracker = open_tracking(base, name, space, resume=True) if (mlflow or meta.get("mlflow")) else None
+        tracker = open_sweep_tracking(base, name, space, resume=True) if (mlflow or meta.get("mlflow")) else None
     else:
         base = cfg
         if fold_runner is None:
@@ -313,7 +280,7 @@ def run_sweep(cfg: ExperimentConfig, *, space: str, trials: int, concurrency: in
             from robustseg.engine.train import ensure_prepared
 
             ensure_prepared(base)
-        tracker = open_tracking(base, name, space, resume=False) if mlflow else None
+        tracker = open_sweep_tracking(base, name, space, resume=False) if mlflow else None
         write_text(f"{path}/{SWEEP_FILE}", json.dumps({
             "space": space, "trials": trials, "seed": seed, "scheduler": scheduler, "concurrency": concurrency,
             "mlflow": tracker is not None, "base": base.to_dict()}, indent=1))
@@ -375,21 +342,19 @@ def _new_tuner(trainable: Any, base: ExperimentConfig, *, space: str, trials: in
 def _summarise(grid: Any, base: ExperimentConfig, *, name: str, path: str, trials: int, tracker: Any) -> SweepResult:
     """Results table, best trial, best config YAML, and MLflow end states."""
     k = base.data.folds
-    # Index-aligned with the grid (ResultGrid.__getitem__ reads the same list); the Tune trial
-    # status tells a scheduler stop from an interruption, which the results alone do not.
-    tune_trials = list(getattr(getattr(grid, "_experiment_analysis", None), "trials", None) or [])
     rows, samples = [], {}
-    for i, res in enumerate(grid):
+    for res in grid:
         m = dict(res.metrics or {})
-        tstatus = getattr(tune_trials[i], "status", None) if i < len(tune_trials) else None
-        trial_id = m.get("trial_id") or (getattr(tune_trials[i], "trial_id", None) if i < len(tune_trials) else None)
-        trial_id = trial_id or str(res.path).rstrip("/").rsplit("/", 1)[-1]
+        trial_id = m.get("trial_id") or str(res.path).rstrip("/").rsplit("/", 1)[-1]
         done = int(m.get("done_folds", 0) or 0)
+        # Tune marks the result a scheduler stopped the trial on with done=True; a trial cut
+        # short by an interruption has done=False (its in-memory status reads TERMINATED
+        # after the shutdown, so the status cannot tell the two apart).
         if res.error is not None:
             status = "ERROR"
         elif done >= k:
             status = "COMPLETE"
-        elif tstatus == "TERMINATED":
+        elif m.get("done"):
             status = "STOPPED"
         else:
             status = "INTERRUPTED"

@@ -14,10 +14,11 @@ import logging
 import math
 import tempfile
 from pathlib import Path
-from typing import Any, Callable, Dict, List, Mapping, Optional, Tuple
+from typing import Any, Callable, Dict, Mapping, Optional, Tuple
 
 from robustseg.config import ExperimentConfig
 from search_spaces import apply_sample
+from trainables.tune_tracking import FoldFailedError, TrialTracking
 
 log = logging.getLogger(__name__)
 
@@ -28,10 +29,6 @@ SAMPLE_KEY = "sample"
 FOLD_STORAGE = "fold_storage"
 STATE_FILE = "folds.json"
 FoldRunner = Callable[..., Dict[str, Any]]
-
-
-class FoldFailedError(RuntimeError):
-    """A fold of a trial failed; the trial fails with this message."""
 
 
 def default_fold_runner() -> FoldRunner:
@@ -98,10 +95,10 @@ def cv_objective(config: Dict[str, Any], fold_runner: Optional[FoldRunner] = Non
     name = ctx.get_trial_name() or "trial"
     storage = config.get(FOLD_STORAGE) or str(Path(ctx.get_trial_dir() or ".") / "folds")
     results, reported = _restore_state()
-    tracking = _TrialTracking(config.get("mlflow"), cfg, name, ctx.get_trial_id())
+    tracking = TrialTracking(config.get("mlflow"), cfg, name)
 
     def run(k: int) -> Tuple[Dict[str, Any], Optional[BaseException]]:
-        ml = tracking.fold_kwargs(k, f"{name}_fold{k}")
+        ml = tracking.fold_kwargs(f"{name}_fold{k}")
         try:
             out = dict(runner(fold_config(cfg, k), storage_path=storage, run_name=f"{name}_fold{k}", mlflow=ml))
         except Exception as e:  # reported below with the fold's name; the traceback goes to the log
@@ -112,6 +109,8 @@ def cv_objective(config: Dict[str, Any], fold_runner: Optional[FoldRunner] = Non
             out["error"] = f"non-finite validation Dice {dice!r}"
         return out, None
 
+    # A resumed trial may hold folds that finished out of order: report what is now in order.
+    reported = _report_in_order(results, reported, k_folds, tracking)
     pending = [k for k in range(k_folds) if k not in results]
     workers = max(1, min(int(config.get("fold_concurrency") or 1), len(pending) or 1))
     failures: Dict[int, Tuple[str, Optional[BaseException]]] = {}
@@ -147,7 +146,7 @@ def cv_objective(config: Dict[str, Any], fold_runner: Optional[FoldRunner] = Non
         raise FoldFailedError(f"trial {name} failed: {msg}") from first
 
 
-def _report_in_order(results: Dict[int, Dict[str, Any]], reported: int, k_folds: int, tracking: "_TrialTracking") -> int:
+def _report_in_order(results: Dict[int, Dict[str, Any]], reported: int, k_folds: int, tracking: TrialTracking) -> int:
     """Report every fold whose predecessors are all done; returns the new number reported."""
     from ray import tune
 
@@ -179,47 +178,6 @@ def _restore_state() -> Tuple[Dict[int, Dict[str, Any]], int]:
     with ckpt.as_directory() as d:
         state = json.loads((Path(d) / STATE_FILE).read_text())
     return {int(k): v for k, v in state["folds"].items()}, int(state["reported"])
-
-
-class _TrialTracking:
-    """The trial's MLflow run (child of the sweep run, parent of the fold runs), if tracking is on."""
-
-    def __init__(self, info: Optional[Mapping[str, Any]], cfg: ExperimentConfig, name: str,
-                 trial_id: Optional[str]) -> None:
-        self.info, self.run_id = dict(info or {}), None
-        if not self.info:
-            return
-        from robustseg import tracking
-
-        number = _trial_number(trial_id)
-        self.run_id = tracking.child_run(cfg, self.info["parent_run_id"], name, trial_number=number, role="trial")
-
-    def fold_kwargs(self, k: int, run_name: str) -> Optional[Dict[str, Any]]:
-        """`robustseg.tracking.FitTracker` keyword arguments of fold ``k`` (None: off)."""
-        if not self.run_id:
-            return None
-        return {"tracking_uri": self.info["tracking_uri"], "experiment": self.info["experiment"],
-                "run_name": run_name, "parent_run_id": self.run_id}
-
-    def finish(self, fold_scores: Dict[int, float]) -> None:
-        if self.run_id:
-            from robustseg import tracking
-
-            tracking.finish_trial(self.info["tracking_uri"], self.run_id, fold_scores)
-
-    def fail(self, message: str) -> None:
-        if self.run_id:
-            from robustseg import tracking
-
-            tracking.end_run(self.info["tracking_uri"], self.run_id, "FAILED", error=FoldFailedError(message))
-
-
-def _trial_number(trial_id: Optional[str]) -> Optional[int]:
-    """Tune trial ids end in a running index (``ab12c_00003``): the trial's number."""
-    try:
-        return int(str(trial_id).rsplit("_", 1)[-1])
-    except ValueError:
-        return None
 
 
 __all__ = ["FOLD_STORAGE", "FoldFailedError", "METRIC", "MODE", "SAMPLE_KEY", "cv_objective",

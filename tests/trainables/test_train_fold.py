@@ -1,4 +1,5 @@
 """One fold on Ray Train: a 1-worker run, 2-worker gloo DDP, and a killed worker that resumes."""
+import importlib.util
 import math
 import os
 from pathlib import Path
@@ -56,6 +57,21 @@ def root(tmp_path_factory):
     return root
 
 
+def _mlflow(root: Path, run_name: str):
+    """FitTracker arguments when robustseg.tracking is there (built in parallel), else None."""
+    if importlib.util.find_spec("robustseg.tracking") is None:
+        return None
+    return {"tracking_uri": f"sqlite:///{root / 'mlflow.db'}", "experiment": "trainfold", "run_name": run_name}
+
+
+def _mlflow_runs(mlflow_args):
+    from mlflow import MlflowClient
+
+    client = MlflowClient(mlflow_args["tracking_uri"])
+    exp = client.get_experiment_by_name(mlflow_args["experiment"])
+    return client.search_runs([exp.experiment_id], filter_string=f"attributes.run_name = '{mlflow_args['run_name']}'")
+
+
 def _check_completed(out, epochs=2):
     assert out["error"] is None
     assert math.isfinite(out["val_dice"]) and 0.0 <= out["val_dice"] <= 1.0
@@ -84,7 +100,7 @@ def test_one_worker_run_and_rerun(ray_session, root):
 
     with pytest.raises(FileExistsError, match="resume=True"):
         run_fold(cfg, storage_path=storage, run_name="one", resume=False)
-    # Re-running a finished run trains nothing and returns the stored result.
+    # Re-running a finished run returns the stored result without training.
     again = run_fold(cfg, storage_path=storage, run_name="one")
     assert again["val_dice"] == out["val_dice"] and again["checkpoint"] == out["checkpoint"]
 
@@ -105,13 +121,18 @@ def test_killed_worker_resumes_from_checkpoint(ray_session, root, tmp_path):
 
     cfg = tiny_cfg(root, **{"scaling.max_failures": 1})
     marker = tmp_path / "killed"
-    out = run_fold(cfg, storage_path=str(root / "ray"), run_name="killed",
+    mlflow = _mlflow(root, "killed")
+    out = run_fold(cfg, storage_path=str(root / "ray"), run_name="killed", mlflow=mlflow,
                    worker_callbacks=[FailOnce(epoch=2, marker=str(marker), hard=True)])
     assert marker.exists()  # the worker process really died once
     _check_completed(out)
     # The second attempt restored epoch 1 and trained epoch 2: the counter continued.
     assert out["metrics"]["resumed_from"] == 1.0
     assert [h["epoch"] for h in history_of(out["checkpoint"])] == [1, 2]
+    if mlflow:  # one MLflow run across both attempts (the killed one left it RUNNING)
+        runs = _mlflow_runs(mlflow)
+        assert len(runs) == 1 and runs[0].info.status == "FINISHED"
+        assert [m.step for m in _metric_history(mlflow, runs[0], "val_dice")] == [1, 2]
 
 
 def test_failure_without_retries_is_reported(ray_session, root, tmp_path):
@@ -119,8 +140,18 @@ def test_failure_without_retries_is_reported(ray_session, root, tmp_path):
     from trainables.train_worker import FailOnce
 
     cfg = tiny_cfg(root, **{"scaling.max_failures": 0, "optim.epochs": 2})
-    out = run_fold(cfg, storage_path=str(root / "ray"), run_name="fails",
+    mlflow = _mlflow(root, "fails")
+    out = run_fold(cfg, storage_path=str(root / "ray"), run_name="fails", mlflow=mlflow,
                    worker_callbacks=[FailOnce(epoch=2, marker=str(tmp_path / "m"), hard=False)])
     assert out["error"] and "failure drill" in out["error"]
     assert out["metrics"]["epoch"] == 1.0  # the last reported epoch survives
     assert (Path(out["checkpoint"]) / "last.pt").exists()
+    if mlflow:  # marked FAILED by the driver once Ray gave up, never left RUNNING
+        runs = _mlflow_runs(mlflow)
+        assert len(runs) == 1 and runs[0].info.status == "FAILED"
+
+
+def _metric_history(mlflow_args, run, key):
+    from mlflow import MlflowClient
+
+    return MlflowClient(mlflow_args["tracking_uri"]).get_metric_history(run.info.run_id, key)

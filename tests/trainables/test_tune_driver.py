@@ -20,7 +20,8 @@ import yaml
 from ray.tune import Callback
 
 from robustseg.config import ExperimentConfig
-from trainables.tune_driver import SpaceInTrialConfig, SweepError, run_sweep
+from trainables.tune_driver import (SpaceInTrialConfig, SweepError, absolute_paths, default_fold_concurrency,
+                                    run_sweep, storage_root, trial_name)
 from trainables.tune_trial import fold_config, trial_config
 
 
@@ -52,14 +53,15 @@ def failing_runner(cfg: ExperimentConfig, *, storage_path: str, run_name: str, m
 
 
 class InterruptAfter(Callback):
-    """Tune callback sending the driver SIGUSR1 (Tune's graceful stop, as on Ctrl+C) when the
-    ``n``-th fold result arrives. Tune pickles callbacks with the sweep and restores them on
-    resume, so it fires only while ``marker`` does not exist yet."""
+    """Tune callback sending the driver SIGUSR1 (Tune's graceful stop, as on Ctrl+C) once the
+    ``n``-th fold checkpoint is registered (``on_trial_result`` would be too early: a function
+    trainable's checkpoint is saved in a later step). Tune pickles callbacks with the sweep and
+    restores them on resume, so it fires only while ``marker`` does not exist yet."""
 
     def __init__(self, n: int, marker: str) -> None:
         self.n, self.marker, self.seen = n, marker, 0
 
-    def on_trial_result(self, iteration: int, trials: Any, trial: Any, result: Dict[str, Any], **info: Any) -> None:
+    def on_checkpoint(self, iteration: int, trials: Any, trial: Any, checkpoint: Any, **info: Any) -> None:
         self.seen += 1
         if self.seen >= self.n and not os.path.exists(self.marker):
             Path(self.marker).write_text(trial.trial_id)
@@ -96,6 +98,29 @@ def test_space_wrapper_namespaces_and_pickles():
         SpaceInTrialConfig("nope")
 
 
+def test_paths_made_absolute_for_workers(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    cfg = ExperimentConfig.from_dict({"data": {"shards_uri": "rel/shards",
+                                               "sources": [{"name": "acdc_h5", "path": "data/acdc"}]},
+                                      "tracking": {"workdir": "work"}})
+    out = absolute_paths(cfg)
+    assert out.data.shards_uri == str(tmp_path / "rel" / "shards")
+    assert out.data.sources[0].path == str(tmp_path / "data" / "acdc")
+    assert out.tracking.workdir == str(tmp_path / "work")
+    assert absolute_paths(cfg.with_overrides(["data.shards_uri=s3://b/p"])).data.shards_uri == "s3://b/p"
+    assert storage_root(out, None) == str(tmp_path / "work" / "ray_results")
+    assert storage_root(out, "r") == str(tmp_path / "r") and storage_root(out, "s3://b/r") == "s3://b/r"
+
+
+def test_trial_names_carry_the_trial_number():
+    class T:
+        experiment_tag, trial_id = "7_base=...", "ab12cd34"
+
+    assert trial_name(T()) == "trial_007_ab12cd34"
+    T.experiment_tag = ""
+    assert trial_name(T()) == "trial_ab12cd34"
+
+
 def test_bad_arguments_fail_before_ray(tmp_path):
     cfg = base_cfg(tmp_path)
     with pytest.raises(SweepError, match="sweep_name"):
@@ -118,6 +143,15 @@ def ray_session():
         yield ray
     finally:
         ray.shutdown()
+
+
+@pytest.mark.slow
+def test_default_fold_concurrency_leaves_room_for_data(ray_session):
+    cfg = ExperimentConfig.from_dict({"data": {"folds": 5}, "scaling": {"num_workers": 1, "cpus_per_worker": 1}})
+    # 4 logical CPUs, 1.5 per fold (worker + Ray Data headroom): 2 folds at once in all.
+    assert default_fold_concurrency(cfg, 1) == 2
+    assert default_fold_concurrency(cfg, 2) == 1 and default_fold_concurrency(cfg, 8) == 1
+    assert default_fold_concurrency(cfg.with_overrides(["scaling.cpus_per_worker=0.5"]), 1) == 4
 
 
 @pytest.mark.slow
@@ -154,7 +188,7 @@ def test_interrupted_sweep_resumes_remaining_trials(ray_session, tmp_path):
     import optuna
 
     storage, marker = str(tmp_path / "ray"), tmp_path / "interrupted"
-    # Interrupt at the 5th fold result: two trials done, the third one fold in.
+    # Interrupt at the 5th fold checkpoint: two trials done, the third one fold in.
     first = run_sweep(base_cfg(tmp_path), space="unet2d", trials=4, concurrency=1, storage_path=storage,
                       sweep_name="resumable", fold_runner=stub_runner, fold_concurrency=1,
                       callbacks=[InterruptAfter(5, str(marker))])
@@ -174,7 +208,7 @@ def test_interrupted_sweep_resumes_remaining_trials(ray_session, tmp_path):
     ran = calls(tmp_path)
     assert len(ran) == 8
     for run_name, n in ran.items():
-        if run_name.startswith(tuple(f"trial_{t}" for t in done_first)) or run_name == f"trial_{cut}_fold0":
+        if any(f"_{t}_fold" in run_name for t in done_first) or run_name.endswith(f"_{cut}_fold0"):
             # Completed trials and the interrupted trial's checkpointed fold never train again.
             assert n == 1, run_name
     # The restored Optuna searcher continued its sequence (a re-seeded one would repeat the
@@ -199,7 +233,7 @@ def test_asha_stops_or_completes_every_trial(ray_session, tmp_path):
     res = run_sweep(base_cfg(tmp_path, folds=3), space="unet2d", trials=4, concurrency=1, scheduler="asha",
                     storage_path=str(tmp_path / "ray"), sweep_name="asha", fold_runner=stub_runner, fold_concurrency=1)
     statuses = {r["status"] for r in res.table}
-    assert statuses <= {"COMPLETE", "STOPPED"} and "COMPLETE" in statuses
+    assert statuses == {"COMPLETE", "STOPPED"}  # seeded and sequential: deterministic
     for r in res.table:
         done = [r[f"fold{j}_dice"] for j in range(3) if r[f"fold{j}_dice"] is not None]
         assert len(done) == r["done_folds"] and r["cv_dice"] == pytest.approx(sum(done) / len(done))
