@@ -72,7 +72,7 @@ def test_demo_config_matches_shipped_yaml():
 
 
 def test_demo_runs(tmp_path, capsys):
-    assert main(["demo", "--workdir", str(tmp_path / "demo"), "--subjects", "3"]) == 0
+    assert main(["demo", "--workdir", str(tmp_path / "demo"), "--subjects", "3", "--no-sweep"]) == 0
     out = capsys.readouterr().out
     assert "prepared 24 cases (3 subjects" in out and "demo finished" in out
     assert (tmp_path / "demo" / "shards" / "manifest.json").exists()

@@ -256,6 +256,8 @@ def cmd_tune(args: argparse.Namespace) -> int:
     print_table([{k: (f"{v:.4f}" if isinstance(v, float) else v) for k, v in row.items()} for row in res.table])
     print(f"best cross-validated Dice {res.best_cv_dice:.4f} (per fold {', '.join(f'{d:.3f}' for d in res.per_fold)})")
     print(f"best config: {res.path}/best_config.yaml")
+    if not res.complete:
+        print(f"the sweep was interrupted: continue it with --resume --name {res.name}")
     print(f"look at the runs: mlflow ui --backend-store-uri {resolve_tracking_uri(cfg)}")
     return 0
 
@@ -276,7 +278,8 @@ def cmd_demo(args: argparse.Namespace) -> int:
     """The end-to-end demo on synthetic data (extended by later layers)."""
     from robustseg.demo import run_demo
 
-    return run_demo(workdir=args.workdir, subjects=args.subjects, progress=_progress)
+    return run_demo(workdir=args.workdir, subjects=args.subjects, progress=_progress, trials=args.trials,
+                    sweep=not args.no_sweep)
 
 
 # ------------------------------------------------------------------------------ parser
@@ -387,6 +390,8 @@ def build_parser() -> argparse.ArgumentParser:
     de = sub.add_parser("demo", help="end-to-end demo on synthetic data")
     de.add_argument("--workdir", default="robustseg_work/demo", help="where the demo writes (default robustseg_work/demo)")
     de.add_argument("--subjects", type=int, default=8, help="synthetic subjects (default 8)")
+    de.add_argument("--trials", type=int, default=4, help="Optuna trials of the demo sweep (default 4)")
+    de.add_argument("--no-sweep", action="store_true", help="only prepare the data (no Ray)")
     de.set_defaults(fn=cmd_demo)
     return p
 

@@ -67,6 +67,10 @@ def check_point(name: str, point: Dict[str, Any]) -> ExperimentConfig:
     assert all(isinstance(k, str) and "/" in k for k in point), point
     cfg = ExperimentConfig.from_dict(apply_sample(base_config().to_dict(), point))
     meta = SEARCH_SPACES.meta(name)
+    if "backbones" in meta:  # multi-backbone spaces (demo): the chosen one builds at the demo size
+        assert cfg.model.name in meta["backbones"]
+        model = build_model(cfg.model, (64, 64), (1.5, 1.5))
+        assert sum(p.numel() for p in model.parameters()) > 0
     if "backbone" in meta:
         assert cfg.model.name == meta["backbone"]
         from_dict(BACKBONES.meta(cfg.model.name)["params"], cfg.model.params, "model.params")
@@ -88,7 +92,8 @@ def test_every_backbone_and_regime_has_a_space():
     assert set(REGIMES.names()) <= set(SEARCH_SPACES.names())
     for name in SEARCH_SPACES.names():
         meta = SEARCH_SPACES.meta(name)
-        assert ("backbone" in meta) != ("regime" in meta), f"space {name} must declare backbone= or regime="
+        kinds = [k for k in ("backbone", "backbones", "regime") if k in meta]
+        assert len(kinds) == 1, f"space {name} must declare one of backbone=, backbones= or regime="
     assert set(BUILD_AT) == set(BACKBONES.names()), "a new backbone needs a BUILD_AT entry"
 
 
