@@ -80,10 +80,26 @@ class RayReporter:
         history: History restored from the checkpoint (empty for a fresh start).
     """
 
-    def __init__(self, rank: int, out_dir: Path, history: Sequence[Dict[str, Any]] = ()) -> None:
+    def __init__(self, rank: int, out_dir: Path, history: Sequence[Dict[str, Any]] = (),
+                 tags: Optional[Dict[str, str]] = None) -> None:
         self.rank, self.out_dir = rank, out_dir
         self.history = [dict(h) for h in history]
         self.resumed_from = float(self.history[-1]["epoch"]) if self.history else 0.0
+        self.tags = dict(tags or {}, rank=str(rank))
+        self._gauge = None
+
+    def _export_throughput(self, slices_per_s: float) -> None:
+        """Prometheus gauge ``ray_robustseg_train_slices_per_second`` (the Grafana dashboards'
+        throughput panels); metrics export problems never stop training."""
+        try:
+            if self._gauge is None:
+                from ray.util.metrics import Gauge
+
+                self._gauge = Gauge("robustseg_train_slices_per_second", "Training slices per second per rank",
+                                    tag_keys=tuple(self.tags))
+            self._gauge.set(slices_per_s, tags=self.tags)
+        except Exception:  # noqa: BLE001 - telemetry is best effort
+            pass
 
     def __call__(self, epoch: int, metrics: Dict[str, Any], last_path: Path) -> None:
         import ray.train
@@ -92,6 +108,8 @@ class RayReporter:
         self.history.append(dict(metrics))
         out = {k: float(v) for k, v in metrics.items() if isinstance(v, (int, float))}
         out.update(best_of(self.history), epoch=float(epoch), resumed_from=self.resumed_from)
+        if "slices_per_s" in out:
+            self._export_throughput(out["slices_per_s"])
         ckpt = Checkpoint.from_directory(str(self.out_dir)) if self.rank == 0 else None
         ray.train.report(out, checkpoint=ckpt)
 
@@ -213,7 +231,9 @@ def train_loop_per_worker(config: Dict[str, Any]) -> Dict[str, Any]:
         return RayDataBatches(shard, layout, cfg.optim.batch_size, device, patch_size=patch, generator=generator,
                               local_shuffle_buffer_size=shuffle, seed=cfg.optim.seed + rank)
 
-    reporter = RayReporter(rank, out_dir, history)
+    reporter = RayReporter(rank, out_dir, history, tags={
+        "experiment": cfg.name, "backbone": cfg.model.name, "regime": cfg.regime.name,
+        "fold": str(cfg.data.val_fold), "trial": str((config.get("mlflow") or {}).get("run_name", ""))})
     tracker = _tracker(cfg, config.get("mlflow")) if rank == 0 else None
     callbacks: List[Callable[..., None]] = list(config.get("callbacks") or []) + [reporter]
     if tracker is not None:
@@ -221,7 +241,7 @@ def train_loop_per_worker(config: Dict[str, Any]) -> Dict[str, Any]:
     try:
         result = train_from_config(
             cfg, out_dir=out_dir, device=device, resume=True, callbacks=callbacks, train_batches=batches,
-            model_wrapper=_ddp if world > 1 else None, write_checkpoints=rank == 0)
+            model_wrapper=_ddp if world > 1 else None, write_checkpoints=rank == 0, rank=rank)
         if tracker is not None:
             tracker.finish(result, out_dir)
     # Only Ctrl-C ends the MLflow run here. Other errors leave it RUNNING on purpose: Ray may

@@ -36,7 +36,7 @@ def demo_config(workdir: str, subjects: int = 8) -> ExperimentConfig:
 def sweep_config(cfg: ExperimentConfig) -> ExperimentConfig:
     """The demo's training settings: tiny models and short runs that a 2-core CPU finishes."""
     return cfg.with_overrides([
-        "optim.epochs=3", "optim.iters_per_epoch=8", "optim.batch_size=8",
+        "optim.epochs=4", "optim.iters_per_epoch=15", "optim.batch_size=8",
         "inference.val_max_cases=6", "inference.batch_size=32", "inference.tta=false",
         "scaling.num_workers=1", "scaling.cpus_per_worker=1", "scaling.max_failures=1",
     ])

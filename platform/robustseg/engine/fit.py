@@ -50,6 +50,22 @@ def amp_dtype(cfg: ExperimentConfig, device: torch.device) -> Optional[torch.dty
     return torch.bfloat16
 
 
+def _agree(stop: bool, device: torch.device) -> bool:
+    """Rank 0's early-stopping decision, shared with every DDP rank.
+
+    Ranks validate separately; if their scores ever differed (GPU nondeterminism), one rank
+    stopping while the others wait in the next all-reduce would hang the job.
+    """
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()):
+        return stop
+    on = device if dist.get_backend() == "nccl" else torch.device("cpu")
+    flag = torch.tensor([1 if stop else 0], device=on)
+    dist.broadcast(flag, src=0)
+    return bool(flag.item())
+
+
 def default_device() -> torch.device:
     """CUDA when available, else CPU."""
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -61,7 +77,7 @@ def fit(cfg: ExperimentConfig, train_batches: Iterator[Dict[str, torch.Tensor]],
         extra_state: Optional[Dict[str, Any]] = None, resume: bool = True,
         callbacks: Sequence[Callback] = (), progress: Optional[Callable[..., Any]] = None,
         model_wrapper: Optional[Callable[[torch.nn.Module], torch.nn.Module]] = None,
-        write_checkpoints: bool = True) -> FitResult:
+        write_checkpoints: bool = True, rank: int = 0) -> FitResult:
     """Train ``cfg.model`` with ``cfg.regime`` and keep the best checkpoint on validation Dice.
 
     Args:
@@ -81,6 +97,9 @@ def fit(cfg: ExperimentConfig, train_batches: Iterator[Dict[str, torch.Tensor]],
         model_wrapper: Wraps the model after it is on the device and weights are restored
             (Ray Train passes ``ray.train.torch.prepare_model`` for DDP).
         write_checkpoints: False on non-zero DDP ranks: only rank 0 writes files.
+        rank: DDP rank. Ranks > 0 reseed the augmentation generator (deterministically from
+            the seed, rank and start epoch) so ranks do not draw identical augmentations; the
+            stored RNG state is rank 0's.
 
     Returns:
         A `FitResult`.
@@ -124,6 +143,8 @@ def fit(cfg: ExperimentConfig, train_batches: Iterator[Dict[str, torch.Tensor]],
         best_score, best_epoch = ckpt["best"]["score"], ckpt["best"]["epoch"]
         bad_epochs = int(ckpt["best"].get("bad_epochs", 0))
 
+    if rank > 0:
+        generator.manual_seed(cfg.optim.seed * 1_000_003 + 7_919 * start_epoch + rank)
     stopped = False
     for epoch in range(start_epoch, cfg.optim.epochs):
         model.train()
@@ -169,7 +190,7 @@ def fit(cfg: ExperimentConfig, train_batches: Iterator[Dict[str, torch.Tensor]],
             (out_dir / "history.json").write_text(json.dumps(history, indent=1))
         for cb in callbacks:
             cb(epoch + 1, metrics, last_path)
-        if cfg.optim.patience is not None and bad_epochs >= cfg.optim.patience:
+        if _agree(cfg.optim.patience is not None and bad_epochs >= cfg.optim.patience, device):
             stopped = True
             break
     return FitResult(best_score=best_score, best_epoch=best_epoch, epochs_run=len(history), stopped_early=stopped,

@@ -70,7 +70,7 @@ def train_from_config(cfg: ExperimentConfig, *, out_dir: Optional[Path] = None, 
                       progress: Optional[Callable[..., Any]] = None,
                       train_batches: Optional[Callable[[torch.Generator, Sequence[int]], Any]] = None,
                       model_wrapper: Optional[Callable[[torch.nn.Module], torch.nn.Module]] = None,
-                      write_checkpoints: bool = True) -> FitResult:
+                      write_checkpoints: bool = True, rank: int = 0) -> FitResult:
     """Train one model on one fold as configured.
 
     Args:
@@ -84,6 +84,7 @@ def train_from_config(cfg: ExperimentConfig, *, out_dir: Optional[Path] = None, 
             device (Ray Data streaming); default: the in-memory `SliceBatcher`/`VolumeBatcher`.
         model_wrapper: See `fit` (DDP under Ray Train).
         write_checkpoints: See `fit` (False on non-zero ranks).
+        rank: DDP rank (see `fit`).
     """
     device = device or default_device()
     manifest = ensure_prepared(cfg, progress)
@@ -114,7 +115,7 @@ def train_from_config(cfg: ExperimentConfig, *, out_dir: Optional[Path] = None, 
     return fit(cfg, batches, val_cases, out_dir=out, patch_size=patch, generator=generator,
                class_names={int(k): v for k, v in manifest.class_names.items()}, spacing=spacing, device=device,
                extra_state=extra, resume=resume, callbacks=callbacks, progress=progress,
-               model_wrapper=model_wrapper, write_checkpoints=write_checkpoints)
+               model_wrapper=model_wrapper, write_checkpoints=write_checkpoints, rank=rank)
 
 
 def _median_spacing(data: SliceSet, dims: int) -> Optional[Sequence[float]]:
