@@ -239,7 +239,10 @@ def init_ray(num_cpus: Optional[int] = None) -> None:
     if os.environ.get("RAY_ADDRESS"):
         ray.init()
     else:
-        ray.init(num_cpus=num_cpus or max(4, os.cpu_count() or 1), include_dashboard=False, log_to_driver=False)
+        # address="local": a fresh local cluster even if a stale /tmp/ray/ray_current_cluster
+        # (left by an earlier `ray start`) names a dead head.
+        ray.init(address="local", num_cpus=num_cpus or max(4, os.cpu_count() or 1), include_dashboard=False,
+                 log_to_driver=False)
 
 
 def cmd_tune(args: argparse.Namespace) -> int:

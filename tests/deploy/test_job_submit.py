@@ -67,6 +67,11 @@ def head(tmp_path_factory):
             proc.wait(timeout=60)
         except subprocess.TimeoutExpired:
             os.killpg(proc.pid, signal.SIGKILL)
+        # `ray start` records its address for later `ray.init()` calls; remove it if it is ours,
+        # so nothing tries to join the head that is gone.
+        current = Path("/tmp/ray/ray_current_cluster")
+        if current.exists() and current.read_text().strip().endswith(f":{gcs}"):
+            current.unlink()
 
 
 def test_submitted_sweep_succeeds_and_is_tracked(head):

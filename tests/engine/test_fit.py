@@ -47,6 +47,12 @@ def test_fit_writes_checkpoints_and_history(trained):
     assert ck["epoch"] == 2 and ck["backbone"] == "unet2d" and ck["plan"]["name"] == "cmr"
     assert ck["config"]["model"]["params"]["filters_base"] == 4
     assert (root / "run" / "history.json").exists()
+    import csv
+
+    rows = list(csv.DictReader(open(root / "run" / "val_cases.csv")))
+    assert len(rows) == 2 and {"case_id", "dice_LV", "dice_MYO", "dice_RV", "phase"} <= set(rows[0])
+    overlays = sorted((root / "run" / "overlays").glob("*.png"))
+    assert [p.stem for p in overlays] == sorted(r["case_id"] for r in rows)
 
 
 def test_resume_is_exact(tmp_path, trained):

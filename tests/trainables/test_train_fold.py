@@ -38,7 +38,7 @@ def ray_session():
            "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.5"}
     saved = {k: os.environ.get(k) for k in env}
     os.environ.update(env)
-    ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False)
+    ray.init(address="local", num_cpus=4, include_dashboard=False, log_to_driver=False)
     try:
         yield ray
     finally:

@@ -22,7 +22,7 @@ from robustseg.engine.checkpoint import (CheckpointError, load_checkpoint, load_
                                          rng_state, save_checkpoint, unwrap)
 from robustseg.engine.losses import DiceCELoss
 from robustseg.engine.optim import build_optimizer, build_scheduler
-from robustseg.engine.validate import validate
+from robustseg.engine.validate import validate, write_validation_artifacts
 from robustseg.models import build_model, size_multiple, spatial_dims
 from robustseg.regimes import StepContext
 from robustseg.registry import REGIMES
@@ -193,6 +193,13 @@ def fit(cfg: ExperimentConfig, train_batches: Iterator[Dict[str, torch.Tensor]],
         if _agree(cfg.optim.patience is not None and bad_epochs >= cfg.optim.patience, device):
             stopped = True
             break
+    if write_checkpoints and val_cases:
+        # Per-case Dice and overlays of the final model: the run's MLflow artifacts.
+        collected: List[Dict[str, Any]] = []
+        validate(run_model, val_cases, spatial_dims=dims, num_classes=cfg.model.num_classes, class_names=class_names,
+                 patch_size=patch_size, cfg=cfg.inference, divisible_by=divisible, amp=amp is not None,
+                 collect=collected)
+        write_validation_artifacts(collected, val_cases, out_dir)
     return FitResult(best_score=best_score, best_epoch=best_epoch, epochs_run=len(history), stopped_early=stopped,
                      history=history, last_checkpoint=last_path if last_path.exists() else None,
                      best_checkpoint=best_path if best_path.exists() else None)

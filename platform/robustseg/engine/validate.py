@@ -1,6 +1,7 @@
 """Whole-volume validation during training (not patches): sliding window, argmax, Dice."""
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any, Dict, List, Mapping, Optional, Sequence
 
 import numpy as np
@@ -11,9 +12,26 @@ from robustseg.engine.inference import predict_volume
 from robustseg.engine.metrics import dice_per_class
 
 
+def write_validation_artifacts(collected: Sequence[Mapping[str, Any]], cases: Sequence[Mapping[str, Any]],
+                               out_dir: Path, n_overlays: int = 4) -> None:
+    """``val_cases.csv`` (per-case Dice) and ``overlays/<case>.png`` for the first cases.
+
+    These are what the MLflow tracker uploads as the run's per-case metrics and overlays.
+    """
+    from robustseg.engine.metrics import to_csv
+    from robustseg.engine.report import plot_overlay
+
+    to_csv([c["row"] for c in collected], out_dir / "val_cases.csv")
+    (out_dir / "overlays").mkdir(exist_ok=True)
+    for item, case in list(zip(collected, cases))[:n_overlays]:
+        plot_overlay(case["image"].float().cpu().numpy(), item["pred"], case["label"].cpu().numpy(),
+                     out_dir / "overlays" / f"{case['case_id']}.png", title=str(case["case_id"]))
+
+
 def validate(model: torch.nn.Module, cases: Sequence[Mapping[str, Any]], *, spatial_dims: int, num_classes: int,
-             class_names: Mapping[int, str], patch_size: Sequence[int], cfg: InferenceConfig, divisible_by: Sequence[int] | int = 1,
-             amp: bool = False, tta: bool = False) -> Dict[str, float]:
+             class_names: Mapping[int, str], patch_size: Sequence[int], cfg: InferenceConfig,
+             divisible_by: Sequence[int] | int = 1, amp: bool = False, tta: bool = False,
+             collect: Optional[List[Dict[str, Any]]] = None) -> Dict[str, float]:
     """Mean per-structure Dice over validation volumes (in preprocessed space).
 
     Args:
@@ -27,6 +45,8 @@ def validate(model: torch.nn.Module, cases: Sequence[Mapping[str, Any]], *, spat
         divisible_by: The backbone's size multiple.
         amp: bf16 autocast on CUDA.
         tta: Mirror TTA (off during training for speed; on for final evaluation).
+        collect: When given, one dict per case is appended: ``row`` (case id, motion level,
+            dataset, phase, Dice per structure) and ``pred`` (uint8 labels, Z x H x W).
 
     Returns:
         ``val_dice`` (mean over foreground structures and cases) and ``val_dice_<name>``.
@@ -41,8 +61,13 @@ def validate(model: torch.nn.Module, cases: Sequence[Mapping[str, Any]], *, spat
                                    batch_size=cfg.batch_size, divisible_by=divisible_by, amp=amp)
             pred = probs.argmax(0).to(torch.uint8).cpu().numpy()
             gt = case["label"].cpu().numpy()
-            for c, d in dice_per_class(pred, gt, list(per_class)).items():
+            dices = dice_per_class(pred, gt, list(per_class))
+            for c, d in dices.items():
                 per_class[c].append(d)
+            if collect is not None:
+                row = {k: case.get(k) for k in ("case_id", "motion_level", "dataset", "phase")}
+                row.update({f"dice_{class_names.get(c, str(c))}": d for c, d in dices.items()})
+                collect.append({"row": row, "pred": pred})
     finally:
         model.train(was_training)
     out: Dict[str, float] = {}
