@@ -193,7 +193,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
     from robustseg.engine.predict import predict_files
 
     rows = predict_files(args.model, args.input, args.output, device=_device(args.device),
-                         tta=False if args.no_tta else None, progress=_progress)
+                         tta=False if args.no_tta else None, progress=_progress, full_fov=args.full_fov)
     print_table([{k: (Path(v).name if k in ("input", "output") else v) for k, v in r.items()} for r in rows])
     print(f"{len(rows)} masks written to {args.output}")
     empty = [r["input"] for r in rows if r["empty"]]
@@ -349,6 +349,9 @@ def build_parser() -> argparse.ArgumentParser:
     pd.add_argument("--output", required=True, metavar="DIR")
     pd.add_argument("--device", choices=("cpu", "cuda"))
     pd.add_argument("--no-tta", action="store_true", help="skip mirror test-time augmentation")
+    pd.add_argument("--full-fov", action="store_true",
+                    help="segment the whole field of view with a sliding window instead of the training crop "
+                         "(for models trained on crops that covered the field of view)")
     pd.set_defaults(fn=cmd_predict)
 
     tu = sub.add_parser(

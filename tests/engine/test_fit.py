@@ -108,6 +108,11 @@ def test_predict_writes_mask_in_input_geometry(tmp_path, trained):
     assert np.allclose(img.GetSpacing(), case.spacing) and np.allclose(img.GetOrigin(), case.origin)
     assert set(np.unique(sitk.GetArrayFromImage(img))) <= {0, 1, 2, 3}
     assert rows[0]["output"].endswith("x_seg.nii.gz")
+    pred = load_predictor(res.best_checkpoint, torch.device("cpu"))
+    big = make_cardiac_dataset(1, seed=9, size=(160, 150))[0]  # larger than the 64x64 training crop
+    for full in (False, True):
+        lbl = predict_case(pred, big, tta=False, full_fov=full)
+        assert lbl.shape == big.image.shape and lbl.dtype == np.uint8
 
 
 def test_predict_bad_inputs(tmp_path, trained):

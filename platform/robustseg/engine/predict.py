@@ -5,6 +5,7 @@ other file. Masks are written in the input's geometry (spacing, origin, directio
 """
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
@@ -108,19 +109,52 @@ def check_modality(case: Case, plan: Plan) -> None:
                         "this model expects CT")
 
 
+def inference_plan(plan: Plan, case: Case) -> Plan:
+    """The plan without its crop: pad only, so the whole field of view is segmented.
+
+    Right for models whose training crops covered the field of view (the ACDC reference at
+    256 x 256): the training-size window slides over the whole resampled image, as in
+    nnU-Net. A model trained on small heart-centred crops has never seen the periphery and
+    must be used with the crop instead (the default), centred by ``centre_yx``.
+    """
+    params = dataclasses.asdict(plan.params)
+    if "crop_size" not in params:
+        return plan
+    _, h, w = case.image.shape
+    target = params.get("target_spacing")
+    scale_y = scale_x = 1.0
+    if target and case.spacing_known:
+        scale_x, scale_y = case.spacing[0] / target[0], case.spacing[1] / target[1]
+    need = (int(np.ceil(h * scale_y)) + 2, int(np.ceil(w * scale_x)) + 2)
+    params["crop_size"] = [max(int(c), n) for c, n in zip(params["crop_size"], need)]
+    return plan_from_dict({"name": plan.name, "version": plan.version, "params": params})
+
+
 def predict_case(pred: Predictor, case: Case, *, tta: Optional[bool] = None, post: Optional[bool] = None,
-                 centre_yx: Optional[Sequence[float]] = None) -> np.ndarray:
-    """Label map of ``case`` on its original grid (uint8, canonical labels)."""
+                 centre_yx: Optional[Sequence[float]] = None, full_fov: bool = False) -> np.ndarray:
+    """Label map of ``case`` on its original grid (uint8, canonical labels).
+
+    Args:
+        pred: The restored model and plan.
+        case: Input case (original geometry).
+        tta: Mirror TTA (default: the model's inference config).
+        post: Post-processing (default: the model's inference config).
+        centre_yx: Crop centre in original voxels (e.g. a first-stage prediction's heart
+            centre); default: the image centre, since an input has no label.
+        full_fov: Segment the whole field of view (`inference_plan`) instead of the training
+            crop: only for models trained on crops that covered the field of view.
+    """
     check_modality(case, pred.plan)
     inf = pred.cfg.inference
-    pre, record = pred.plan.preprocess(case, centre_yx=centre_yx)
+    plan = inference_plan(pred.plan, case) if full_fov else pred.plan
+    pre, record = plan.preprocess(case, centre_yx=centre_yx)
     image = torch.from_numpy(pre.image).to(pred.device)
     probs = predict_volume(pred.model, image, spatial_dims=pred.spatial_dims, num_classes=pred.cfg.model.num_classes,
                            patch_size=pred.patch_size, overlap=inf.overlap, gaussian=inf.gaussian,
                            tta=inf.tta if tta is None else tta, batch_size=inf.batch_size,
                            divisible_by=size_multiple(pred.model),
                            amp=pred.device.type == "cuda")
-    back = pred.plan.invert_probabilities(probs.float().cpu().numpy(), record)
+    back = plan.invert_probabilities(probs.float().cpu().numpy(), record)
     label = back.argmax(0).astype(np.uint8)
     if inf.postprocess if post is None else post:
         label = postprocess(label, pred.task)
@@ -154,7 +188,7 @@ def _stem(p: Path) -> str:
 
 def predict_files(checkpoint: Union[str, Path], inputs: Union[str, Path], output_dir: Union[str, Path], *,
                   device: Optional[torch.device] = None, tta: Optional[bool] = None,
-                  progress: Optional[Any] = None) -> List[Dict[str, Any]]:
+                  progress: Optional[Any] = None, full_fov: bool = False) -> List[Dict[str, Any]]:
     """Predict every input and write ``<stem>_seg.nii.gz`` masks in the input geometry.
 
     Returns:
@@ -166,7 +200,7 @@ def predict_files(checkpoint: Union[str, Path], inputs: Union[str, Path], output
     rows = []
     for f in (progress(files, desc="predict", unit="vol") if progress else files):
         case = read_input(f, pred.task)
-        label = predict_case(pred, case, tta=tta)
+        label = predict_case(pred, case, tta=tta, full_fov=full_fov)
         out = out_dir / f"{_stem(f)}_seg.nii.gz"
         write_with_geometry(label, out, case.geometry())
         counts = np.bincount(label.ravel(), minlength=len(pred.class_names) or 2)
