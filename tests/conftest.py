@@ -7,6 +7,7 @@ names the path.
 from __future__ import annotations
 
 import os
+import socket
 from pathlib import Path
 from typing import Callable
 
@@ -35,3 +36,26 @@ def shared_data() -> Callable[[str], Path]:
 @pytest.fixture(autouse=True)
 def _quiet_ray_data(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("RAY_DATA_DISABLE_PROGRESS_BARS", "1")
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that was free a moment ago."""
+    s = socket.socket()
+    s.bind(("127.0.0.1", 0))
+    port = s.getsockname()[1]
+    s.close()
+    return port
+
+
+@pytest.fixture(scope="module")
+def s3_endpoint():
+    """An S3-compatible server (moto) on 127.0.0.1 for one test module: real S3 protocol."""
+    from moto.server import ThreadedMotoServer
+
+    port = free_port()
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
+    server.start()
+    try:
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        server.stop()  # stop only what this fixture started

@@ -1,6 +1,5 @@
 """Ray Data streaming of slice shards: fold rows, label budget, bit-exact decode, S3."""
 import os
-import socket
 
 import numpy as np
 import pyarrow as pa
@@ -135,27 +134,6 @@ def test_batches_are_bit_exact_and_infinite(ray_session, local_store):
     too_big = RayDataBatches(ds, m.layout, n + 1, torch.device("cpu"))
     with pytest.raises(ValueError, match="fewer than batch_size"):
         next(too_big)
-
-
-def _free_port() -> int:
-    s = socket.socket()
-    s.bind(("127.0.0.1", 0))
-    port = s.getsockname()[1]
-    s.close()
-    return port
-
-
-@pytest.fixture(scope="module")
-def s3_endpoint():
-    from moto.server import ThreadedMotoServer
-
-    port = _free_port()
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
-    server.start()
-    try:
-        yield f"http://127.0.0.1:{port}"
-    finally:
-        server.stop()  # stop only what this test started
 
 
 def test_stream_from_s3(ray_session, local_store, s3_endpoint):

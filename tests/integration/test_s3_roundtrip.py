@@ -1,5 +1,4 @@
 """Shards written through the real S3 protocol to a moto server on 127.0.0.1 and read back."""
-import socket
 
 import numpy as np
 import pytest
@@ -11,27 +10,6 @@ from robustseg.data.shards import decode_images, decode_labels
 from robustseg.data.storage import open_store
 
 pytestmark = pytest.mark.slow
-
-
-def _free_port() -> int:
-    s = socket.socket()
-    s.bind(("127.0.0.1", 0))
-    port = s.getsockname()[1]
-    s.close()
-    return port
-
-
-@pytest.fixture(scope="module")
-def s3_endpoint():
-    from moto.server import ThreadedMotoServer
-
-    port = _free_port()
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
-    server.start()
-    try:
-        yield f"http://127.0.0.1:{port}"
-    finally:
-        server.stop()  # stop only what this test started
 
 
 def _cfg(uri: str, endpoint: str = "") -> DataConfig:
