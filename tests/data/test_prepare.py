@@ -151,12 +151,9 @@ def test_no_sources_and_unknown_source(tmp_path):
 
 
 def test_unreachable_store_fails_before_reading(monkeypatch):
-    import socket
+    from conftest import free_port
 
-    s = socket.socket()
-    s.bind(("127.0.0.1", 0))
-    port = s.getsockname()[1]
-    s.close()
+    port = free_port()
     cfg = _cfg("s3://bucket/x")
     cfg.storage = StorageConfig(endpoint_url=f"http://127.0.0.1:{port}", access_key="a", secret_key="b", connect_timeout_s=1)
     monkeypatch.setattr(prepare_mod, "read_cases", lambda *a, **k: pytest.fail("read before the store was checked"))

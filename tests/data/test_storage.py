@@ -1,4 +1,3 @@
-import socket
 import time
 
 import pytest
@@ -6,6 +5,7 @@ import pytest
 from robustseg.config import StorageConfig
 from robustseg.data.storage import open_store, s3_options
 from robustseg.errors import StorageError
+from conftest import free_port
 
 
 def test_local_store_atomic_write_read_list(tmp_path):
@@ -64,18 +64,10 @@ def test_s3_options_precedence(monkeypatch):
     assert o["endpoint_override"] == "h:9" and o["scheme"] == "https" and o["region"] == "r"  # config wins
 
 
-def _closed_port() -> int:
-    s = socket.socket()
-    s.bind(("127.0.0.1", 0))
-    port = s.getsockname()[1]
-    s.close()
-    return port
-
-
 def test_unreachable_s3_fails_fast_naming_uri(monkeypatch):
     for k in ("AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3"):
         monkeypatch.delenv(k, raising=False)
-    port = _closed_port()
+    port = free_port()
     cfg = StorageConfig(endpoint_url=f"http://127.0.0.1:{port}", access_key="k", secret_key="s", connect_timeout_s=1)
     store = open_store("s3://bucket/prefix", cfg)
     t0 = time.monotonic()

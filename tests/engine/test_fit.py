@@ -1,31 +1,16 @@
 """The fit loop on tiny synthetic data: learning, exact resume, early stopping, checkpoint checks."""
-from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
-from robustseg.config import ExperimentConfig
 from robustseg.data.io import write_with_geometry
 from robustseg.data.synthetic import make_cardiac_dataset, make_ct_subject
 from robustseg.engine.checkpoint import CheckpointError, load_checkpoint
 from robustseg.engine.predict import load_predictor, predict_files, read_input, predict_case
 from robustseg.engine.train import train_from_config
 from robustseg.errors import DataError
-
-
-def tiny_cfg(root: Path, **over) -> ExperimentConfig:
-    cfg = ExperimentConfig.from_dict({
-        "name": "tiny",
-        "data": {"sources": [{"name": "synthetic_cmr", "path": "", "options": {"n_subjects": 4, "motion_levels": [0]}}],
-                 "shards_uri": str(root / "shards"), "cmr": {"target_spacing": [1.5, 1.5], "crop_size": [64, 64]},
-                 "folds": 2},
-        "model": {"name": "unet2d", "params": {"filters_base": 4, "filters_max": 16, "max_stages": 3}},
-        "optim": {"epochs": 2, "iters_per_epoch": 3, "batch_size": 4},
-        "inference": {"batch_size": 16, "val_max_cases": 2},
-        "tracking": {"workdir": str(root)},
-    })
-    return cfg.with_overrides([f"{k}={v}" for k, v in over.items()])
+from tiny import tiny_cfg
 
 
 @pytest.fixture(scope="module")

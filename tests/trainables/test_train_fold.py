@@ -6,26 +6,11 @@ from pathlib import Path
 
 import pytest
 
-from robustseg.config import ExperimentConfig
 from robustseg.engine.checkpoint import load_checkpoint
 from robustseg.engine.train import ensure_prepared
+from tiny import tiny_cfg
 
 pytestmark = pytest.mark.slow
-
-
-def tiny_cfg(root: Path, **over) -> ExperimentConfig:
-    cfg = ExperimentConfig.from_dict({
-        "name": "tiny",
-        "data": {"sources": [{"name": "synthetic_cmr", "path": "", "options": {"n_subjects": 4, "motion_levels": [0]}}],
-                 "shards_uri": str(root / "shards"), "cmr": {"target_spacing": [1.5, 1.5], "crop_size": [64, 64]},
-                 "folds": 2},
-        "model": {"name": "unet2d", "params": {"filters_base": 4, "filters_max": 16, "max_stages": 3}},
-        "optim": {"epochs": 2, "iters_per_epoch": 3, "batch_size": 4},
-        "inference": {"batch_size": 16, "val_max_cases": 2, "tta": False},
-        "scaling": {"num_workers": 1, "cpus_per_worker": 1, "max_failures": 0},
-        "tracking": {"workdir": str(root)},
-    })
-    return cfg.with_overrides([f"{k}={v}" for k, v in over.items()])
 
 
 @pytest.fixture(scope="module")

@@ -23,6 +23,7 @@ from robustseg.config import ExperimentConfig
 from trainables.tune_driver import (SpaceInTrialConfig, SweepError, absolute_paths, default_fold_concurrency,
                                     run_sweep, storage_root, trial_name)
 from trainables.tune_trial import fold_config, trial_config
+from tiny import tiny_cfg as shared_tiny_cfg
 
 
 # --------------------------------------------------------------------------- stubs
@@ -243,19 +244,9 @@ def test_asha_stops_or_completes_every_trial(ray_session, tmp_path):
 
 # --------------------------------------------------------------------------- real folds
 def tiny_cfg(root: Path) -> ExperimentConfig:
-    """The engine tests' tiny config (tests/engine/test_fit.py), half a CPU per Train worker so
-    two folds of two trials fit next to their Ray Data streams on num_cpus=4."""
-    return ExperimentConfig.from_dict({
-        "name": "tiny",
-        "data": {"sources": [{"name": "synthetic_cmr", "path": "", "options": {"n_subjects": 4, "motion_levels": [0]}}],
-                 "shards_uri": str(root / "shards"), "cmr": {"target_spacing": [1.5, 1.5], "crop_size": [64, 64]},
-                 "folds": 2},
-        "model": {"name": "unet2d", "params": {"filters_base": 4, "filters_max": 16, "max_stages": 3}},
-        "optim": {"epochs": 2, "iters_per_epoch": 3, "batch_size": 4},
-        "inference": {"batch_size": 16, "val_max_cases": 2, "tta": False},
-        "scaling": {"num_workers": 1, "cpus_per_worker": 0.5, "max_failures": 0},
-        "tracking": {"workdir": str(root)},
-    })
+    """The shared tiny config with half a CPU per Train worker, so two folds of two trials fit
+    next to their Ray Data streams on num_cpus=4."""
+    return shared_tiny_cfg(root, **{"scaling.cpus_per_worker": 0.5})
 
 
 @pytest.mark.slow
