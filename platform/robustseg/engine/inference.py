@@ -122,8 +122,14 @@ def _sliding_window(
     batch_size: int,
     divisible_by: Union[int, Sequence[int]],
     amp: bool,
+    weights: Optional[Sequence[float]] = None,
 ) -> Tensor:
     """Core: ``images (B, *spatial)`` -> probabilities ``(B, C, *spatial)``."""
+    if weights is not None:
+        if len(weights) != len(models) or any(not math.isfinite(w) or w < 0 for w in weights) or sum(weights) <= 0:
+            raise ValueError(f"weights must be {len(models)} non-negative numbers with a positive sum, got {list(weights)}")
+        total = float(sum(weights))
+        weights = [float(w) / total for w in weights]
     for m in models:
         param = next(m.parameters(), None)
         if param is not None and param.device != images.device:
@@ -174,13 +180,15 @@ def _sliding_window(
         crops = torch.stack([x[(b,) + tuple(slice(s, s + p) for s, p in zip(pos, patch))] for b, pos in chunk])[:, None]
         batch = torch.cat([crops.flip(f) if f else crops for f in flips])
         probs = torch.zeros((len(chunk), num_classes) + patch, dtype=torch.float32, device=device)
-        for model in models:
+        for j, model in enumerate(models):
             # One window's mirror copies may outnumber batch_size (3D TTA: 8); split then.
             p_all = torch.cat([_forward_probs(model, part, num_classes, amp) for part in batch.split(batch_size)])
+            if weights is not None:
+                p_all = p_all * weights[j]
             for k, f in enumerate(flips):
                 p = p_all[k * len(chunk) : (k + 1) * len(chunk)]
                 probs += p.flip(f) if f else p
-        probs *= weight / (len(flips) * len(models))
+        probs *= weight / (len(flips) * (1 if weights is not None else len(models)))
         for (b, pos), p in zip(chunk, probs):
             out[(b, slice(None)) + tuple(slice(s, s + q) for s, q in zip(pos, patch))] += p
     out /= norm
@@ -225,6 +233,7 @@ def sliding_window_2d(
     divisible_by: Union[int, Sequence[int]] = 1,
     amp: bool = False,
     tta: bool = False,
+    weights: Optional[Sequence[float]] = None,
 ) -> Tensor:
     """Slice-by-slice 2D sliding-window prediction of a volume.
 
@@ -242,6 +251,7 @@ def sliding_window_2d(
             of this, for networks that downsample; the result is cropped back.
         amp: bf16 autocast on CUDA (ignored on the CPU).
         tta: Mirror each window along x, y and both, averaging the probabilities.
+        weights: Per-model weights of an ensemble (normalised to sum 1); None: plain mean.
 
     Returns:
         float32 probabilities ``(C, Z, Y, X)`` summing to 1 over C.
@@ -249,7 +259,7 @@ def sliding_window_2d(
     img = _check_volume(image_zyx)
     # The copy made outside inference mode is an ordinary tensor callers may update in place.
     return _run(model, _sliding_window, img, num_classes, patch_size, overlap, gaussian, tta,
-                batch_size, divisible_by, amp).permute(1, 0, 2, 3).contiguous()
+                batch_size, divisible_by, amp, weights).permute(1, 0, 2, 3).contiguous()
 
 
 def sliding_window_3d(
@@ -263,6 +273,7 @@ def sliding_window_3d(
     divisible_by: Union[int, Sequence[int]] = 1,
     amp: bool = False,
     tta: bool = False,
+    weights: Optional[Sequence[float]] = None,
 ) -> Tensor:
     """3D sliding-window prediction of a volume with ``(D, H, W)`` windows.
 
@@ -278,6 +289,7 @@ def sliding_window_3d(
         divisible_by: Pad and round windows up to a multiple of this on every axis.
         amp: bf16 autocast on CUDA.
         tta: Mirror each window along all 3 axes (8 combinations).
+        weights: Per-model weights of an ensemble (normalised to sum 1); None: plain mean.
 
     Returns:
         float32 probabilities ``(C, Z, Y, X)``.
@@ -285,7 +297,7 @@ def sliding_window_3d(
     img = _check_volume(image_zyx)
     # clone() outside inference mode: callers may update the result in place.
     return _run(model, _sliding_window, img[None], num_classes, patch_size, overlap, gaussian, tta,
-                batch_size, divisible_by, amp)[0].clone()
+                batch_size, divisible_by, amp, weights)[0].clone()
 
 
 def predict_volume(
@@ -301,6 +313,7 @@ def predict_volume(
     batch_size: int = 32,
     divisible_by: Union[int, Sequence[int]] = 1,
     amp: bool = False,
+    weights: Optional[Sequence[float]] = None,
 ) -> Tensor:
     """Predict class probabilities of one volume with a 2D or 3D model (mirror TTA optional).
 
@@ -316,6 +329,7 @@ def predict_volume(
         batch_size: Most windows (TTA copies included) per forward pass.
         divisible_by: Size multiple the network needs (e.g. 2 ** number of poolings).
         amp: bf16 autocast on CUDA.
+        weights: Per-model weights when ``model`` is a list (normalised); None: plain mean.
 
     Returns:
         float32 probabilities ``(C, Z, Y, X)`` on the image's device.
@@ -327,7 +341,7 @@ def predict_volume(
     else:
         raise ValueError(f"spatial_dims must be 2 or 3, got {spatial_dims}")
     return fn(model, image_zyx, num_classes, patch_size=patch_size, overlap=overlap, gaussian=gaussian,
-              batch_size=batch_size, divisible_by=divisible_by, amp=amp, tta=tta)
+              batch_size=batch_size, divisible_by=divisible_by, amp=amp, tta=tta, weights=weights)
 
 
 def predict_ensemble(models: Sequence[nn.Module], image_zyx: Union[Tensor, np.ndarray], **kwargs) -> Tensor:
