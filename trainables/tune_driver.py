@@ -49,6 +49,8 @@ log = logging.getLogger(__name__)
 TRIAL_CPUS = 0.01
 BEST_CONFIG = "best_config.yaml"
 SWEEP_FILE = "sweep.json"
+#: Per-trial status, score and sampled point (what `trainables.ensemble_build` selects from).
+TRIALS_FILE = "trials.json"
 FoldRunner = Callable[..., Dict[str, Any]]
 
 
@@ -272,7 +274,7 @@ def run_sweep(cfg: ExperimentConfig, *, space: str, trials: int, concurrency: in
             log.warning("sweep %s was started with %s trials; resuming keeps that number", name, meta["trials"])
         trials = int(meta["trials"])
         base = ExperimentConfig.from_dict(meta["base"])
-        tracker = open_sweep_tracking(base, name, space, resume=True) if (mlflow or meta.get("mlflow")) else None
+        tracker = open_sweep_tracking(base, name, space, resume=True, path=path) if (mlflow or meta.get("mlflow")) else None
     else:
         base = cfg
         if fold_runner is None:
@@ -280,7 +282,7 @@ def run_sweep(cfg: ExperimentConfig, *, space: str, trials: int, concurrency: in
             from robustseg.engine.train import ensure_prepared
 
             ensure_prepared(base)
-        tracker = open_sweep_tracking(base, name, space, resume=False) if mlflow else None
+        tracker = open_sweep_tracking(base, name, space, resume=False, path=path) if mlflow else None
         write_text(f"{path}/{SWEEP_FILE}", json.dumps({
             "space": space, "trials": trials, "seed": seed, "scheduler": scheduler, "concurrency": concurrency,
             "mlflow": tracker is not None, "base": base.to_dict()}, indent=1))
@@ -378,6 +380,10 @@ def _summarise(grid: Any, base: ExperimentConfig, *, name: str, path: str, trial
         hint = f" (interrupted: resume with sweep_name={name!r}, resume=True)" if not complete else ""
         raise SweepError(f"sweep {name}: no trial completed all {k} folds{hint}. {errors}")
     best = max(done_rows, key=lambda r: r["cv_dice"])
+    write_text(f"{path}/{TRIALS_FILE}", json.dumps({
+        "best": best["trial"], "folds": k,
+        "trials": [{"trial": r["trial"], "status": r["status"], "cv_dice": r["cv_dice"], "done_folds": r["done_folds"],
+                    "sample": samples[r["trial"]]} for r in table]}, indent=1, default=str))
     best_cfg = ExperimentConfig.from_dict(apply_sample(base.to_dict(), samples[best["trial"]]))
     write_text(f"{path}/{BEST_CONFIG}", best_cfg.to_yaml())
     per_fold = [float(best[f"fold{j}_dice"]) for j in range(k)]
@@ -410,5 +416,5 @@ def _first_line(err: BaseException) -> str:
     return (text[-1] if text else type(err).__name__)[:500]
 
 
-__all__ = ["BEST_CONFIG", "FoldFailedError", "SweepError", "SweepProgress", "SweepResult", "SpaceInTrialConfig", "TRIAL_CPUS", "cv_objective",
+__all__ = ["BEST_CONFIG", "TRIALS_FILE", "SWEEP_FILE", "FoldFailedError", "SweepError", "SweepProgress", "SweepResult", "SpaceInTrialConfig", "TRIAL_CPUS", "cv_objective",
            "run_sweep", "trial_config", "trial_name"]

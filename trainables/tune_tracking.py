@@ -17,6 +17,8 @@ from typing import Any, Dict, Mapping, Optional
 from robustseg.config import ExperimentConfig
 
 log = logging.getLogger(__name__)
+#: Tag of the sweep run holding the sweep folder (storage path or URI).
+SWEEP_PATH = "robustseg.sweep_path"
 
 
 class FoldFailedError(RuntimeError):
@@ -31,15 +33,16 @@ class SweepTracking:
         name: Sweep name (the run name, and the tag `robustseg report` finds it by).
         space: Search space name (tag).
         resume: Re-attach to the sweep run of that name instead of opening a new one.
+        path: The sweep folder (tag ``robustseg.sweep_path``: `robustseg ensemble --sweep RUN_ID` finds it).
     """
 
-    def __init__(self, cfg: ExperimentConfig, name: str, space: str, resume: bool) -> None:
+    def __init__(self, cfg: ExperimentConfig, name: str, space: str, resume: bool, path: str = "") -> None:
         from robustseg import tracking
 
         self._tracking = tracking
         self.uri = tracking.resolve_tracking_uri(cfg)
         self.experiment = cfg.tracking.experiment
-        self.run_id = tracking.sweep_parent(cfg, name, resume=resume, tags={"robustseg.space": space})
+        self.run_id = tracking.sweep_parent(cfg, name, resume=resume, tags={"robustseg.space": space, SWEEP_PATH: path})
         #: What each trial needs to open its run under this sweep (goes into the trial config).
         self.info = {"tracking_uri": self.uri, "experiment": self.experiment, "parent_run_id": self.run_id}
 
@@ -75,10 +78,11 @@ class SweepTracking:
             log.warning("could not end the MLflow sweep run %s", self.run_id, exc_info=True)
 
 
-def open_sweep_tracking(cfg: ExperimentConfig, name: str, space: str, *, resume: bool) -> Optional[SweepTracking]:
+def open_sweep_tracking(cfg: ExperimentConfig, name: str, space: str, *, resume: bool,
+                        path: str = "") -> Optional[SweepTracking]:
     """The sweep's MLflow run, or None (with a warning) when `robustseg.tracking` is unavailable."""
     try:
-        return SweepTracking(cfg, name, space, resume)
+        return SweepTracking(cfg, name, space, resume, path)
     except ImportError as e:
         warnings.warn(f"MLflow tracking requested but unavailable ({e}); the sweep runs untracked")
         return None

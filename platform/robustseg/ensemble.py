@@ -160,6 +160,27 @@ class _Group:
         return _lcm_axes([tuple(size_multiple(p.model)) for p in self.predictors])
 
 
+def _stack(images: Sequence[np.ndarray], patch: Sequence[int], divisible_by: Sequence[int]) -> np.ndarray:
+    """Slices of several volumes as one ``(sum Z, H, W)`` batch, identical to one call per volume.
+
+    The sliding window pads a batch with its minimum; stacked volumes would share one pad
+    value and each volume's answer would depend on its batch mates. Each volume is therefore
+    padded here with its own minimum to the size the window would pad it to (centred, as the
+    window pads), so no further padding happens and each volume sees what it sees alone.
+    """
+    if len(images) == 1:
+        return images[0]
+    size = [max(max(p, s) for s in sizes) for p, sizes in zip(
+        [-(-int(p) // d) * d for p, d in zip(patch, divisible_by)], zip(*[im.shape[1:] for im in images]))]
+    size = [-(-s // d) * d for s, d in zip(size, divisible_by)]
+    out = []
+    for im in images:
+        before = [(P - s) // 2 for P, s in zip(size, im.shape[1:])]
+        pads = [(0, 0)] + [(b, P - s - b) for b, P, s in zip(before, size, im.shape[1:])]
+        out.append(np.pad(im, pads, mode="constant", constant_values=float(im.min())))
+    return np.concatenate(out)
+
+
 def _group(predictors: Sequence[Predictor], specs: Sequence[MemberSpec], full_fov: Optional[bool] = None) -> List[_Group]:
     groups: Dict[str, _Group] = {}
     for pred, spec in zip(predictors, specs):
@@ -289,7 +310,8 @@ class Ensemble:
             stacks = [[i] for i in range(len(preps))]
         out: List[Optional[np.ndarray]] = [None] * len(cases)
         for idx in stacks:
-            image = torch.from_numpy(np.concatenate([preps[i][1] for i in idx])).to(self.device)
+            image = torch.from_numpy(_stack([preps[i][1] for i in idx], p0.patch_size, kwargs["divisible_by"])).to(
+                self.device)
             if vote:
                 probs = torch.zeros((self.num_classes,) + tuple(image.shape), device=self.device)
                 for pred, w in zip(group.predictors, group.weights):
@@ -302,7 +324,8 @@ class Ensemble:
             z0 = 0
             for i in idx:
                 plan, img, record = preps[i]
-                part = probs_np[:, z0 : z0 + img.shape[0]]
+                pad = [(P - s) // 2 for P, s in zip(probs_np.shape[2:], img.shape[1:])]
+                part = probs_np[:, z0 : z0 + img.shape[0], pad[0] : pad[0] + img.shape[1], pad[1] : pad[1] + img.shape[2]]
                 z0 += img.shape[0]
                 out[i] = plan.invert_probabilities(part, record)
         return out  # type: ignore[return-value]

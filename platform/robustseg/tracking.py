@@ -192,6 +192,28 @@ def _git_state() -> Dict[str, str]:
     return {"git_commit": commit, "mlflow.source.git.commit": commit, "git_dirty": str(dirty).lower()}
 
 
+def git_commit() -> str:
+    """The checkout's commit (with ``-dirty`` when tracked files changed), or "" outside a checkout."""
+    state = _git_state()
+    if not state:
+        return ""
+    return state["git_commit"] + ("-dirty" if state.get("git_dirty") == "true" else "")
+
+
+def find_run_id(tracking_uri: str, experiment: str, run_name: str, parent_run_id: Optional[str] = None) -> Optional[str]:
+    """Newest run of ``experiment`` with this name (and parent, when given), any status; None if absent."""
+    client = _client(tracking_uri)
+    exp = client.get_experiment_by_name(experiment)
+    if exp is None:
+        return None
+    filt = f"attributes.run_name = '{run_name}'"
+    if parent_run_id:
+        filt += f" and tags.`{PARENT}` = '{parent_run_id}'"
+    runs = client.search_runs([exp.experiment_id], filter_string=filt, order_by=["attributes.start_time DESC"],
+                              max_results=1)
+    return runs[0].info.run_id if runs else None
+
+
 def _version(pkg: str) -> str:
     try:
         return importlib.metadata.version(pkg)

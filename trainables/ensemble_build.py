@@ -1,0 +1,325 @@
+"""`robustseg ensemble`: sweep -> best config per backbone -> K fold models -> ensemble -> registry.
+
+1. Resolve the sweep (its folder, its name under the storage path, or its MLflow run id) and
+   read ``trials.json`` written by `trainables.tune_driver.run_sweep`.
+2. Per backbone, take the best trial (completed trials first; a trial stopped early by ASHA
+   only when the backbone has no completed one) and its K fold models. Folds the sweep trained
+   are reused as stored; missing ones (stopped trials) are trained now with
+   `trainables.train_fold.run_fold`, under the same run names, so a rerun reuses them too.
+3. Evaluate every fold model and the cross-architecture ensemble out of fold on the same
+   cases (`robustseg.engine.oof`) and log the comparison (table + plot) to an MLflow
+   ``ensemble`` run nested under the sweep run.
+4. Build the `robustseg.ensemble.Ensemble` over all backbones x folds, log it as a pyfunc
+   model in that run and register it (alias ``champion`` by default).
+"""
+from __future__ import annotations
+
+import json
+import math
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple
+
+import torch
+
+from robustseg.config import ExperimentConfig
+from robustseg.ensemble import Ensemble, EnsembleSpec, MemberSpec, label_convention
+from robustseg.errors import RobustsegError
+from search_spaces import apply_sample
+from trainables.tune_driver import SWEEP_FILE, TRIALS_FILE, SweepError, read_json, storage_root
+from trainables.tune_trial import fold_config
+
+BEST_FILE = "best.pt"
+
+
+class EnsembleBuildError(RobustsegError, RuntimeError):
+    """An ensemble that cannot be built (no usable trial for a backbone, a fold that failed)."""
+
+
+@dataclass
+class Choice:
+    """The trial chosen for one backbone."""
+
+    backbone: str
+    trial: str
+    cfg: ExperimentConfig
+    cv_dice: float
+    status: str
+
+
+@dataclass
+class EnsembleBuild:
+    """What `build_ensemble` produced."""
+
+    ensemble: Ensemble
+    folder: Path
+    choices: List[Choice]
+    summary: List[Dict[str, Any]]
+    rows: List[Dict[str, Any]] = field(repr=False)
+    sweep_path: str = ""
+    run_id: Optional[str] = None
+    model_uri: Optional[str] = None
+    version: Optional[str] = None
+
+
+def _exists(path: str) -> bool:
+    import pyarrow.fs as pafs
+
+    fs, p = pafs.FileSystem.from_uri(path) if "://" in path else (pafs.LocalFileSystem(), path)
+    return fs.get_file_info(p).type != pafs.FileType.NotFound
+
+
+def resolve_sweep(sweep: str, *, storage_path: Optional[str] = None, cfg: Optional[ExperimentConfig] = None,
+                  tracking_uri: Optional[str] = None, experiment: str = "") -> str:
+    """The folder of a sweep given as a folder, a name under the storage path, or an MLflow run id/name.
+
+    Raises:
+        SweepError: nothing matches (the message lists what was tried).
+    """
+    tried = [sweep]
+    if _exists(f"{sweep.rstrip('/')}/{SWEEP_FILE}"):
+        return sweep.rstrip("/")
+    root = storage_root(cfg or ExperimentConfig(name="ensemble"), storage_path)
+    cand = f"{root.rstrip('/')}/{sweep}"
+    tried.append(cand)
+    if _exists(f"{cand}/{SWEEP_FILE}"):
+        return cand
+    if tracking_uri:
+        from mlflow import MlflowClient
+        from mlflow.exceptions import MlflowException
+
+        from robustseg.tracking import SWEEP
+        from trainables.tune_tracking import SWEEP_PATH
+
+        client = MlflowClient(tracking_uri)
+        tags: Dict[str, str] = {}
+        try:
+            tags = client.get_run(sweep).data.tags
+        except MlflowException:
+            exp = client.get_experiment_by_name(experiment) if experiment else None
+            if exp is not None:
+                runs = client.search_runs([exp.experiment_id], filter_string=f"tags.`{SWEEP}` = '{sweep}' and "
+                                          "tags.`robustseg.role` = 'sweep'", order_by=["attributes.start_time DESC"])
+                tags = runs[0].data.tags if runs else {}
+        tried.append(f"MLflow run {sweep} at {tracking_uri}")
+        if tags.get(SWEEP_PATH) and _exists(f"{tags[SWEEP_PATH]}/{SWEEP_FILE}"):
+            return tags[SWEEP_PATH]
+    raise SweepError(f"sweep {sweep!r} not found (tried: {'; '.join(tried)})")
+
+
+def choose_trials(path: str, backbones: Optional[Sequence[str]] = None) -> Tuple[ExperimentConfig, List[Choice], int]:
+    """Base config, the best trial per backbone, and the sweep's number of folds.
+
+    Raises:
+        EnsembleBuildError: a requested backbone has no usable trial.
+    """
+    meta = read_json(f"{path}/{SWEEP_FILE}")
+    base = ExperimentConfig.from_dict(meta["base"])
+    trials = read_json(f"{path}/{TRIALS_FILE}")
+    best: Dict[str, Choice] = {}
+    rank = {"COMPLETE": 1, "STOPPED": 0}
+    for t in trials["trials"]:
+        score = t.get("cv_dice")
+        if t["status"] not in rank or not isinstance(score, (int, float)) or not math.isfinite(score):
+            continue
+        cfg = ExperimentConfig.from_dict(apply_sample(base.to_dict(), t["sample"]))
+        b = cfg.model.name
+        c = Choice(b, t["trial"], cfg, float(score), t["status"])
+        old = best.get(b)
+        if old is None or (rank[c.status], c.cv_dice) > (rank[old.status], old.cv_dice):
+            best[b] = c
+    wanted = list(backbones) if backbones else sorted(best)
+    missing = [b for b in wanted if b not in best]
+    if missing or not wanted:
+        raise EnsembleBuildError(f"sweep {path}: no completed or stopped trial for backbone(s) {missing or wanted}; "
+                                 f"available: {sorted(best) or 'none'}")
+    return base, [best[b] for b in wanted], int(trials.get("folds", base.data.folds))
+
+
+def fetch_best(checkpoint_dir: str, dest: Path) -> Path:
+    """Copy ``best.pt`` from a (local or remote) Ray checkpoint folder to ``dest``."""
+    import pyarrow.fs as pafs
+
+    fs, p = pafs.FileSystem.from_uri(checkpoint_dir) if "://" in checkpoint_dir else (pafs.LocalFileSystem(), checkpoint_dir)
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    src = f"{p.rstrip('/')}/{BEST_FILE}"
+    pafs.copy_files(src, str(dest), source_filesystem=fs, destination_filesystem=pafs.LocalFileSystem())
+    return dest
+
+
+def fold_models(path: str, choice: Choice, folds: int, *, mlflow: Optional[Dict[str, Any]] = None
+                ) -> Dict[int, Dict[str, Any]]:
+    """`run_fold` summaries of the chosen trial's folds: stored ones as they are, missing ones trained.
+
+    Raises:
+        EnsembleBuildError: a fold failed or left no checkpoint.
+    """
+    from trainables.train_fold import run_fold, stored_result
+
+    out = {}
+    for k in range(folds):
+        name = f"{choice.trial}_fold{k}"
+        prior = stored_result(f"{path}/folds", name)
+        if prior is None or float((prior.metrics or {}).get("epoch", 0)) < choice.cfg.optim.epochs:
+            from robustseg.cli import init_ray
+
+            init_ray()
+            print(f"  training {choice.backbone} fold {k} ({name}): not finished in the sweep", flush=True)
+        ml = dict(mlflow, run_name=name) if mlflow else None
+        res = run_fold(fold_config(choice.cfg, k), storage_path=f"{path}/folds", run_name=name, mlflow=ml)
+        if res.get("error") or not res.get("checkpoint"):
+            raise EnsembleBuildError(f"{choice.backbone} fold {k} ({name}): {res.get('error') or 'no checkpoint'}")
+        out[k] = res
+    return out
+
+
+def build_ensemble(sweep: str, *, storage_path: Optional[str] = None, backbones: Optional[Sequence[str]] = None,
+                   folds: Optional[int] = None, combine: str = "mean", weights: Optional[Mapping[str, float]] = None,
+                   tta: Optional[bool] = None, centring: str = "two_stage", locators: Optional[Sequence[str]] = None,
+                   register: Optional[str] = "robustseg-cmr", alias: Optional[str] = "champion",
+                   tracking: bool = True, tracking_uri: Optional[str] = None, out_dir: Optional[Path] = None,
+                   device: Optional[torch.device] = None, max_oof_cases: Optional[int] = None,
+                   progress: Optional[Callable[..., Any]] = None) -> EnsembleBuild:
+    """Build, evaluate, log and register the fold-by-architecture ensemble of a sweep.
+
+    Args:
+        sweep: Sweep folder, name under the storage path, or MLflow run id / name.
+        storage_path: Ray storage the sweep used (default ``<workdir>/ray_results``).
+        backbones: Backbones to include (default: every backbone with a usable trial).
+        folds: Use the first N of the sweep's folds (default all; more than the sweep's K is
+            refused: folds are fixed when the data is prepared).
+        combine: "mean" or "vote".
+        weights: Per-backbone weights (default equal).
+        tta: Mirror TTA (default: the chosen configs' ``inference.tta``).
+        centring: "two_stage" or "image" (`robustseg.ensemble`).
+        locators: Backbones used by the first (centring) stage (default all).
+        register: Registered model name (None: log only).
+        alias: Alias for the new version (None: none).
+        tracking: Log to MLflow (False: build and evaluate only; nothing registered).
+        tracking_uri: MLflow URI (default: the sweep's).
+        out_dir: Where the ensemble folder and checkpoints go (default ``<sweep>/ensemble``, local).
+        device: Evaluation/inference device.
+        max_oof_cases: Most out-of-fold cases per fold.
+        progress: tqdm-like factory.
+    """
+    from robustseg.data.manifest import read_manifest
+    from robustseg.data.storage import open_store
+    from robustseg.engine import oof
+    from robustseg.engine.predict import load_predictor
+    from robustseg.tracking import resolve_tracking_uri
+
+    path = resolve_sweep(sweep, storage_path=storage_path, tracking_uri=tracking_uri)
+    base, choices, k_sweep = choose_trials(path, backbones)
+    k = folds or k_sweep
+    if k > k_sweep or k < 1:
+        raise EnsembleBuildError(f"--folds {k}: the sweep has {k_sweep} folds (fixed when the data was prepared)")
+    uri = tracking_uri or resolve_tracking_uri(base)
+    sweep_name = path.rstrip("/").rsplit("/", 1)[-1]
+    sweep_run = trial_runs = None
+    if tracking:
+        from robustseg.tracking import find_run_id
+
+        sweep_run = find_run_id(uri, base.tracking.experiment, sweep_name)
+        trial_runs = {c.trial: find_run_id(uri, base.tracking.experiment, c.trial, sweep_run) for c in choices}
+    out = Path(out_dir) if out_dir else (Path(path) / "ensemble" if "://" not in path else
+                                         Path(tempfile.mkdtemp(prefix="robustseg-ensemble-")))
+    device = device or torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+    members, preds, by_arch = [], [], {}
+    for c in choices:
+        ml = None
+        if tracking and trial_runs.get(c.trial):
+            ml = {"tracking_uri": uri, "experiment": base.tracking.experiment, "parent_run_id": trial_runs[c.trial]}
+        runs = fold_models(path, c, k, mlflow=ml)
+        by_arch[c.backbone] = {}
+        for j, res in runs.items():
+            name = f"{c.backbone}_fold{j}"
+            ckpt = fetch_best(res["checkpoint"], out / "checkpoints" / f"{name}.pt")
+            p = load_predictor(ckpt, device)
+            by_arch[c.backbone][j] = p
+            preds.append(p)
+            run_id = (find_run_id(uri, base.tracking.experiment, f"{c.trial}_fold{j}", trial_runs.get(c.trial))
+                      if tracking else None)
+            members.append(MemberSpec(name=name, backbone=c.backbone, fold=j, weight=float((weights or {}).get(c.backbone, 1.0)),
+                                      run_id=run_id or "", source=f"{res['checkpoint']}/{BEST_FILE}",
+                                      locator=not locators or c.backbone in locators))
+
+    use_tta = bool(choices[0].cfg.inference.tta) if tta is None else bool(tta)
+    store = open_store(base.data.shards_uri, base.data.storage)
+    manifest = read_manifest(store)
+    rows = oof.oof_evaluate(by_arch, store, manifest, tta=use_tta, weights=weights, max_cases=max_oof_cases,
+                            progress=progress)
+    summary = oof.summarise(rows)
+    metrics = {f"oof_dice_{r['model']}": float(r["dice_mean"]) for r in summary}
+    singles = [r for r in summary if r["model"] != oof.ENSEMBLE]
+    metrics["oof_dice_best_single"] = max(float(r["dice_mean"]) for r in singles)
+    first = preds[0]
+    from robustseg.tracking import git_commit, manifest_uri
+
+    spec = EnsembleSpec(name=register or f"ensemble-{sweep_name}", task=first.task, class_names=dict(first.class_names),
+                        members=members, label_convention=label_convention(first.task, first.class_names),
+                        combine=combine, tta=use_tta, postprocess=bool(first.cfg.inference.postprocess),
+                        centring=centring, metrics=metrics,
+                        provenance={"sweep": sweep_name, "sweep_path": path, "data_manifest": manifest_uri(base),
+                                    "git_commit": git_commit(),
+                                    "trials": ",".join(f"{c.backbone}={c.trial}" for c in choices)})
+    ens = Ensemble(spec, preds)
+    folder = ens.save(out / "model")
+    build = EnsembleBuild(ens, folder, choices, summary, rows, sweep_path=path)
+    if tracking:
+        _track(build, base, uri, sweep_run, register, alias)
+    return build
+
+
+def _track(build: EnsembleBuild, base: ExperimentConfig, uri: str, sweep_run: Optional[str],
+           register: Optional[str], alias: Optional[str]) -> None:
+    """The MLflow ``ensemble`` run: params, OOF metrics, comparison table and plot, the model."""
+    from mlflow import MlflowClient
+
+    from robustseg.engine import oof
+    from robustseg.engine.metrics import to_csv
+    from robustseg.model_registry import log_ensemble, register_ensemble
+    from robustseg.tracking import PARENT, ROLE, SWEEP, end_run, ensure_experiment
+
+    client = MlflowClient(uri)
+    spec = build.ensemble.spec
+    tags = {ROLE: "ensemble", SWEEP: spec.provenance.get("sweep", "")}
+    if sweep_run:
+        tags[PARENT] = sweep_run
+    run = client.create_run(ensure_experiment(base, uri), run_name=f"ensemble-{spec.provenance.get('sweep')}", tags=tags)
+    run_id = run.info.run_id
+    try:
+        for key, value in {"backbones": ",".join(c.backbone for c in build.choices), "folds": len(
+                {m.fold for m in spec.members}), "members": len(spec.members), "combine": spec.combine, "tta": spec.tta,
+                "centring": spec.centring, **{f"trial.{c.backbone}": c.trial for c in build.choices}}.items():
+            client.log_param(run_id, key, str(value))
+        for c in build.choices:
+            client.log_metric(run_id, f"cv_dice_{c.backbone}", c.cv_dice)
+        for row in build.summary:
+            for key, value in row.items():
+                if key.startswith(("dice_", "hd95_")) and isinstance(value, float) and math.isfinite(value):
+                    client.log_metric(run_id, f"oof_{key}_{row['model']}", value)
+        for key, value in spec.metrics.items():
+            client.log_metric(run_id, key, value)
+        with tempfile.TemporaryDirectory() as tmp:
+            t = Path(tmp)
+            to_csv(build.rows, t / "oof_cases.csv")
+            to_csv(build.summary, t / "oof_comparison.csv")
+            oof.plot_comparison(build.summary, spec.class_names, t / "oof_comparison.png")
+            (t / "ensemble_spec.json").write_text(json.dumps(spec.to_dict(), indent=1))
+            for f in t.iterdir():
+                client.log_artifact(run_id, str(f), "ensemble")
+        build.model_uri = log_ensemble(build.ensemble, tracking_uri=uri, run_id=run_id)
+        if register:
+            build.version = register_ensemble(build.model_uri, tracking_uri=uri, name=register, alias=alias,
+                                              spec=spec.to_dict(), tags={"run_id": run_id})
+        end_run(uri, run_id, "FINISHED")
+    except BaseException as e:
+        end_run(uri, run_id, "FAILED", error=e)
+        raise
+    build.run_id = run_id
+
+
+__all__ = ["Choice", "EnsembleBuild", "EnsembleBuildError", "build_ensemble", "choose_trials", "fetch_best",
+           "fold_models", "resolve_sweep"]
