@@ -42,7 +42,7 @@ class Choice:
     """The trial chosen for one backbone."""
 
     backbone: str
-    trial: str
+    trial: str  # Tune trial name (trial_<n>_<id>): prefix of its fold runs and its MLflow run name
     cfg: ExperimentConfig
     cv_dice: float
     status: str
@@ -125,7 +125,7 @@ def choose_trials(path: str, backbones: Optional[Sequence[str]] = None) -> Tuple
             continue
         cfg = ExperimentConfig.from_dict(apply_sample(base.to_dict(), t["sample"]))
         b = cfg.model.name
-        c = Choice(b, t["trial"], cfg, float(score), t["status"])
+        c = Choice(b, t.get("name") or t["trial"], cfg, float(score), t["status"])
         old = best.get(b)
         if old is None or (rank[c.status], c.cv_dice) > (rank[old.status], old.cv_dice):
             best[b] = c

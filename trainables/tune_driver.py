@@ -344,7 +344,7 @@ def _new_tuner(trainable: Any, base: ExperimentConfig, *, space: str, trials: in
 def _summarise(grid: Any, base: ExperimentConfig, *, name: str, path: str, trials: int, tracker: Any) -> SweepResult:
     """Results table, best trial, best config YAML, and MLflow end states."""
     k = base.data.folds
-    rows, samples = [], {}
+    rows, samples, names = [], {}, {}
     for res in grid:
         m = dict(res.metrics or {})
         trial_id = m.get("trial_id") or str(res.path).rstrip("/").rsplit("/", 1)[-1]
@@ -362,6 +362,7 @@ def _summarise(grid: Any, base: ExperimentConfig, *, name: str, path: str, trial
             status = "INTERRUPTED"
         sample = flatten_sample((res.config or {}).get(SAMPLE_KEY) or {})
         samples[trial_id] = sample
+        names[trial_id] = str(res.path).rstrip("/").rsplit("/", 1)[-1]  # trial_<n>_<id>: its fold runs' prefix
         row: Dict[str, Any] = {"trial": trial_id, "status": status, "cv_dice": m.get(METRIC)}
         row.update(fold_columns(m, k))
         row["done_folds"] = done
@@ -382,7 +383,7 @@ def _summarise(grid: Any, base: ExperimentConfig, *, name: str, path: str, trial
     best = max(done_rows, key=lambda r: r["cv_dice"])
     write_text(f"{path}/{TRIALS_FILE}", json.dumps({
         "best": best["trial"], "folds": k,
-        "trials": [{"trial": r["trial"], "status": r["status"], "cv_dice": r["cv_dice"], "done_folds": r["done_folds"],
+        "trials": [{"trial": r["trial"], "name": names[r["trial"]], "status": r["status"], "cv_dice": r["cv_dice"], "done_folds": r["done_folds"],
                     "sample": samples[r["trial"]]} for r in table]}, indent=1, default=str))
     best_cfg = ExperimentConfig.from_dict(apply_sample(base.to_dict(), samples[best["trial"]]))
     write_text(f"{path}/{BEST_CONFIG}", best_cfg.to_yaml())

@@ -1,8 +1,10 @@
 """The `robustseg` command.
 
 Subcommands: ``prepare`` (sources -> shards + manifest), ``inspect`` (what a store holds),
-``sources`` (registered formats), ``config`` (show / explain / validate), ``demo`` (the
-end-to-end run on synthetic data). Errors the user can fix print one line naming the file
+``sources`` (registered formats), ``config`` (show / explain / validate), ``train``,
+``predict`` (checkpoint, ensemble or endpoint), ``evaluate``, ``tune`` (Optuna on Ray Tune),
+``report``, ``ensemble`` and ``registry`` (`robustseg.ensemble_cli`), ``serve``
+(`robustseg.serve_cli`), ``demo`` (the end-to-end run on synthetic data). Errors the user can fix print one line naming the file
 or URI and exit with status 2; no traceback.
 """
 from __future__ import annotations
@@ -191,9 +193,21 @@ def cmd_train(args: argparse.Namespace) -> int:
 def cmd_predict(args: argparse.Namespace) -> int:
     """Run `robustseg predict` (masks in the input geometry)."""
     from robustseg.engine.predict import predict_files
+    from robustseg.ensemble_cli import is_ensemble_uri, predict_with_ensemble
 
-    rows = predict_files(args.model, args.input, args.output, device=_device(args.device),
-                         tta=False if args.no_tta else None, progress=_progress, full_fov=args.full_fov)
+    if args.endpoint:
+        from robustseg.serve_cli import predict_endpoint
+
+        return predict_endpoint(args.endpoint, args.input, args.output)
+    if not args.model:
+        raise ConfigError("predict needs --model (checkpoint, ensemble folder or models:/ URI) or --endpoint URL")
+    tta = False if args.no_tta else None
+    if is_ensemble_uri(args.model):
+        rows = predict_with_ensemble(args.model, args.input, args.output, tracking_uri=args.tracking_uri,
+                                     device=_device(args.device), tta=tta, progress=_progress)
+    else:
+        rows = predict_files(args.model, args.input, args.output, device=_device(args.device), tta=tta,
+                             progress=_progress, full_fov=args.full_fov)
     print_table([{k: (Path(v).name if k in ("input", "output") else v) for k, v in r.items()} for r in rows])
     print(f"{len(rows)} masks written to {args.output}")
     empty = [r["input"] for r in rows if r["empty"]]
@@ -342,9 +356,12 @@ def build_parser() -> argparse.ArgumentParser:
     tr.add_argument("overrides", nargs="*", metavar="key.path=value")
     tr.set_defaults(fn=cmd_train)
 
-    pd = sub.add_parser("predict", help="segment NIfTI/h5 volumes with a checkpoint",
+    pd = sub.add_parser("predict", help="segment NIfTI/h5 volumes with a checkpoint, an ensemble or an endpoint",
                         description="Masks are written as <stem>_seg.nii.gz in each input's geometry.")
-    pd.add_argument("--model", required=True, metavar="CHECKPOINT", help="best.pt / last.pt from `robustseg train`")
+    pd.add_argument("--model", metavar="CHECKPOINT|URI",
+                    help="best.pt from `robustseg train`, an ensemble folder, or models:/robustseg-cmr@champion")
+    pd.add_argument("--endpoint", metavar="URL", help="send the volumes to a `robustseg serve` endpoint instead")
+    pd.add_argument("--tracking-uri", help="MLflow tracking URI for models:/ URIs")
     pd.add_argument("--input", required=True, metavar="PATH", help="a volume file or a folder of them")
     pd.add_argument("--output", required=True, metavar="DIR")
     pd.add_argument("--device", choices=("cpu", "cuda"))
@@ -353,6 +370,12 @@ def build_parser() -> argparse.ArgumentParser:
                     help="segment the whole field of view with a sliding window instead of the training crop "
                          "(for models trained on crops that covered the field of view)")
     pd.set_defaults(fn=cmd_predict)
+
+    from robustseg.ensemble_cli import add_parsers
+    from robustseg.serve_cli import add_serve_parser
+
+    add_parsers(sub)
+    add_serve_parser(sub)
 
     tu = sub.add_parser(
         "tune", help="Optuna sweep over hyperparameters, objective = K-fold cross-validated Dice (Ray Tune)",

@@ -90,11 +90,11 @@ def read_input(path: Union[str, Path], task: str) -> Case:
                 image = np.asarray(fh["image"], dtype=np.float32)
         except (OSError, KeyError) as e:
             raise DataError(p, f"unreadable h5 input ({e})") from None
-        case = Case(case_id=_stem(p), subject_id=_stem(p), image=image, spacing_known=False, modality=modality,
+        case = Case(case_id=volume_stem(p), subject_id=volume_stem(p), image=image, spacing_known=False, modality=modality,
                     task=task, source_path=str(p))
     else:
         vol = read_image(p)
-        case = Case(case_id=_stem(p), subject_id=_stem(p), image=vol.array, spacing=vol.spacing, origin=vol.origin,
+        case = Case(case_id=volume_stem(p), subject_id=volume_stem(p), image=vol.array, spacing=vol.spacing, origin=vol.origin,
                     direction=vol.direction, modality=modality, task=task, source_path=str(p))
     return validate_case(case)
 
@@ -178,7 +178,8 @@ def list_inputs(path: Union[str, Path]) -> List[Path]:
     return files
 
 
-def _stem(p: Path) -> str:
+def volume_stem(p: Path) -> str:
+    """File name without its volume suffix (``case.nii.gz`` -> ``case``)."""
     name = p.name
     for suf in VOLUME_SUFFIXES:
         if name.lower().endswith(suf):
@@ -201,7 +202,7 @@ def predict_files(checkpoint: Union[str, Path], inputs: Union[str, Path], output
     for f in (progress(files, desc="predict", unit="vol") if progress else files):
         case = read_input(f, pred.task)
         label = predict_case(pred, case, tta=tta, full_fov=full_fov)
-        out = out_dir / f"{_stem(f)}_seg.nii.gz"
+        out = out_dir / f"{volume_stem(f)}_seg.nii.gz"
         write_with_geometry(label, out, case.geometry())
         counts = np.bincount(label.ravel(), minlength=len(pred.class_names) or 2)
         rows.append({"input": str(f), "output": str(out), "empty": bool(counts[1:].sum() == 0),

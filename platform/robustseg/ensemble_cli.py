@@ -1,0 +1,179 @@
+"""`robustseg ensemble` and `robustseg registry`, and prediction with an ensemble URI.
+
+Kept apart from `robustseg.cli` so that module stays a readable list of commands; `cli`
+calls `add_parsers` and `predict_with_ensemble`.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+from typing import Any, Dict, List, Optional
+
+from robustseg.config import ExperimentConfig
+from robustseg.errors import ConfigError
+
+
+def _base_config(path: Optional[str]) -> ExperimentConfig:
+    return ExperimentConfig.from_yaml(path) if path else ExperimentConfig(name="robustseg")
+
+
+def _tracking_uri(args: argparse.Namespace) -> str:
+    from robustseg.tracking import resolve_tracking_uri
+
+    return args.tracking_uri or resolve_tracking_uri(_base_config(getattr(args, "config", None)))
+
+
+def _weights(text: Optional[str]) -> Optional[Dict[str, float]]:
+    if not text:
+        return None
+    out = {}
+    for part in text.split(","):
+        name, _, value = part.partition("=")
+        try:
+            out[name.strip()] = float(value)
+        except ValueError:
+            raise ConfigError(f"--weights: expected backbone=number pairs, got {part!r}") from None
+    return out
+
+
+def is_ensemble_uri(model: str) -> bool:
+    """Whether ``--model`` names an ensemble (folder with spec.json, or an MLflow model URI)."""
+    from robustseg.ensemble import SPEC_FILE
+
+    return model.startswith(("models:/", "runs:/")) or (Path(model) / SPEC_FILE).is_file()
+
+
+def predict_with_ensemble(model: str, inputs: str, output: str, *, tracking_uri: Optional[str] = None,
+                          device: Any = None, tta: Optional[bool] = None, progress: Any = None) -> List[Dict[str, Any]]:
+    """Segment every input with an ensemble; masks as ``<stem>_seg.nii.gz`` in each input's geometry.
+
+    Returns:
+        One row per input: input, output, ``empty``, voxels per structure.
+    """
+    import numpy as np
+
+    from robustseg.data.io import write_with_geometry
+    from robustseg.engine.predict import list_inputs, read_input, volume_stem
+    from robustseg.model_registry import load_ensemble
+
+    ens, _ = load_ensemble(model, tracking_uri, device)
+    if tta is not None:
+        ens.spec.tta = tta
+    files = list_inputs(inputs)
+    rows = []
+    for f in (progress(files, desc="predict", unit="vol") if progress else files):
+        case = read_input(f, ens.spec.task)
+        label = ens.predict_cases([case])[0]
+        out = Path(output) / f"{volume_stem(f)}_seg.nii.gz"
+        write_with_geometry(label, out, case.geometry())
+        counts = np.bincount(label.ravel(), minlength=len(ens.spec.class_names))
+        rows.append({"input": str(f), "output": str(out), "empty": bool(counts[1:].sum() == 0),
+                     **{ens.spec.class_names.get(i, str(i)): int(c) for i, c in enumerate(counts) if i > 0}})
+    return rows
+
+
+def cmd_ensemble(args: argparse.Namespace) -> int:
+    """Run `robustseg ensemble`."""
+    from robustseg.cli import _device, _progress, print_table
+    from trainables.ensemble_build import build_ensemble
+
+    cfg = _base_config(args.config)
+    backbones = [b.strip() for b in args.backbones.split(",")] if args.backbones else None
+    locators = [b.strip() for b in args.locators.split(",")] if args.locators else None
+    build = build_ensemble(
+        args.sweep, storage_path=args.storage_path or str(Path(cfg.tracking.workdir) / "ray_results"),
+        backbones=backbones, folds=args.folds, combine=args.combine, weights=_weights(args.weights),
+        tta=args.tta, centring=args.centring, locators=locators,
+        register=None if args.no_register else args.name, alias=args.alias, tracking=not args.no_tracking,
+        tracking_uri=_tracking_uri(args), device=_device(args.device), max_oof_cases=args.max_oof_cases,
+        progress=_progress)
+    print_ensemble_summary(build)
+    return 0
+
+
+def print_ensemble_summary(build: Any) -> None:
+    """Chosen trials, the out-of-fold comparison, and where the model went."""
+    from robustseg.cli import print_table
+
+    print("members: " + ", ".join(f"{c.backbone} ({c.trial}, cv Dice {c.cv_dice:.3f}, {c.status.lower()})"
+                                  for c in build.choices) + f" x {len({m.fold for m in build.ensemble.spec.members})} folds")
+    keys = ["model", "n"] + [k for k in build.summary[0] if k.startswith("dice_")] + ["hd95_mean"]
+    print_table([{k: (f"{r[k]:.3f}" if isinstance(r.get(k), float) else r.get(k, "")) for k in keys}
+                 for r in build.summary])
+    m = build.ensemble.spec.metrics
+    print(f"out-of-fold Dice: ensemble {m['oof_dice_ensemble']:.3f} vs best single {m['oof_dice_best_single']:.3f}")
+    print(f"ensemble folder: {build.folder}")
+    if build.model_uri:
+        print(f"MLflow run {build.run_id}; model {build.model_uri}")
+    if build.version:
+        print(f"registered {build.ensemble.spec.name} version {build.version} "
+              f"(see: robustseg registry list --name {build.ensemble.spec.name})")
+
+
+def cmd_registry(args: argparse.Namespace) -> int:
+    """Run `robustseg registry list|promote|rollback`."""
+    from robustseg import model_registry as reg
+    from robustseg.cli import print_table
+
+    uri = _tracking_uri(args)
+    if args.action == "list":
+        rows = reg.list_versions(args.name, uri)
+        print_table(rows)
+        return 0
+    if args.action == "promote":
+        if not args.version:
+            raise ConfigError("registry promote needs --version N")
+        before = reg.promote(args.name, args.version, alias=args.alias, tracking_uri=uri)
+        print(f"{args.name}@{args.alias} -> version {args.version} (was {before or 'unset'})")
+        return 0
+    target = reg.rollback(args.name, alias=args.alias, tracking_uri=uri)
+    print(f"{args.name}@{args.alias} rolled back to version {target}")
+    return 0
+
+
+def add_parsers(sub: Any) -> None:
+    """Add the ``ensemble`` and ``registry`` subcommands."""
+    from robustseg.model_registry import DEFAULT_ALIAS, DEFAULT_NAME
+
+    en = sub.add_parser(
+        "ensemble", help="build, evaluate (out of fold), log and register the fold-by-architecture ensemble of a sweep",
+        description="Takes the best configuration per backbone from a sweep, reuses (or trains) its K fold models, "
+                    "compares every architecture with the ensemble on the same out-of-fold cases, logs the comparison "
+                    "and the ensemble (MLflow pyfunc) and registers it with an alias.",
+        epilog="example:\n  robustseg ensemble --sweep demo --config configs/demo_synthetic.yaml\n"
+               "  robustseg ensemble --sweep <mlflow sweep run id> --backbones unet2d,swin_unetr --folds 5",
+        formatter_class=argparse.RawDescriptionHelpFormatter)
+    en.add_argument("--sweep", required=True, help="sweep name, sweep folder, or its MLflow run id")
+    en.add_argument("--config", metavar="YAML", help="the sweep's experiment config (workdir, tracking)")
+    en.add_argument("--storage-path", help="Ray storage of the sweep (default <workdir>/ray_results)")
+    en.add_argument("--backbones", help="comma-separated backbones (default: all in the sweep)")
+    en.add_argument("--folds", type=int, help="use the first N folds (default: all of the sweep's)")
+    en.add_argument("--combine", choices=("mean", "vote"), default="mean", help="softmax mean or majority vote")
+    en.add_argument("--weights", help="per-backbone weights, e.g. unet2d=2,swin_unetr=1")
+    en.add_argument("--tta", action=argparse.BooleanOptionalAction, default=None, help="mirror TTA (default: config)")
+    en.add_argument("--centring", choices=("two_stage", "image"), default="two_stage",
+                    help="crop centre: first-stage prediction (default) or image centre")
+    en.add_argument("--locators", help="backbones used for the first-stage centring (default: all)")
+    en.add_argument("--name", default=DEFAULT_NAME, help=f"registered model name (default {DEFAULT_NAME})")
+    en.add_argument("--alias", default=DEFAULT_ALIAS, help=f"alias for the new version (default {DEFAULT_ALIAS})")
+    en.add_argument("--no-register", action="store_true", help="log the model but do not register it")
+    en.add_argument("--no-tracking", action="store_true", help="build and evaluate only (no MLflow)")
+    en.add_argument("--tracking-uri", help="MLflow tracking URI (default: the config's)")
+    en.add_argument("--max-oof-cases", type=int, help="most out-of-fold cases per fold")
+    en.add_argument("--device", choices=("cpu", "cuda"))
+    en.set_defaults(fn=cmd_ensemble)
+
+    rg = sub.add_parser("registry", help="list registered ensemble versions, promote one to an alias, roll back",
+                        epilog="examples:\n  robustseg registry list\n  robustseg registry promote --version 3\n"
+                               "  robustseg registry rollback", formatter_class=argparse.RawDescriptionHelpFormatter)
+    rg.add_argument("action", choices=("list", "promote", "rollback"))
+    rg.add_argument("--name", default=DEFAULT_NAME)
+    rg.add_argument("--version", help="version to promote")
+    rg.add_argument("--alias", default=DEFAULT_ALIAS)
+    rg.add_argument("--config", metavar="YAML", help="experiment config naming the tracking server")
+    rg.add_argument("--tracking-uri", help="MLflow tracking URI")
+    rg.set_defaults(fn=cmd_registry)
+
+
+__all__ = ["add_parsers", "cmd_ensemble", "cmd_registry", "is_ensemble_uri", "predict_with_ensemble"]
