@@ -216,3 +216,84 @@ def test_model_on_another_device_is_a_clear_error() -> None:
     model = tiny2d().to("meta")
     with pytest.raises(ValueError, match="model is on meta"):
         sliding_window_2d(model, torch.randn(2, 8, 8), C)
+
+
+class Bf16Logits(nn.Module):
+    """Returns bf16 logits, as a model under CUDA autocast does."""
+
+    def __init__(self, inner: nn.Module) -> None:
+        super().__init__()
+        self.inner = inner
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.inner(x).to(torch.bfloat16)
+
+
+def test_weighted_ensemble_is_the_normalised_weighted_mean(img) -> None:
+    members = [tiny2d(1), tiny2d(2), tiny2d(3)]
+    kw = dict(spatial_dims=2, num_classes=C, patch_size=(16, 16), overlap=0.5, gaussian=True, tta=True, batch_size=12)
+    singles = [predict_volume(m, img, **kw) for m in members]
+    ens = predict_ensemble(members, img, weights=[1.0, 3.0, 0.5], **kw)
+    ref = (1.0 * singles[0] + 3.0 * singles[1] + 0.5 * singles[2]) / 4.5
+    assert torch.allclose(ens, ref, atol=1e-5)
+    assert torch.allclose(ens.sum(0), torch.ones(4, 24, 20), atol=1e-5)
+
+
+def test_zero_weight_member_is_not_run(img) -> None:
+    skipped, used = CountCalls(tiny2d(1)), tiny2d(2)
+    kw = dict(spatial_dims=2, num_classes=C, patch_size=None, tta=True, batch_size=8)
+    ens = predict_volume([skipped, used], img, weights=[0.0, 2.0], **kw)
+    assert skipped.calls == 0
+    assert torch.allclose(ens, predict_volume(used, img, **kw), atol=1e-6)
+    with pytest.raises(ValueError, match="weights"):
+        predict_volume([skipped, used], img, weights=[0.0, 0.0], **kw)
+
+
+@pytest.mark.parametrize("tta", [True, False])
+def test_any_batch_size_gives_the_same_result(img, tta) -> None:
+    # Chunks that start and end mid-position (several images, several window positions)
+    # must be cut and pasted back exactly like one window at a time.
+    models = [tiny2d(1), tiny2d(2)]
+    kw = dict(spatial_dims=2, num_classes=C, patch_size=(16, 12), overlap=0.5, gaussian=True, tta=tta)
+    ref = predict_volume(models, img, batch_size=1, **kw)
+    for bs in (3, 5, 7, 13, 64, 1000):
+        assert torch.allclose(predict_volume(models, img, batch_size=bs, **kw), ref, atol=1e-6), bs
+
+
+def test_whole_slice_windows_match_the_by_hand_ensemble(img) -> None:
+    # The single-window path skips the Gaussian weight and its normaliser (they cancel).
+    m1, m2 = tiny2d(4), tiny2d(5)
+    flips = [(), (-1,), (-2,), (-2, -1)]
+    ref = sum(whole_image(m, img.flip(d) if d else img).flip(d) if d else whole_image(m, img)
+              for m in (m1, m2) for d in flips) / 8
+    for gaussian in (True, False):
+        probs = predict_volume([m1, m2], img, spatial_dims=2, num_classes=C, patch_size=None, gaussian=gaussian,
+                               tta=True, batch_size=5)
+        assert torch.allclose(probs, ref, atol=1e-5)
+
+
+def test_amp_is_ignored_on_cpu(img) -> None:
+    model = tiny2d()
+    a = sliding_window_2d(model, img, C, patch_size=(16, 16), tta=True, amp=True)
+    b = sliding_window_2d(model, img, C, patch_size=(16, 16), tta=True, amp=False)
+    assert torch.equal(a, b)
+
+
+def test_bf16_logits_give_float32_probabilities(img) -> None:
+    inner = tiny2d()
+    probs = sliding_window_2d(Bf16Logits(inner), img, C, patch_size=None, tta=True)
+    assert probs.dtype == torch.float32
+    assert torch.allclose(probs.sum(0), torch.ones(4, 24, 20), atol=1e-5)
+    assert torch.allclose(probs, sliding_window_2d(inner, img, C, patch_size=None, tta=True), atol=2e-2)
+
+
+def test_3d_ensemble_tta_with_small_batches_matches_the_mean_of_members() -> None:
+    # 8 mirror copies per window with batch_size 3: each window's copies span several passes.
+    torch.manual_seed(0)
+    members = [nn.Sequential(nn.Conv3d(1, 4, 3, padding=1), nn.ReLU(), nn.Conv3d(4, C, 1)) for _ in range(2)]
+    vol = torch.randn(6, 10, 9)
+    kw = dict(spatial_dims=3, num_classes=C, patch_size=(4, 8, 8), overlap=0.5, tta=True, batch_size=3)
+    ens = predict_ensemble(members, vol, **kw)
+    ref = (predict_volume(members[0], vol, **kw) + predict_volume(members[1], vol, **kw)) / 2
+    assert torch.allclose(ens, ref, atol=1e-5)
+    assert torch.allclose(ens, predict_ensemble(members, vol, **{**kw, "batch_size": 16}), atol=1e-6)

@@ -10,7 +10,10 @@ Mirror TTA is applied per window, as nnU-Net v2 does: each window is flipped, pr
 flipped back and the softmax probabilities averaged, before the Gaussian-weighted window
 aggregation. That is equivalent to flipping the whole volume when the window grid is mirror
 symmetric and needs one output accumulator instead of one per flip. Ensembles average the
-probabilities of every member on the same batch of windows.
+probabilities of every member on the same batch of windows: all members stay resident on the
+device, their (weighted) probabilities are summed before un-flipping, and a member with
+weight 0 is not run. With one window per image (whole slices) the Gaussian weight and its
+normaliser cancel and are skipped.
 
 Everything runs on the device of the input tensor under ``torch.inference_mode()``; bf16
 autocast is used only on CUDA and only when asked (``amp=True``). The returned probabilities
@@ -108,7 +111,25 @@ def _forward_probs(model: nn.Module, x: Tensor, num_classes: int, amp: bool) -> 
             f"model output shape {tuple(out.shape)} does not match input {tuple(x.shape)} "
             f"with {num_classes} classes (is the patch divisible by what the model needs?)"
         )
-    return torch.softmax(out.float(), dim=1)
+    # dtype= computes a bf16 output's softmax in float32 directly, without an extra upcast copy.
+    return torch.softmax(out, dim=1, dtype=torch.float32)
+
+
+def _window_runs(start: int, stop: int, n_images: int) -> List[Tuple[int, int, int]]:
+    """Split window indices ``[start, stop)`` into ``(position, first image, end image)`` runs.
+
+    Windows are numbered position-major (``index = position * n_images + image``), so a chunk
+    of consecutive windows is a few runs of consecutive images at one position each; a run is
+    cut or pasted with one slicing op instead of one per window.
+    """
+    runs = []
+    i = start
+    while i < stop:
+        pos, b0 = divmod(i, n_images)
+        b1 = min(n_images, b0 + stop - i)
+        runs.append((pos, b0, b1))
+        i += b1 - b0
+    return runs
 
 
 def _sliding_window(
@@ -163,35 +184,72 @@ def _sliding_window(
         x = F.pad(x, pad_pairs, mode="constant", value=float(x.min()))
 
     device = x.device
-    weight = gaussian_importance(patch, device=device) if gaussian else torch.ones(patch, device=device)
+    n_img = x.shape[0]
     starts = [window_starts(P, p, overlap) for P, p in zip(padded, patch)]
-    positions = list(itertools.product(*starts))
-    windows = [(b, pos) for pos in positions for b in range(x.shape[0])]
+    boxes = [tuple(slice(s, s + p) for s, p in zip(pos, patch)) for pos in itertools.product(*starts)]
     flips = _flip_combos(nd, tta)
-    per_pass = max(1, batch_size // len(flips))
+    n_flip = len(flips)
+    per_pass = max(1, batch_size // n_flip)
+    n_windows = len(boxes) * n_img
+    # One window per image (the whole-slice case): its Gaussian weight and the normaliser
+    # cancel, so both are skipped and each image's result is written once, not accumulated.
+    single = len(boxes) == 1
+    if single:
+        weight = None
+    else:
+        weight = gaussian_importance(patch, device=device) if gaussian else torch.ones(patch, device=device)
+        norm = torch.zeros(padded, dtype=torch.float32, device=device)
+        for box in boxes:
+            norm[box] += weight
+    if weights is None:
+        member_w = [1.0] * len(models)
+        scale = 1.0 / (n_flip * len(models))
+    else:
+        member_w = list(weights)  # already normalised to sum 1
+        scale = 1.0 / n_flip
+    scaled_weight = None if weight is None else weight * scale
 
-    out = torch.zeros((x.shape[0], num_classes) + padded, dtype=torch.float32, device=device)
-    norm = torch.zeros(padded, dtype=torch.float32, device=device)
-    for pos in positions:
-        norm[tuple(slice(s, s + p) for s, p in zip(pos, patch))] += weight
+    out = (torch.empty if single else torch.zeros)((n_img, num_classes) + padded, dtype=torch.float32, device=device)
+    # Reused across chunks: the sum over members of every window copy's probabilities.
+    acc_all = torch.empty((per_pass * n_flip, num_classes) + patch, dtype=torch.float32, device=device)
 
-    for i in range(0, len(windows), per_pass):
-        chunk = windows[i : i + per_pass]
-        crops = torch.stack([x[(b,) + tuple(slice(s, s + p) for s, p in zip(pos, patch))] for b, pos in chunk])[:, None]
-        batch = torch.cat([crops.flip(f) if f else crops for f in flips])
-        probs = torch.zeros((len(chunk), num_classes) + patch, dtype=torch.float32, device=device)
-        for j, model in enumerate(models):
+    for i in range(0, n_windows, per_pass):
+        runs = _window_runs(i, min(i + per_pass, n_windows), n_img)
+        n = sum(b1 - b0 for _, b0, b1 in runs)
+        crops = torch.cat([x[(slice(b0, b1),) + boxes[pos]] for pos, b0, b1 in runs])[:, None]
+        batch = torch.cat([crops.flip(f) if f else crops for f in flips]) if n_flip > 1 else crops
+        acc = acc_all[: n * n_flip]
+        first = True
+        for model, w in zip(models, member_w):
+            if w == 0.0:
+                continue  # contributes nothing: skip its forward passes
             # One window's mirror copies may outnumber batch_size (3D TTA: 8); split then.
-            p_all = torch.cat([_forward_probs(model, part, num_classes, amp) for part in batch.split(batch_size)])
-            if weights is not None:
-                p_all = p_all * weights[j]
-            for k, f in enumerate(flips):
-                p = p_all[k * len(chunk) : (k + 1) * len(chunk)]
-                probs += p.flip(f) if f else p
-        probs *= weight / (len(flips) * (1 if weights is not None else len(models)))
-        for (b, pos), p in zip(chunk, probs):
-            out[(b, slice(None)) + tuple(slice(s, s + q) for s, q in zip(pos, patch))] += p
-    out /= norm
+            for k in range(0, batch.shape[0], batch_size):
+                p = _forward_probs(model, batch[k : k + batch_size], num_classes, amp)
+                dst = acc[k : k + p.shape[0]]
+                if first and w == 1.0:
+                    dst.copy_(p)
+                elif first:
+                    torch.mul(p, w, out=dst)
+                else:
+                    dst.add_(p, alpha=w)
+            first = False
+        # Members are summed before un-flipping, so each chunk un-flips once per mirror copy
+        # instead of once per member and copy.
+        probs = acc[:n]  # flips[0] is the identity
+        for k in range(1, n_flip):
+            probs += acc[k * n : (k + 1) * n].flip(flips[k])
+        probs *= scale if scaled_weight is None else scaled_weight
+        j = 0
+        for pos, b0, b1 in runs:
+            dst = out[(slice(b0, b1), slice(None)) + boxes[pos]]
+            if single:
+                dst.copy_(probs[j : j + b1 - b0])
+            else:
+                dst += probs[j : j + b1 - b0]
+            j += b1 - b0
+    if not single:
+        out /= norm
     crop = tuple(slice(b, b + s) for b, s in zip(pad_before, spatial))
     return out[(slice(None), slice(None)) + crop]
 
