@@ -15,6 +15,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import math
 import tempfile
 from dataclasses import dataclass, field
@@ -157,6 +158,8 @@ def fold_models(path: str, choice: Choice, folds: int, *, mlflow: Optional[Dict[
     """
     from trainables.train_fold import run_fold, stored_result
 
+    # Reading a finished run back logs a paragraph per fold about resuming: not news here.
+    logging.getLogger("ray.train.v2._internal.execution.checkpoint.checkpoint_manager").setLevel(logging.WARNING)
     out = {}
     for k in range(folds):
         name = f"{choice.trial}_fold{k}"
@@ -177,11 +180,15 @@ def fold_models(path: str, choice: Choice, folds: int, *, mlflow: Optional[Dict[
 def build_ensemble(sweep: str, *, storage_path: Optional[str] = None, backbones: Optional[Sequence[str]] = None,
                    folds: Optional[int] = None, combine: str = "mean", weights: Optional[Mapping[str, float]] = None,
                    tta: Optional[bool] = None, centring: str = "two_stage", locators: Optional[Sequence[str]] = None,
+                   select: str = "best",
                    register: Optional[str] = "robustseg-cmr", alias: Optional[str] = "champion",
                    tracking: bool = True, tracking_uri: Optional[str] = None, out_dir: Optional[Path] = None,
                    device: Optional[torch.device] = None, max_oof_cases: Optional[int] = None,
                    progress: Optional[Callable[..., Any]] = None) -> EnsembleBuild:
     """Build, evaluate, log and register the fold-by-architecture ensemble of a sweep.
+
+    Raises:
+        EnsembleBuildError: no usable trial, a failed fold, or a bad ``folds``/``select``.
 
     Args:
         sweep: Sweep folder, name under the storage path, or MLflow run id / name.
@@ -194,6 +201,8 @@ def build_ensemble(sweep: str, *, storage_path: Optional[str] = None, backbones:
         tta: Mirror TTA (default: the chosen configs' ``inference.tta``).
         centring: "two_stage" or "image" (`robustseg.ensemble`).
         locators: Backbones used by the first (centring) stage (default all).
+        select: "best": register the backbone combination (or single backbone's folds) with the
+            best out-of-fold Dice; "all": every chosen backbone, whatever the numbers say.
         register: Registered model name (None: log only).
         alias: Alias for the new version (None: none).
         tracking: Log to MLflow (False: build and evaluate only; nothing registered).
@@ -211,6 +220,8 @@ def build_ensemble(sweep: str, *, storage_path: Optional[str] = None, backbones:
 
     path = resolve_sweep(sweep, storage_path=storage_path, tracking_uri=tracking_uri)
     base, choices, k_sweep = choose_trials(path, backbones)
+    if select not in ("best", "all"):
+        raise EnsembleBuildError(f"select must be 'best' or 'all', got {select!r}")
     k = folds or k_sweep
     if k > k_sweep or k < 1:
         raise EnsembleBuildError(f"--folds {k}: the sweep has {k_sweep} folds (fixed when the data was prepared)")
@@ -251,20 +262,27 @@ def build_ensemble(sweep: str, *, storage_path: Optional[str] = None, backbones:
     rows = oof.oof_evaluate(by_arch, store, manifest, tta=use_tta, weights=weights, max_cases=max_oof_cases,
                             progress=progress)
     summary = oof.summarise(rows)
-    metrics = {f"oof_dice_{r['model']}": float(r["dice_mean"]) for r in summary}
-    singles = [r for r in summary if r["model"] != oof.ENSEMBLE]
-    metrics["oof_dice_best_single"] = max(float(r["dice_mean"]) for r in singles)
+    chosen = oof.select(summary) if select == "best" else summary[-1]  # the last row combines every backbone
+    keep = oof.combination_of(chosen["model"])
+    metrics = {f"oof_dice_{oof.metric_key(r['model'])}": float(r["dice_mean"]) for r in summary}
+    metrics["oof_dice_ensemble"] = float(chosen["dice_mean"])
+    metrics["oof_dice_best_single"] = max(float(r["dice_mean"]) for r in summary if r["model"] in by_arch)
+    if keep != sorted(by_arch):
+        dropped = sorted(set(by_arch) - set(keep))
+        print(f"  selected {chosen['model']} (out-of-fold Dice {chosen['dice_mean']:.3f}); left out {dropped}: "
+              "adding them lowered the out-of-fold Dice", flush=True)
+    members, preds = zip(*[(m, p) for m, p in zip(members, preds) if m.backbone in keep])
     first = preds[0]
     from robustseg.tracking import git_commit, manifest_uri
 
     spec = EnsembleSpec(name=register or f"ensemble-{sweep_name}", task=first.task, class_names=dict(first.class_names),
-                        members=members, label_convention=label_convention(first.task, first.class_names),
+                        members=list(members), label_convention=label_convention(first.task, first.class_names),
                         combine=combine, tta=use_tta, postprocess=bool(first.cfg.inference.postprocess),
                         centring=centring, metrics=metrics,
                         provenance={"sweep": sweep_name, "sweep_path": path, "data_manifest": manifest_uri(base),
-                                    "git_commit": git_commit(),
+                                    "git_commit": git_commit(), "selected": chosen["model"],
                                     "trials": ",".join(f"{c.backbone}={c.trial}" for c in choices)})
-    ens = Ensemble(spec, preds)
+    ens = Ensemble(spec, list(preds))
     folder = ens.save(out / "model")
     build = EnsembleBuild(ens, folder, choices, summary, rows, sweep_path=path)
     if tracking:
@@ -290,7 +308,8 @@ def _track(build: EnsembleBuild, base: ExperimentConfig, uri: str, sweep_run: Op
     run = client.create_run(ensure_experiment(base, uri), run_name=f"ensemble-{spec.provenance.get('sweep')}", tags=tags)
     run_id = run.info.run_id
     try:
-        for key, value in {"backbones": ",".join(c.backbone for c in build.choices), "folds": len(
+        for key, value in {"backbones": ",".join(c.backbone for c in build.choices),
+                           "selected": spec.provenance.get("selected", ""), "folds": len(
                 {m.fold for m in spec.members}), "members": len(spec.members), "combine": spec.combine, "tta": spec.tta,
                 "centring": spec.centring, **{f"trial.{c.backbone}": c.trial for c in build.choices}}.items():
             client.log_param(run_id, key, str(value))
@@ -299,7 +318,7 @@ def _track(build: EnsembleBuild, base: ExperimentConfig, uri: str, sweep_run: Op
         for row in build.summary:
             for key, value in row.items():
                 if key.startswith(("dice_", "hd95_")) and isinstance(value, float) and math.isfinite(value):
-                    client.log_metric(run_id, f"oof_{key}_{row['model']}", value)
+                    client.log_metric(run_id, f"oof_{key}_{oof.metric_key(row['model'])}", value)
         for key, value in spec.metrics.items():
             client.log_metric(run_id, key, value)
         with tempfile.TemporaryDirectory() as tmp:

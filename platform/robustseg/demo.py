@@ -4,8 +4,11 @@ Synthetic cardiac subjects with respiratory motion levels 0-3 -> CMR plan -> Par
 and manifest in the local object store -> a small Optuna sweep over two backbones with
 subject-grouped 2-fold cross-validation on a local Ray (each fold a Ray Train run, streaming
 its shards through Ray Data) -> MLflow runs (sweep > trial > fold) -> a results table, an HTML
-report and the `mlflow ui` command to browse the runs. Later layers extend the same command
-(ensemble, register, serve).
+report -> the fold-by-architecture ensemble of the best trial per backbone, compared out of
+fold with its members, logged as an MLflow pyfunc model and registered as
+``robustseg-cmr@champion`` -> Ray Serve on 127.0.0.1 loading that alias, one synthetic ED/ES
+pair sent over HTTP (volumes, ejection fractions, the mask written back in the input's
+geometry) -> Serve shut down.
 """
 from __future__ import annotations
 
@@ -65,7 +68,7 @@ def run_demo(workdir: str = "robustseg_work/demo", subjects: int = 8,
 
     t0 = time.perf_counter()
     cfg = demo_config(workdir, subjects)
-    steps = 3 if sweep else 2
+    steps = 5 if sweep else 2
     print(f"[1/{steps}] preparing {subjects} synthetic subjects (ED/ES x motion levels 0-3) with the CMR plan")
     summary = prepare(cfg.data, progress=progress) if progress else prepare(cfg.data)
     print_summary(summary)
@@ -81,13 +84,15 @@ def run_demo(workdir: str = "robustseg_work/demo", subjects: int = 8,
     print(f"  fold 0: {images.shape[0]} slices {images.shape[1]}x{images.shape[2]}, "
           f"image mean {images.mean():+.3f} std {images.std():.3f}, label fractions {frac}")
     if sweep:
-        _sweep(cfg, trials)
+        scfg = _sweep(cfg, trials)
+        build = _ensemble(scfg)
+        _serve(scfg, build)
     print(f"demo finished in {time.perf_counter() - t0:.1f} s; shards at {summary.uri}")
     print(f"  inspect them: robustseg inspect {cfg.data.shards_uri} --cases")
     return 0
 
 
-def _sweep(cfg: ExperimentConfig, trials: int) -> None:
+def _sweep(cfg: ExperimentConfig, trials: int) -> ExperimentConfig:
     """Step 3: the Optuna sweep on a local Ray, tracked in MLflow, with an HTML report."""
     from robustseg.cli import init_ray, print_table
     from robustseg.config import absolute_workdir
@@ -96,7 +101,7 @@ def _sweep(cfg: ExperimentConfig, trials: int) -> None:
     from trainables.tune_driver import run_sweep
 
     scfg = sweep_config(cfg)
-    print(f"[3/3] Optuna sweep on local Ray: {trials} trials over 2 backbones (unet2d, unet) x "
+    print(f"[3/5] Optuna sweep on local Ray: {trials} trials over 2 backbones (unet2d, unet) x "
           f"{scfg.data.folds} subject-grouped folds, each fold a Ray Train run fed by Ray Data")
     init_ray()
     res = run_sweep(scfg, space="demo", trials=trials, concurrency=2, sweep_name="demo", mlflow=True)
@@ -109,3 +114,72 @@ def _sweep(cfg: ExperimentConfig, trials: int) -> None:
           f"config {res.path}/best_config.yaml")
     print(f"  HTML report: {report}")
     print(f"  browse the runs: mlflow ui --backend-store-uri {uri}")
+    return scfg
+
+
+def _ensemble(scfg: ExperimentConfig) -> Any:
+    """Step 4: best trial per backbone x folds -> out-of-fold comparison -> MLflow registry."""
+    from robustseg.ensemble_cli import print_ensemble_summary
+    from trainables.ensemble_build import build_ensemble
+
+    print("[4/5] ensemble: best trial per backbone x 2 folds, two-stage centring, compared out of fold with its "
+          "members, logged as an MLflow pyfunc model and registered as robustseg-cmr@champion")
+    build = build_ensemble("demo", storage_path=str(Path(scfg.tracking.workdir).resolve() / "ray_results"),
+                           max_oof_cases=8, device=__import__("torch").device("cpu"))
+    print_ensemble_summary(build)
+    return build
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _serve(scfg: ExperimentConfig, build: Any) -> None:
+    """Step 5: Ray Serve with models:/robustseg-cmr@champion; one ED/ES pair over real HTTP."""
+    import httpx
+
+    from deploy.serve_app import start_local, stop
+    from robustseg.data.io import write_with_geometry
+    from robustseg.data.synthetic import make_cardiac_dataset
+    from robustseg.serving import settings_from
+    from robustseg.tracking import resolve_tracking_uri
+
+    model = f"models:/{build.ensemble.spec.name}@champion"
+    print(f"[5/5] Ray Serve on 127.0.0.1 with {model}; one synthetic ED/ES pair over HTTP")
+    work = Path(scfg.tracking.workdir)
+    ed, es = make_cardiac_dataset(1, seed=2026)[:2]  # a subject the models never saw
+    files = {}
+    for case in (ed, es):
+        files[case.phase] = work / "serve_demo" / f"{case.case_id}.nii.gz"
+        write_with_geometry(case.image, files[case.phase], case.geometry())
+    url = start_local(settings_from({"model_uri": model, "tracking_uri": resolve_tracking_uri(scfg),
+                                     "device": "cpu"}), port=_free_port())
+    try:
+        print(f"  {url}/v1/model: " + ", ".join(f"{k}={v}" for k, v in httpx.get(f"{url}/v1/model", timeout=60).json()
+                                               .items() if k in ("name", "version", "alias")))
+        with open(files["ED"], "rb") as a, open(files["ES"], "rb") as b:
+            r = httpx.post(f"{url}/v1/cardiac-function", files={"ed": (files["ED"].name, a), "es": (files["ES"].name, b)},
+                           timeout=300)
+        r.raise_for_status()
+        fn = r.json()
+        f = fn.get("function", fn)
+
+        def num(key: str) -> str:
+            v = f.get(key)
+            return "n/a" if v is None else f"{v:.1f}"
+
+        print(f"  cardiac function: LV EDV {num('lv_edv')} mL, ESV {num('lv_esv')} mL, EF {num('lv_ef')} %; "
+              f"RV EF {num('rv_ef')} %; myocardial mass {num('myo_mass_ed')} g; flags {f.get('flags') or 'none'}")
+        r = httpx.post(f"{url}/v1/segment", content=files["ED"].read_bytes(), timeout=300,
+                       headers={"Content-Type": "application/octet-stream"})
+        r.raise_for_status()
+        mask = work / "serve_demo" / f"{ed.case_id}_seg.nii.gz"
+        mask.write_bytes(r.content)
+        print(f"  ED mask (input geometry) written to {mask}")
+    finally:
+        stop()
+        print("  Serve shut down")

@@ -84,7 +84,7 @@ def cmd_ensemble(args: argparse.Namespace) -> int:
     build = build_ensemble(
         args.sweep, storage_path=args.storage_path or str(Path(cfg.tracking.workdir) / "ray_results"),
         backbones=backbones, folds=args.folds, combine=args.combine, weights=_weights(args.weights),
-        tta=args.tta, centring=args.centring, locators=locators,
+        tta=args.tta, centring=args.centring, locators=locators, select=args.select,
         register=None if args.no_register else args.name, alias=args.alias, tracking=not args.no_tracking,
         tracking_uri=_tracking_uri(args), device=_device(args.device), max_oof_cases=args.max_oof_cases,
         progress=_progress)
@@ -96,13 +96,17 @@ def print_ensemble_summary(build: Any) -> None:
     """Chosen trials, the out-of-fold comparison, and where the model went."""
     from robustseg.cli import print_table
 
-    print("members: " + ", ".join(f"{c.backbone} ({c.trial}, cv Dice {c.cv_dice:.3f}, {c.status.lower()})"
-                                  for c in build.choices) + f" x {len({m.fold for m in build.ensemble.spec.members})} folds")
+    spec = build.ensemble.spec
+    print("candidates: " + ", ".join(f"{c.backbone} ({c.trial}, cv Dice {c.cv_dice:.3f}, {c.status.lower()})"
+                                     for c in build.choices))
     keys = ["model", "n"] + [k for k in build.summary[0] if k.startswith("dice_")] + ["hd95_mean"]
     print_table([{k: (f"{r[k]:.3f}" if isinstance(r.get(k), float) else r.get(k, "")) for k in keys}
                  for r in build.summary])
-    m = build.ensemble.spec.metrics
-    print(f"out-of-fold Dice: ensemble {m['oof_dice_ensemble']:.3f} vs best single {m['oof_dice_best_single']:.3f}")
+    m = spec.metrics
+    backbones = sorted({x.backbone for x in spec.members})
+    print(f"selected {spec.provenance.get('selected')}: {'+'.join(backbones)} x "
+          f"{len({x.fold for x in spec.members})} folds = {len(spec.members)} members; out-of-fold Dice "
+          f"{m['oof_dice_ensemble']:.3f} vs best single architecture {m['oof_dice_best_single']:.3f}")
     print(f"ensemble folder: {build.folder}")
     if build.model_uri:
         print(f"MLflow run {build.run_id}; model {build.model_uri}")
@@ -155,6 +159,8 @@ def add_parsers(sub: Any) -> None:
     en.add_argument("--centring", choices=("two_stage", "image"), default="two_stage",
                     help="crop centre: first-stage prediction (default) or image centre")
     en.add_argument("--locators", help="backbones used for the first-stage centring (default: all)")
+    en.add_argument("--select", choices=("best", "all"), default="best",
+                    help="best: the backbone combination with the best out-of-fold Dice (default); all: every backbone")
     en.add_argument("--name", default=DEFAULT_NAME, help=f"registered model name (default {DEFAULT_NAME})")
     en.add_argument("--alias", default=DEFAULT_ALIAS, help=f"alias for the new version (default {DEFAULT_ALIAS})")
     en.add_argument("--no-register", action="store_true", help="log the model but do not register it")

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import tempfile
+import warnings
 from pathlib import Path
 from typing import Any, Dict, List, Mapping, Optional, Tuple
 
@@ -65,7 +66,9 @@ def log_ensemble(ens: Ensemble, *, tracking_uri: str, run_id: str, name: str = "
     mlflow.set_tracking_uri(tracking_uri)
     with tempfile.TemporaryDirectory() as tmp:
         folder = ens.save(Path(tmp) / "ensemble")
-        with mlflow.start_run(run_id=run_id):
+        with mlflow.start_run(run_id=run_id), warnings.catch_warnings():
+            # The input is a dict of arrays described by the signature; MLflow's type-hint advice does not apply.
+            warnings.filterwarnings("ignore", message=".*type hint", category=UserWarning)
             info = mlflow.pyfunc.log_model(
                 # Models from code: the class is rebuilt from the shipped package, not unpickled.
                 name=name, python_model=str(Path(code) / "pyfunc_entry.py"), artifacts={ARTIFACT_KEY: str(folder)},

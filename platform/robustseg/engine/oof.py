@@ -1,13 +1,16 @@
-"""Out-of-fold evaluation of fold models and of their cross-architecture ensemble.
+"""Out-of-fold evaluation of fold models and of their cross-architecture ensembles.
 
 Every validation case of fold k is segmented by each architecture's fold-k model (none of
-which saw it in training) and by their weighted softmax mean: the ensemble's out-of-fold
-estimate, on exactly the cases each single model is scored on (nnU-Net's way of choosing
-between configurations and their ensembles). Evaluation runs in the preprocessing plan's
+which saw it in training) and by the weighted softmax mean of every combination of two or
+more architectures: each ensemble's out-of-fold estimate, on exactly the cases each single
+model is scored on. `select` then picks the best single architecture or combination, as
+nnU-Net's ``find_best_configuration`` does: an ensemble with a weak member can be worse
+than its best member, and the numbers say so before anything is registered. Evaluation runs in the preprocessing plan's
 space, on the shards, as validation during training does; HD95 uses the plan's spacing.
 """
 from __future__ import annotations
 
+import itertools
 from pathlib import Path
 from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence
 
@@ -22,7 +25,24 @@ from robustseg.engine.metrics import aggregate, evaluate_case
 from robustseg.engine.predict import Predictor
 from robustseg.models import size_multiple
 
-ENSEMBLE = "ensemble"
+ENSEMBLE_PREFIX = "ensemble"
+
+
+def ensemble_name(combo: Sequence[str]) -> str:
+    """Row name of an architecture combination: ``ensemble(unet+unet2d)``."""
+    return f"{ENSEMBLE_PREFIX}({'+'.join(combo)})"
+
+
+def metric_key(model: str) -> str:
+    """An MLflow-safe form of a row name: ``ensemble(unet+unet2d)`` -> ``ensemble_unet-unet2d``."""
+    return model.replace("(", "_").replace("+", "-").replace(")", "")
+
+
+def combination_of(model: str) -> List[str]:
+    """Architectures behind a row name (a single architecture or an `ensemble_name`)."""
+    if model.startswith(ENSEMBLE_PREFIX + "("):
+        return model[len(ENSEMBLE_PREFIX) + 1 : -1].split("+")
+    return [model]
 
 
 def _probs(pred: Predictor, image: torch.Tensor, tta: bool) -> torch.Tensor:
@@ -36,7 +56,7 @@ def _probs(pred: Predictor, image: torch.Tensor, tta: bool) -> torch.Tensor:
 def oof_evaluate(models: Mapping[str, Mapping[int, Predictor]], store: ObjectStore, manifest: Manifest, *,
                  tta: bool = False, weights: Optional[Mapping[str, float]] = None, max_cases: Optional[int] = None,
                  progress: Optional[Callable[..., Any]] = None) -> List[Dict[str, Any]]:
-    """Per-case rows for every architecture and for the ensemble, fold by fold.
+    """Per-case rows for every architecture and every combination of them, fold by fold.
 
     Args:
         models: ``{architecture: {fold: predictor}}``; every architecture needs the same folds.
@@ -48,7 +68,7 @@ def oof_evaluate(models: Mapping[str, Mapping[int, Predictor]], store: ObjectSto
         progress: tqdm-like factory over folds.
 
     Returns:
-        Rows of `evaluate_case` with ``model`` (architecture or ``"ensemble"``), ``fold``,
+        Rows of `evaluate_case` with ``model`` (architecture or `ensemble_name`), ``fold``,
         ``case_id``, ``motion_level``, ``dataset`` and ``phase`` columns.
     """
     archs = list(models)
@@ -57,6 +77,7 @@ def oof_evaluate(models: Mapping[str, Mapping[int, Predictor]], store: ObjectSto
         if sorted(models[a]) != folds:
             raise ValueError(f"architecture {a} has folds {sorted(models[a])}, expected {folds}")
     w = {a: float((weights or {}).get(a, 1.0)) for a in archs}
+    combos = [c for r in range(2, len(archs) + 1) for c in itertools.combinations(sorted(archs), r)]
     names = {int(k): v for k, v in manifest.class_names.items()}
     rows: List[Dict[str, Any]] = []
     for k in (progress(folds, desc="out-of-fold", unit="fold") if progress else folds):
@@ -66,13 +87,14 @@ def oof_evaluate(models: Mapping[str, Mapping[int, Predictor]], store: ObjectSto
             gt = case["label"].cpu().numpy()
             meta = {"fold": k, **{c: case.get(c) for c in ("case_id", "motion_level", "dataset", "phase")}}
             spacing = _plan_spacing(manifest, case)
-            mix = None
+            probs = {}
             for a in archs:
-                p = _probs(models[a][k], case["image"], tta)
-                mix = w[a] * p if mix is None else mix + w[a] * p
-                rows.append({"model": a, **evaluate_case(p.argmax(0).cpu().numpy(), gt, spacing, True, names, meta)})
-            label = mix.argmax(0).cpu().numpy()
-            rows.append({"model": ENSEMBLE, **evaluate_case(label, gt, spacing, True, names, meta)})
+                probs[a] = _probs(models[a][k], case["image"], tta)
+                rows.append({"model": a, **evaluate_case(probs[a].argmax(0).cpu().numpy(), gt, spacing, True, names,
+                                                         meta)})
+            for combo in combos:  # argmax of the weighted sum = argmax of the weighted mean
+                label = sum(w[a] * probs[a] for a in combo).argmax(0).cpu().numpy()
+                rows.append({"model": ensemble_name(combo), **evaluate_case(label, gt, spacing, True, names, meta)})
     return rows
 
 
@@ -87,14 +109,20 @@ def _plan_spacing(manifest: Manifest, case: Mapping[str, Any]) -> Sequence[float
 
 
 def summarise(rows: Sequence[Mapping[str, Any]]) -> List[Dict[str, Any]]:
-    """One row per model: mean Dice/HD95 over all out-of-fold cases, the ensemble last."""
-    order = [m for m in dict.fromkeys(r["model"] for r in rows) if m != ENSEMBLE] + [ENSEMBLE]
+    """One row per model: mean Dice/HD95 over all out-of-fold cases, single architectures first."""
+    order = list(dict.fromkeys(r["model"] for r in rows))
     out = []
     for m in order:
         # Grouping keys are left out of the overall means (a mean fold number means nothing).
         stats = aggregate([r for r in rows if r["model"] == m], by=("fold", "motion_level"))["overall"]
         out.append({"model": m, **stats})
     return out
+
+
+def select(summary: Sequence[Mapping[str, Any]]) -> Dict[str, Any]:
+    """The summary row with the best mean out-of-fold Dice (on a tie, the one with fewer members)."""
+    return dict(max(summary, key=lambda r: (float(r["dice_mean"]) if np.isfinite(r["dice_mean"]) else -1.0,
+                                            -len(combination_of(r["model"])))))
 
 
 def plot_comparison(summary: Sequence[Mapping[str, Any]], class_names: Mapping[int, str], path: Path) -> Path:
@@ -110,7 +138,8 @@ def plot_comparison(summary: Sequence[Mapping[str, Any]], class_names: Mapping[i
     for i, row in enumerate(summary):
         vals = [float(row.get(f"dice_{s}", np.nan)) for s in structs]
         xs = np.arange(len(structs)) + (i - (len(summary) - 1) / 2) * width
-        bars = ax.bar(xs, vals, width, label=row["model"], hatch="//" if row["model"] == ENSEMBLE else None)
+        bars = ax.bar(xs, vals, width, label=row["model"],
+                      hatch="//" if row["model"].startswith(ENSEMBLE_PREFIX) else None)
         ax.bar_label(bars, fmt="%.3f", fontsize=6, rotation=90, padding=2)
     ax.set_xticks(np.arange(len(structs)), structs)
     ax.set_ylim(0, 1.1)
