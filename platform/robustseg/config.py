@@ -132,6 +132,10 @@ class DataConfig:
     store_volumes: bool = doc(False, "Also write whole-volume shards (one row per case, for 3D models); 2D slices always reassemble into volumes.")
     slice_dtype: str = doc("uint8", "Stored image encoding: uint8 (per-slice scale/offset, ~1/255 of the slice range), float16 or float32.")
     compression_level: int = doc(6, "zstd level of the Parquet shards.")
+    sampling_weights: Dict[str, float] = doc(
+        text="Pooled training: relative share of each dataset (manifest dataset name, e.g. acdc, mnms2, "
+             "synthetic) in the training batches; unlisted datasets weigh 1. Empty: every slice equally likely.",
+        factory=dict)
     val_fold: int = doc(0, "Fold held out for validation when training one model (cross-validation sweeps set it per run).")
 
     def __post_init__(self) -> None:
@@ -143,6 +147,9 @@ class DataConfig:
             raise ConfigError("data.slices_per_shard must be >= 1")
         if self.label_budget is not None and self.label_budget < 1:
             raise ConfigError("data.label_budget must be >= 1 or null")
+        bad = {k: v for k, v in self.sampling_weights.items() if not (isinstance(v, (int, float)) and v >= 0)}
+        if bad:
+            raise ConfigError(f"data.sampling_weights must be non-negative numbers, got {bad}")
         if not 0 <= self.val_fold < self.folds:
             raise ConfigError(f"data.val_fold must be in [0, {self.folds}), got {self.val_fold}")
 
@@ -164,6 +171,19 @@ class RegimeConfig:
 
     name: str = doc("supervised", "Registered regime name.")
     params: Dict[str, Any] = doc(text="Regime parameters.", factory=dict)
+    init: str = doc("", "Start from these weights (pooled pre-training -> fine-tuning): a checkpoint, an ensemble "
+                        "folder, models:/name@alias, or runs:/<run_id>. Empty: random initialisation.")
+    init_member: str = doc("", "Ensemble member to take (default: the first with the same backbone).")
+    init_optimizer: str = doc("fresh", "fresh: new optimiser and LR schedule; checkpoint: continue the source "
+                                       "checkpoint's optimiser state.")
+    init_lr_scale: float = doc(1.0, "Multiply optim.lr by this when starting from init (e.g. 0.1 for fine-tuning).")
+    init_strict: bool = doc(True, "Every parameter must match; false loads those matching by name and shape.")
+
+    def __post_init__(self) -> None:
+        if self.init_optimizer not in ("fresh", "checkpoint"):
+            raise ConfigError(f"regime.init_optimizer must be 'fresh' or 'checkpoint', got {self.init_optimizer!r}")
+        if not self.init_lr_scale > 0:
+            raise ConfigError(f"regime.init_lr_scale must be > 0, got {self.init_lr_scale}")
 
 
 @dataclass

@@ -9,12 +9,13 @@ third of each batch comes from slices (or slabs) that contain foreground.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple
+from typing import Any, Dict, Iterator, List, Mapping, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
 
 from robustseg.data.manifest import Manifest, load_slices
+from robustseg.errors import ConfigError
 from robustseg.data.shards import decode_images, decode_labels
 from robustseg.data.storage import ObjectStore
 
@@ -65,6 +66,28 @@ class SliceSet:
             idx = idx[torch.argsort(self.slice_index[idx])]
             out.append({"case_id": cid, "image": self.images[idx].float(), "label": self.labels[idx], **self.meta[cid]})
         return out
+
+
+def slice_probabilities(data: SliceSet, weights: Mapping[str, float]) -> torch.Tensor:
+    """Per-slice sampling probabilities giving each dataset its weight's share of the batches.
+
+    A dataset's share is its weight over the sum of the weights of the datasets present
+    (unlisted ones weigh 1), spread evenly over its slices, so a small target set is not
+    drowned by a large pre-training pool.
+
+    Raises:
+        ConfigError: a weighted dataset that is not in the data, or no positive weight left.
+    """
+    datasets = [data.meta[c]["dataset"] for c in data.case_ids]
+    present = sorted(set(datasets))
+    unknown = sorted(set(weights) - set(present))
+    if unknown:
+        raise ConfigError(f"data.sampling_weights names datasets {unknown} not in the training data {present}")
+    counts = {d: datasets.count(d) for d in present}
+    per = [float(weights.get(d, 1.0)) / counts[d] for d in datasets]
+    if not sum(per) > 0:
+        raise ConfigError(f"data.sampling_weights leaves no dataset with a positive weight ({dict(weights)})")
+    return torch.tensor(per, dtype=torch.float32, device=data.images.device)
 
 
 def load_slice_set(store: ObjectStore, manifest: Manifest, *, folds: Optional[Sequence[int]] = None,
@@ -121,11 +144,13 @@ class SliceBatcher:
     """
 
     def __init__(self, data: SliceSet, batch_size: int, patch_size: Optional[Sequence[int]],
-                 generator: torch.Generator, fg_fraction: float = 0.33) -> None:
+                 generator: torch.Generator, fg_fraction: float = 0.33,
+                 dataset_weights: Optional[Mapping[str, float]] = None) -> None:
         usable = data.labelled
         if not bool(usable.any()):
             raise ValueError("no labelled training slices (check folds and the label budget)")
         self.data = data.subset(usable)
+        self.prob = slice_probabilities(self.data, dataset_weights) if dataset_weights else None
         self.batch_size = batch_size
         h, w = self.data.images.shape[1:]
         self.patch = (h, w) if patch_size is None else (min(int(patch_size[0]), h), min(int(patch_size[1]), w))
@@ -149,9 +174,15 @@ class SliceBatcher:
     def __next__(self) -> Dict[str, torch.Tensor]:
         dev = self.data.images.device
         n = len(self.data)
-        idx = torch.randint(0, n, (self.batch_size,), generator=self.generator, device=dev)
+        if self.prob is None:
+            idx = torch.randint(0, n, (self.batch_size,), generator=self.generator, device=dev)
+        else:
+            idx = torch.multinomial(self.prob, self.batch_size, replacement=True, generator=self.generator)
         if self.n_fg:
-            pick = torch.randint(0, len(self.fg_index), (self.n_fg,), generator=self.generator, device=dev)
+            if self.prob is None:
+                pick = torch.randint(0, len(self.fg_index), (self.n_fg,), generator=self.generator, device=dev)
+            else:
+                pick = torch.multinomial(self.prob[self.fg_index], self.n_fg, replacement=True, generator=self.generator)
             idx[: self.n_fg] = self.fg_index[pick]
         images, labels = self.data.images[idx], self.data.labels[idx]
         ph, pw = self.patch

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 import math
 import time
 from dataclasses import dataclass, field
@@ -20,12 +21,15 @@ from robustseg.augment import build_augmenter
 from robustseg.config import ExperimentConfig, from_dict
 from robustseg.engine.checkpoint import (CheckpointError, load_checkpoint, load_model_state, restore_rng,
                                          rng_state, save_checkpoint, unwrap)
+from robustseg.engine.init import apply_init, resolve_init
 from robustseg.engine.losses import DiceCELoss
 from robustseg.engine.optim import build_optimizer, build_scheduler
 from robustseg.engine.validate import validate, write_validation_artifacts
 from robustseg.models import build_model, size_multiple, spatial_dims
 from robustseg.regimes import StepContext
 from robustseg.registry import REGIMES
+
+log = logging.getLogger(__name__)
 
 Callback = Callable[[int, Dict[str, float], Path], None]
 
@@ -119,10 +123,21 @@ def fit(cfg: ExperimentConfig, train_batches: Iterator[Dict[str, torch.Tensor]],
                                   f"({stored_model} vs {dataclasses.asdict(cfg.model)}); use another output folder")
         # Weights go in before any DDP wrapping, so every rank starts from the same state.
         load_model_state(model, ckpt["model"], str(last_path), cfg.model.name, ckpt.get("backbone"))
+    init = resolve_init(cfg) if ckpt is None else None  # a resumed run's own state is newer than init
+    if init is not None:
+        apply_init(model, init, cfg)
+        log.info("initialised from %s%s", init.where, f" ({len(init.skipped)} parameters left fresh)" if init.skipped else "")
     if model_wrapper is not None:
         model = model_wrapper(model)
-    optimizer = build_optimizer(cfg.optim, model.parameters())
-    scheduler = build_scheduler(cfg.optim, optimizer)
+    optim_cfg = cfg.optim if init is None else dataclasses.replace(cfg.optim, lr=cfg.optim.lr * cfg.regime.init_lr_scale)
+    optimizer = build_optimizer(optim_cfg, model.parameters())
+    if init is not None and cfg.regime.init_optimizer == "checkpoint":
+        if init.optimizer is None:
+            raise CheckpointError(f"{init.where}: regime.init_optimizer=checkpoint, but the source holds no optimiser state")
+        optimizer.load_state_dict(init.optimizer)
+        for group in optimizer.param_groups:  # the schedule below starts from this run's lr
+            group["lr"] = group["initial_lr"] = optim_cfg.lr
+    scheduler = build_scheduler(optim_cfg, optimizer)
     regime = REGIMES.get(cfg.regime.name)()
     regime_params = from_dict(REGIMES.meta(cfg.regime.name)["params"], cfg.regime.params, f"regime.params ({cfg.regime.name})")
     amp = amp_dtype(cfg, device)

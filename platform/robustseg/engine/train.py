@@ -99,9 +99,18 @@ def train_from_config(cfg: ExperimentConfig, *, out_dir: Optional[Path] = None, 
     if train_batches is None:
         data = load_train_data(cfg, device, manifest)
         train, val = data.train, data.val
-        batches = (VolumeBatcher if dims == 3 else SliceBatcher)(train, cfg.optim.batch_size, patch, generator)
+        if dims == 3:
+            if cfg.data.sampling_weights:
+                raise ConfigError("data.sampling_weights applies to 2D (slice) training; 3D batches sample cases")
+            batches = VolumeBatcher(train, cfg.optim.batch_size, patch, generator)
+        else:
+            batches = SliceBatcher(train, cfg.optim.batch_size, patch, generator,
+                                   dataset_weights=cfg.data.sampling_weights or None)
         spacing = _median_spacing(train, dims)
     else:
+        if cfg.data.sampling_weights:
+            raise ConfigError("data.sampling_weights needs the in-memory batcher (`robustseg train`); the Ray Data "
+                              "stream samples slices uniformly")
         store = open_store(cfg.data.shards_uri, cfg.data.storage)
         val = load_slice_set(store, manifest, folds=[cfg.data.val_fold], device=device)
         batches = train_batches(generator, patch)

@@ -1,0 +1,118 @@
+"""Initialise a model from earlier training: pooled pre-training -> fine-tuning (`regime.init`).
+
+``regime.init`` names where the starting weights come from:
+
+* a checkpoint file (``best.pt``/``last.pt`` of `robustseg train`);
+* an ensemble folder or a registered model (``models:/robustseg-cmr@champion``): the member
+  named by ``regime.init_member``, else the first member with the same backbone;
+* an MLflow run (``runs:/<run_id>``): the ``best_checkpoint`` its fit tracker recorded.
+
+Reset rules: the optimiser and LR schedule start fresh by default (``init_optimizer: fresh``,
+what fine-tuning after pre-training on another pool usually wants); ``init_optimizer:
+checkpoint`` continues the source checkpoint's optimiser state (same backbone and optimiser
+only). ``init_lr_scale`` scales ``optim.lr`` for the fine-tuning run (e.g. 0.1).
+``init_strict: false`` loads only the parameters whose names and shapes match (e.g. a head with
+another number of classes) and reports what it skipped. A run that resumes from its own
+``last.pt`` ignores ``init``: its own state is newer.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Dict, List, Optional
+
+import torch
+
+from robustseg.config import ExperimentConfig
+from robustseg.engine.checkpoint import CheckpointError, load_checkpoint, load_model_state, unwrap
+
+
+@dataclass
+class InitState:
+    """Weights (and optionally optimiser state) to start from.
+
+    Attributes:
+        model: State dict.
+        backbone: Backbone that produced it.
+        where: Human-readable source (for messages and the run's tags).
+        optimizer: Optimiser state of a full checkpoint, or None.
+        skipped: Parameters left at their fresh values (non-strict loading).
+    """
+
+    model: Dict[str, torch.Tensor]
+    backbone: str
+    where: str
+    optimizer: Optional[Dict[str, Any]] = None
+    skipped: List[str] = field(default_factory=list)
+
+
+def _from_checkpoint(path: Path) -> InitState:
+    ckpt = load_checkpoint(path, map_location="cpu")
+    return InitState(ckpt["model"], str(ckpt.get("backbone") or ckpt["config"]["model"]["name"]), str(path),
+                     ckpt.get("optimizer"))
+
+
+def _from_ensemble(uri: str, backbone: str, member: str) -> InitState:
+    from robustseg.model_registry import load_ensemble
+
+    ens, _ = load_ensemble(uri, device=torch.device("cpu"))
+    names = [m.name for m in ens.spec.members]
+    for spec, pred in zip(ens.spec.members, ens.predictors):
+        if (member and spec.name == member) or (not member and spec.backbone == backbone):
+            return InitState(unwrap(pred.model).state_dict(), spec.backbone, f"{uri} member {spec.name}")
+    want = f"member {member!r}" if member else f"a {backbone!r} member"
+    raise CheckpointError(f"{uri}: no {want} among {names}; set regime.init_member")
+
+
+def _from_run(uri: str, tracking_uri: Optional[str]) -> InitState:
+    from mlflow import MlflowClient
+    from mlflow.exceptions import MlflowException
+
+    run_id = uri[len("runs:/"):].strip("/").split("/", 1)[0]
+    try:
+        tags = MlflowClient(tracking_uri).get_run(run_id).data.tags
+    except MlflowException as e:
+        raise CheckpointError(f"{uri}: no such MLflow run ({str(e).splitlines()[0]})") from None
+    path = tags.get("best_checkpoint")
+    if not path:
+        raise CheckpointError(f"{uri}: the run records no best_checkpoint (was it a robustseg training run?)")
+    return _from_checkpoint(Path(path.replace("file://", "")))
+
+
+def resolve_init(cfg: ExperimentConfig) -> Optional[InitState]:
+    """The `InitState` named by ``cfg.regime.init`` (None when empty).
+
+    Raises:
+        CheckpointError: a source that does not exist or holds no matching weights.
+    """
+    spec = cfg.regime.init
+    if not spec:
+        return None
+    if spec.startswith("runs:/"):
+        from robustseg.tracking import resolve_tracking_uri
+
+        return _from_run(spec, resolve_tracking_uri(cfg))
+    if spec.startswith("models:/") or (Path(spec) / "spec.json").is_file():
+        return _from_ensemble(spec, cfg.model.name, cfg.regime.init_member)
+    return _from_checkpoint(Path(spec))
+
+
+def apply_init(model: torch.nn.Module, state: InitState, cfg: ExperimentConfig) -> InitState:
+    """Load ``state`` into ``model`` (strictly, or matching parameters only).
+
+    Raises:
+        CheckpointError: strict loading of weights that do not fit, or nothing matching at all.
+    """
+    if cfg.regime.init_strict:
+        load_model_state(model, state.model, state.where, cfg.model.name, state.backbone)
+        return state
+    own = unwrap(model).state_dict()
+    fit = {k: v for k, v in state.model.items() if k in own and tuple(v.shape) == tuple(own[k].shape)}
+    if not fit:
+        raise CheckpointError(f"{state.where}: no parameter matches the {cfg.model.name} model by name and shape")
+    state.skipped = sorted(k for k in own if k not in fit)
+    unwrap(model).load_state_dict({**own, **fit})
+    return state
+
+
+__all__ = ["InitState", "apply_init", "resolve_init"]
