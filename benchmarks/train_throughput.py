@@ -142,14 +142,22 @@ def main(argv=None) -> int:
         "steps": args.steps, "warmup": args.warmup,
         "date": time.strftime("%Y-%m-%d %H:%M:%S"),
     }
-    out = Path(args.out)
+    write_result(result, args.out, "train_throughput", dev, ["compile" if args.compile else "",
+                                                            "quick" if args.quick else ""])
+    return 0
+
+
+def write_result(result: dict, out_dir: str, name: str, dev: torch.device, suffixes: list) -> Path:
+    """Write ``<out_dir>/<name>_<cpu|GPU name>[_suffix...].json``, print it and its path."""
+    out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     tag = "cpu" if dev.type == "cpu" else torch.cuda.get_device_name(0).replace(" ", "_")
-    path = out / f"train_throughput_{tag}{'_compile' if args.compile else ''}{'_quick' if args.quick else ''}.json"
+    path = out / "_".join([f"{name}_{tag}", *[s for s in suffixes if s]]).replace("__", "_")
+    path = path.with_name(path.name + ".json")
     path.write_text(json.dumps(result, indent=1))
     print(json.dumps(result, indent=1))
     print(f"written {path}")
-    return 0
+    return path
 
 
 if __name__ == "__main__":

@@ -7,9 +7,10 @@ names the path.
 from __future__ import annotations
 
 import os
+import sys
 import socket
 from pathlib import Path
-from typing import Callable
+from typing import Any, Callable
 
 import pytest
 
@@ -31,6 +32,27 @@ def _require(rel: str) -> Path:
 def shared_data() -> Callable[[str], Path]:
     """``shared_data("acdc_h5")`` -> the path under ../shared/data, or skip/fail if missing."""
     return _require
+
+
+@pytest.fixture(autouse=True)
+def _isolated_mlflow_uri() -> Any:
+    """Restore MLflow's process-wide tracking/registry URIs after each test.
+
+    ``mlflow.set_tracking_uri`` exports ``MLFLOW_TRACKING_URI``; a test that leaves it set
+    sends every later test's runs (resolved through that variable) into its own store.
+    """
+    keys = ("MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI")
+    before = {k: os.environ.get(k) for k in keys}
+    yield
+    for k, v in before.items():
+        if v is None:
+            os.environ.pop(k, None)
+        else:
+            os.environ[k] = v
+    mlflow = sys.modules.get("mlflow")
+    if mlflow is not None:
+        mlflow.set_tracking_uri(before["MLFLOW_TRACKING_URI"])
+        mlflow.set_registry_uri(before["MLFLOW_REGISTRY_URI"])
 
 
 @pytest.fixture(autouse=True)

@@ -100,7 +100,7 @@ def test_every_field_is_documented():
 
 
 def test_every_shipped_config_loads():
-    files = sorted((REPO / "configs").glob("*.yaml"))
+    files = sorted((REPO / "configs").rglob("*.yaml"))
     assert files, "configs/ ships at least one YAML"
     for f in files:
         cfg = ExperimentConfig.from_yaml(f)

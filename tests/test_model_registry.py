@@ -24,19 +24,18 @@ NAME = "tiny-cmr"
 @pytest.fixture(scope="module")
 def registered(tmp_path_factory):
     """Two registered versions of the tiny ensemble; v2 is the champion."""
-    import mlflow
+    from mlflow import MlflowClient
 
     root = tmp_path_factory.mktemp("reg")
     uri = f"sqlite:///{root / 'mlflow.db'}"
-    mlflow.set_tracking_uri(uri)
-    exp = mlflow.create_experiment("ens", artifact_location=(root / "artifacts").as_uri())
+    client = MlflowClient(uri)
+    exp = client.create_experiment("ens", artifact_location=(root / "artifacts").as_uri())
     ens = Ensemble.load(tiny_ensemble_folder(root), CPU)
     ens.spec.metrics = {"oof_dice_ensemble": 0.75, "oof_dice_best_single": 0.7}
     ens.spec.provenance = {"data_manifest": "file:///data/manifest.json", "git_commit": "abc123"}
     versions = []
     for _ in range(2):
-        with mlflow.start_run(experiment_id=exp) as run:
-            pass
+        run = client.create_run(exp)
         model_uri = reg.log_ensemble(ens, tracking_uri=uri, run_id=run.info.run_id)
         versions.append(reg.register_ensemble(model_uri, tracking_uri=uri, name=NAME, spec=ens.spec.to_dict()))
     return uri, ens, versions, root
@@ -94,6 +93,13 @@ def test_fresh_process_reproduces_in_process_masks_bit_exactly(registered, tmp_p
     assert np.array_equal(got, expected)
 
 
+def test_loading_leaves_no_global_tracking_uri_behind(registered):
+    uri, _, _, _ = registered
+    before = os.environ.get("MLFLOW_TRACKING_URI")
+    reg.load_ensemble(f"models:/{NAME}@champion", uri, CPU)
+    assert os.environ.get("MLFLOW_TRACKING_URI") == before != uri
+
+
 def test_load_ensemble_by_alias_and_bad_uris(registered, tmp_path):
     uri, ens, _, _ = registered
     loaded, info = reg.load_ensemble(f"models:/{NAME}@champion", uri, CPU)
@@ -111,8 +117,8 @@ def test_pyfunc_rejects_bad_input(registered):
     uri, _, _, _ = registered
     import mlflow
 
-    mlflow.set_tracking_uri(uri)
-    model = mlflow.pyfunc.load_model(f"models:/{NAME}@champion")
+    with reg.mlflow_uri(uri):
+        model = mlflow.pyfunc.load_model(f"models:/{NAME}@champion")
     with pytest.raises(Exception, match="NaN|non-finite"):
         bad = input_example()
         bad["image"][0, 0, 0] = np.nan

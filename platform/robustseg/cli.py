@@ -4,7 +4,7 @@ Subcommands: ``prepare`` (sources -> shards + manifest), ``inspect`` (what a sto
 ``sources`` (registered formats), ``config`` (show / explain / validate), ``train``,
 ``predict`` (checkpoint, ensemble or endpoint), ``evaluate``, ``tune`` (Optuna on Ray Tune),
 ``report``, ``ensemble`` and ``registry`` (`robustseg.ensemble_cli`), ``serve``
-(`robustseg.serve_cli`), ``demo`` (the end-to-end run on synthetic data). Errors the user can fix print one line naming the file
+(`robustseg.serve_cli`), ``robustness`` (`robustseg.robustness_cli`), ``demo`` (the end-to-end run on synthetic data). Errors the user can fix print one line naming the file
 or URI and exit with status 2; no traceback.
 """
 from __future__ import annotations
@@ -372,10 +372,12 @@ def build_parser() -> argparse.ArgumentParser:
     pd.set_defaults(fn=cmd_predict)
 
     from robustseg.ensemble_cli import add_parsers
+    from robustseg.robustness_cli import add_parser as add_robustness_parser
     from robustseg.serve_cli import add_serve_parser
 
     add_parsers(sub)
     add_serve_parser(sub)
+    add_robustness_parser(sub)
 
     tu = sub.add_parser(
         "tune", help="Optuna sweep over hyperparameters, objective = K-fold cross-validated Dice (Ray Tune)",

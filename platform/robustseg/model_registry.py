@@ -7,11 +7,13 @@ remembered in a registered-model tag, so `rollback` restores the previous holder
 """
 from __future__ import annotations
 
+import contextlib
 import json
+import os
 import tempfile
 import warnings
 from pathlib import Path
-from typing import Any, Dict, List, Mapping, Optional, Tuple
+from typing import Any, Dict, Iterator, List, Mapping, Optional, Tuple
 
 import torch
 
@@ -27,6 +29,34 @@ REQUIREMENTS = ("torch", "numpy", "scipy", "SimpleITK", "monai", "einops", "PyYA
 
 class RegistryError(RobustsegError, ValueError):
     """A registry operation that cannot be done (unknown model, version or alias)."""
+
+
+@contextlib.contextmanager
+def mlflow_uri(uri: Optional[str]) -> Iterator[None]:
+    """Point MLflow's fluent API (and its registry) at ``uri`` for a block, then restore.
+
+    ``mlflow.set_tracking_uri`` also exports ``MLFLOW_TRACKING_URI`` for subprocesses; left
+    set, it would silently send every later run of this process (other experiments, other
+    tests) to this store.
+    """
+    import mlflow
+
+    if not uri:
+        yield
+        return
+    before = {k: os.environ.get(k) for k in ("MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI")}
+    mlflow.set_tracking_uri(uri)
+    mlflow.set_registry_uri(uri)
+    try:
+        yield
+    finally:
+        mlflow.set_tracking_uri(before["MLFLOW_TRACKING_URI"])
+        mlflow.set_registry_uri(before["MLFLOW_REGISTRY_URI"])
+        for k, v in before.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
 
 
 def _client(tracking_uri: Optional[str]) -> Any:
@@ -63,8 +93,7 @@ def log_ensemble(ens: Ensemble, *, tracking_uri: str, run_id: str, name: str = "
     from robustseg.ensemble_pyfunc import ARTIFACT_KEY, input_example, signature
 
     code = str(Path(__file__).resolve().parent)
-    mlflow.set_tracking_uri(tracking_uri)
-    with tempfile.TemporaryDirectory() as tmp:
+    with tempfile.TemporaryDirectory() as tmp, mlflow_uri(tracking_uri):
         folder = ens.save(Path(tmp) / "ensemble")
         with mlflow.start_run(run_id=run_id), warnings.catch_warnings():
             # The input is a dict of arrays described by the signature; MLflow's type-hint advice does not apply.
@@ -94,8 +123,8 @@ def register_ensemble(model_uri: str, *, tracking_uri: str, name: str = DEFAULT_
     """
     import mlflow
 
-    mlflow.set_tracking_uri(tracking_uri)
-    mv = mlflow.register_model(model_uri, name)
+    with mlflow_uri(tracking_uri):
+        mv = mlflow.register_model(model_uri, name)
     client = _client(tracking_uri)
     spec = dict(spec or {})
     all_tags: Dict[str, str] = {}
@@ -251,22 +280,25 @@ def load_ensemble(model_uri: str, tracking_uri: Optional[str] = None,
         return Ensemble.load(p, device), {"uri": str(p), "name": "", "version": "", "alias": ""}
     if not model_uri.startswith(("models:/", "runs:/")):
         raise RegistryError(f"{model_uri}: not an ensemble folder (no {SPEC_FILE}) nor an MLflow models:/ or runs:/ URI")
-    import os
-
     import mlflow
     from mlflow.exceptions import MlflowException
 
     from robustseg.ensemble_pyfunc import DEVICE_ENV
 
-    if tracking_uri:
-        mlflow.set_tracking_uri(tracking_uri)
-        mlflow.set_registry_uri(tracking_uri)
+    before = os.environ.get(DEVICE_ENV)
     if device is not None:
         os.environ[DEVICE_ENV] = str(device)
     try:
-        model = mlflow.pyfunc.load_model(model_uri)
+        with mlflow_uri(tracking_uri):
+            model = mlflow.pyfunc.load_model(model_uri)
     except MlflowException as e:
         raise RegistryError(f"{model_uri}: cannot load ({str(e).splitlines()[0]})") from None
+    finally:
+        if device is not None:
+            if before is None:
+                os.environ.pop(DEVICE_ENV, None)
+            else:
+                os.environ[DEVICE_ENV] = before
     ens = model.unwrap_python_model().ensemble
     info: Dict[str, Any] = {"uri": model_uri, "name": "", "version": "", "alias": ""}
     if model_uri.startswith("models:/") and not model_uri.startswith("models:/m-"):  # m-<id>: logged, unregistered

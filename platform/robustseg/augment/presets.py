@@ -14,6 +14,11 @@ Presets:
   table face up, so a flipped or strongly rotated lung is an image the network never meets.
 * ``none``: identity (every probability 0); overrides can still switch single transforms on.
 
+``motion`` (k-space respiratory motion, `robustseg.augment.motion`) is not an nnU-Net
+transform and is off in every preset; CMRxMotion-style training switches it on with e.g.
+``{"motion": {"p": 0.3, "levels": [1, 2, 3]}}``. It runs first: the artefact happens at
+acquisition, before the pose and intensity variation the other transforms stand for.
+
 Value formats: probabilities in [0, 1]; ranges ``[lo, hi]`` (a single number means the
 fixed value); ``degrees`` a number ``d`` meaning U(-d, d) or a range, e.g. ``[90, 90]``.
 """
@@ -28,6 +33,7 @@ import torch
 from torch import Tensor
 
 from robustseg.augment.intensity import augment_intensity
+from robustseg.augment.motion import augment_motion, check_levels, check_phase_axis
 from robustseg.augment.spatial import augment_spatial, mirror
 from robustseg.config import AugmentConfig
 from robustseg.errors import ConfigError
@@ -66,6 +72,9 @@ NNUNET: Params = {
     # MirrorTransform on every spatial axis (2D: (0, 1), 3D: (0, 1, 2)), p=0.5 per axis.
     # axes: null = all spatial axes.
     "mirror": {"p": 0.5, "axes": None},
+    # Not nnU-Net's: respiratory motion, off here and therefore in every preset (see above).
+    # phase_axis "random": after resampling the phase-encoding direction is unknown.
+    "motion": {"p": 0.0, "levels": [1, 2, 3], "phase_axis": "random"},
 }
 # Mixup is configured by AugmentConfig.mixup (per-batch probability) and .mixup_alpha, and
 # applied by the regime after one-hot encoding (see mixup.py).
@@ -131,6 +140,20 @@ def _bool(where: str, v: Any) -> bool:
     return v
 
 
+def _motion_levels(where: str, v: Any) -> List[int]:
+    try:
+        return list(check_levels(v))
+    except ValueError as e:
+        raise ConfigError(f"{where}: {e}") from None
+
+
+def _phase_axis(where: str, v: Any) -> Union[int, str]:
+    try:
+        return check_phase_axis(v)
+    except ValueError as e:
+        raise ConfigError(f"{where}: {e}") from None
+
+
 def _pad(where: str, v: Any) -> Union[str, float]:
     if v in ("zeros", "border", "reflection", "min"):
         return v
@@ -162,6 +185,7 @@ _CHECKS: Dict[str, Dict[str, Callable[[str, Any], Any]]] = {
     "inverted_gamma": {"p": _prob, "gamma": _range(0.0, open_lo=True), "retain_stats": _bool},
     "gamma": {"p": _prob, "gamma": _range(0.0, open_lo=True), "retain_stats": _bool},
     "mirror": {"p": _prob, "axes": _axes},
+    "motion": {"p": _prob, "levels": _motion_levels, "phase_axis": _phase_axis},
 }
 
 
@@ -232,7 +256,7 @@ class Augmenter:
 
     def __call__(self, image: Tensor, label: Tensor, generator: torch.Generator,
                  return_info: bool = False) -> Union[Tuple[Tensor, Tensor], Tuple[Tensor, Tensor, Dict[str, Tensor]]]:
-        """Augment a batch: spatial -> intensity -> mirroring (nnU-Net's order).
+        """Augment a batch: motion -> spatial -> intensity -> mirroring (nnU-Net's order after motion).
 
         Args:
             image: ``(B, C, *S)`` float image on the training device.
@@ -253,6 +277,8 @@ class Augmenter:
         x = image.float() if dtype in (torch.float16, torch.bfloat16) else image.clone()
         y = label.clone()
         info: Dict[str, Tensor] = {}
+        x, level = augment_motion(x, self.params["motion"], generator)
+        info["motion"] = level > 0
         x, y = augment_spatial(x, y, self.params, generator, info)
         x = augment_intensity(x, self.params, generator, info)
         x, y = mirror(x, y, self.params["mirror"], generator, info)

@@ -45,5 +45,5 @@ class StepContext:
     mixup_alpha: float = 0.4
 
 
-for _m in ("supervised",):
+for _m in ("supervised", "advchain"):
     importlib.import_module(f"{__name__}.{_m}")
