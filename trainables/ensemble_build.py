@@ -328,7 +328,7 @@ def _track(build: EnsembleBuild, base: ExperimentConfig, uri: str, sweep_run: Op
             oof.plot_comparison(build.summary, spec.class_names, t / "oof_comparison.png")
             (t / "ensemble_spec.json").write_text(json.dumps(spec.to_dict(), indent=1))
             for f in t.iterdir():
-                client.log_artifact(run_id, str(f), "ensemble")
+                client.log_artifact(run_id, str(f), "oof")  # not "ensemble": that is the model's name
         build.model_uri = log_ensemble(build.ensemble, tracking_uri=uri, run_id=run_id)
         if register:
             build.version = register_ensemble(build.model_uri, tracking_uri=uri, name=register, alias=alias,

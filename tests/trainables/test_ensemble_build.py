@@ -75,8 +75,8 @@ def test_build_reuses_folds_evaluates_out_of_fold_and_registers(sweep):
     run = client.get_run(build.run_id)
     assert run.info.status == "FINISHED" and run.data.tags["robustseg.role"] == "ensemble"
     assert "oof_dice_ensemble" in run.data.metrics
-    arts = {a.path for a in client.list_artifacts(build.run_id, "ensemble")}
-    assert {"ensemble/oof_comparison.png", "ensemble/oof_comparison.csv", "ensemble/oof_cases.csv"} <= arts
+    arts = {a.path for a in client.list_artifacts(build.run_id, "oof")}
+    assert {"oof/oof_comparison.png", "oof/oof_comparison.csv", "oof/oof_cases.csv"} <= arts
     assert build.version == "1" and reg.alias_version("tiny-cmr", "champion", _uri(root)) == "1"
     # select="best" keeps whichever of unet, unet2d or both scores best out of fold.
     best = build_ensemble("s", storage_path=str(root / "ray"), max_oof_cases=3, tracking=False, out_dir=root / "best")
