@@ -61,7 +61,10 @@ def test_sources_and_config_commands(capsys):
     for n in ("acdc_h5", "acdc_nifti", "mnms", "cmrxmotion", "ct_nifti", "slices2d", "unlabelled", "synthetic_cmr", "synthetic_ct"):
         assert n in names
     assert main(["config", "explain"]) == 0
-    assert "data.cmr.clip_percentiles" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "data.cmr.clip_percentiles" in out and "model.params (unet2d).filters_max" in out
+    assert main(["config", "explain", "regime.name=advchain"]) == 0
+    assert "regime.params (advchain).n_iter" in capsys.readouterr().out
     assert main(["config", "show", "optim.lr=0.5"]) == 0
     assert ExperimentConfig.from_dict(__import__("yaml").safe_load(capsys.readouterr().out)).optim.lr == 0.5
 

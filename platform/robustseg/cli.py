@@ -138,7 +138,19 @@ def cmd_sources(_: argparse.Namespace) -> int:
 def cmd_config(args: argparse.Namespace) -> int:
     """Show, explain or validate a config."""
     if args.action == "explain":
-        for key, default, text in explain():
+        import robustseg.models  # noqa: F401  (registers the backbones)
+        import robustseg.regimes  # noqa: F401  (registers the regimes)
+        from robustseg.registry import BACKBONES, REGIMES
+
+        cfg = load_config(args.config, args.overrides)
+        rows = list(explain())
+        # The params of the backbone and regime this config names (their own dataclasses).
+        for registry, section in ((BACKBONES, cfg.model), (REGIMES, cfg.regime)):
+            params = registry.meta(section.name).get("params")
+            if params is not None:
+                prefix = f"{'model' if section is cfg.model else 'regime'}.params ({section.name})"
+                rows += explain(params, prefix)
+        for key, default, text in rows:
             print(f"{key:32s} {default:24s} {text}")
         return 0
     cfg = load_config(args.config, args.overrides)
