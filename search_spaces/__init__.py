@@ -16,7 +16,7 @@ config, and `trainables.tune_driver` keeps the returned point apart from them.
 
 Spaces: one per backbone family (``unet2d``, ``unet3d``, ``swin_unetr``, ``swin_unet``,
 ``attention_unet``, ``unet``; see `search_spaces.backbones`) and one per training regime that
-exists (``supervised``; see `search_spaces.regimes`).
+exists (``supervised``, ``advchain``; see `search_spaces.regimes`).
 """
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""One search space per training regime that exists (today: ``supervised``).
+"""One search space per training regime that exists (``supervised``, ``advchain``).
 
 A regime space samples the regime's own parameters (``regime/params/...``) and the
 step-level options the regime applies (mixup), and leaves the backbone and optimiser to the
@@ -30,6 +30,24 @@ def supervised(trial: Any) -> Sample:
     return out
 
 
-REGIME_SPACES = ("supervised",)
+@SEARCH_SPACES.register("advchain", regime="advchain")
+def advchain(trial: Any) -> Sample:
+    """AdvChain fine-tuning: the consistency weight, inner steps and the transform family.
 
-__all__ = ["REGIME_SPACES", "supervised"]
+    No mixup: the regime refuses it (a mixed image has no single spatial transform to undo).
+    Ranges bracket the AdvChain defaults (lambda 1, one inner step, contour weight 0.5).
+    """
+    family = trial.suggest_categorical("choice/advchain_family", ["paper", "full"])
+    return {
+        "regime/name": "advchain",
+        "regime/params/transforms": ["noise", "affine", "deformation"] + (["bias"] if family == "full" else []),
+        "regime/params/n_iter": trial.suggest_int("regime/params/n_iter", 1, 2),
+        "regime/params/consistency_weight": trial.suggest_float("regime/params/consistency_weight", 0.3, 3.0, log=True),
+        "regime/params/contour_weight": trial.suggest_float("regime/params/contour_weight", 0.0, 1.0),
+        "augment/mixup": 0.0,
+    }
+
+
+REGIME_SPACES = ("supervised", "advchain")
+
+__all__ = ["REGIME_SPACES", "advchain", "supervised"]
