@@ -81,16 +81,23 @@ def sample_adam(trial: Any, *, name: str, lr: Sequence[float], weight_decay: Seq
 
 
 # --------------------------------------------------------------------------- spaces
-@SEARCH_SPACES.register("unet2d", backbone="unet2d")
-def unet2d(trial: Any) -> Sample:
-    """nnU-Net-like 2D U-Net, optionally with the deformable bottleneck (source paper §2.2)."""
-    out: Sample = {"model/name": "unet2d"}
+def _dynunet(trial: Any, name: str) -> Sample:
+    """What the nnU-Net-like 2D and 3D U-Nets share: SGD-Nesterov, deep-supervised loss,
+    augmentation, width and residual blocks."""
+    out: Sample = {"model/name": name}
     out.update(sample_sgd(trial, name="sgd_nesterov", lr=(1e-3, 3e-2), weight_decay=(1e-5, 1e-4),
                           momentum=(0.9, 0.95, 0.99)))
     out.update(sample_loss(trial, deep_supervision=True))
     out.update(sample_augment(trial))
     out["model/params/filters_base"] = trial.suggest_categorical("model/params/filters_base", [16, 32])
     out["model/params/res_block"] = trial.suggest_categorical("model/params/res_block", [False, True])
+    return out
+
+
+@SEARCH_SPACES.register("unet2d", backbone="unet2d")
+def unet2d(trial: Any) -> Sample:
+    """nnU-Net-like 2D U-Net, optionally with the deformable bottleneck (source paper §2.2)."""
+    out = _dynunet(trial, "unet2d")
     deformable = trial.suggest_categorical("model/params/deformable", [False, True])
     out["model/params/deformable"] = deformable
     # DCNv2 modulation only means something with a deformable bottleneck.
@@ -103,14 +110,7 @@ def unet2d(trial: Any) -> Sample:
 @SEARCH_SPACES.register("unet3d", backbone="unet3d")
 def unet3d(trial: Any) -> Sample:
     """nnU-Net-like 3D U-Net."""
-    out: Sample = {"model/name": "unet3d"}
-    out.update(sample_sgd(trial, name="sgd_nesterov", lr=(1e-3, 3e-2), weight_decay=(1e-5, 1e-4),
-                          momentum=(0.9, 0.95, 0.99)))
-    out.update(sample_loss(trial, deep_supervision=True))
-    out.update(sample_augment(trial))
-    out["model/params/filters_base"] = trial.suggest_categorical("model/params/filters_base", [16, 32])
-    out["model/params/res_block"] = trial.suggest_categorical("model/params/res_block", [False, True])
-    return out
+    return _dynunet(trial, "unet3d")
 
 
 @SEARCH_SPACES.register("swin_unetr", backbone="swin_unetr")

@@ -220,8 +220,13 @@ def cmd_predict(args: argparse.Namespace) -> int:
     else:
         rows = predict_files(args.model, args.input, args.output, device=_device(args.device), tta=tta,
                              progress=_progress, full_fov=args.full_fov)
+    return report_masks(rows, f"{len(rows)} masks written to {args.output}")
+
+
+def report_masks(rows: List[Dict[str, Any]], summary: str) -> int:
+    """Print `robustseg predict`'s table and summary; returns 3 when a mask is empty, else 0."""
     print_table([{k: (Path(v).name if k in ("input", "output") else v) for k, v in r.items()} for r in rows])
-    print(f"{len(rows)} masks written to {args.output}")
+    print(summary)
     empty = [r["input"] for r in rows if r["empty"]]
     for f in empty:
         print(f"robustseg predict: error: {f}: empty prediction (no structure found): is it the modality, view "

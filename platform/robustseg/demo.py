@@ -119,13 +119,15 @@ def _sweep(cfg: ExperimentConfig, trials: int) -> ExperimentConfig:
 
 def _ensemble(scfg: ExperimentConfig) -> Any:
     """Step 4: best trial per backbone x folds -> out-of-fold comparison -> MLflow registry."""
+    import torch
+
     from robustseg.ensemble_cli import print_ensemble_summary
     from trainables.ensemble_build import build_ensemble
 
     print("[4/5] ensemble: best trial per backbone x 2 folds, two-stage centring, compared out of fold with its "
           "members, logged as an MLflow pyfunc model and registered as robustseg-cmr@champion")
     build = build_ensemble("demo", storage_path=str(Path(scfg.tracking.workdir).resolve() / "ray_results"),
-                           max_oof_cases=8, device=__import__("torch").device("cpu"))
+                           max_oof_cases=8, device=torch.device("cpu"))
     print_ensemble_summary(build)
     return build
 
@@ -165,8 +167,7 @@ def _serve(scfg: ExperimentConfig, build: Any) -> None:
             r = httpx.post(f"{url}/v1/cardiac-function", files={"ed": (files["ED"].name, a), "es": (files["ES"].name, b)},
                            timeout=300)
         r.raise_for_status()
-        fn = r.json()
-        f = fn.get("function", fn)
+        f = r.json()
 
         def num(key: str) -> str:
             v = f.get(key)

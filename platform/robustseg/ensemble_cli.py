@@ -51,26 +51,14 @@ def predict_with_ensemble(model: str, inputs: str, output: str, *, tracking_uri:
     Returns:
         One row per input: input, output, ``empty``, voxels per structure.
     """
-    import numpy as np
-
-    from robustseg.data.io import write_with_geometry
-    from robustseg.engine.predict import list_inputs, read_input, volume_stem
+    from robustseg.engine.predict import segment_files
     from robustseg.model_registry import load_ensemble
 
     ens, _ = load_ensemble(model, tracking_uri, device)
     if tta is not None:
         ens.spec.tta = tta
-    files = list_inputs(inputs)
-    rows = []
-    for f in (progress(files, desc="predict", unit="vol") if progress else files):
-        case = read_input(f, ens.spec.task)
-        label = ens.predict_cases([case])[0]
-        out = Path(output) / f"{volume_stem(f)}_seg.nii.gz"
-        write_with_geometry(label, out, case.geometry())
-        counts = np.bincount(label.ravel(), minlength=len(ens.spec.class_names))
-        rows.append({"input": str(f), "output": str(out), "empty": bool(counts[1:].sum() == 0),
-                     **{ens.spec.class_names.get(i, str(i)): int(c) for i, c in enumerate(counts) if i > 0}})
-    return rows
+    return segment_files(lambda case: ens.predict_cases([case])[0], ens.spec.task, ens.spec.class_names, inputs,
+                         output, progress=progress)
 
 
 def cmd_ensemble(args: argparse.Namespace) -> int:

@@ -11,7 +11,7 @@ import signal
 import sys
 import time
 from pathlib import Path
-from typing import Any, Dict, Union
+from typing import Any, Union
 
 from robustseg.serving import ENV_MAX_UPLOAD_MB, ENV_MODEL_URI, ENV_TRACKING_URI, post_volumes, settings_from
 
@@ -131,15 +131,7 @@ def predict_endpoint(endpoint: str, inputs: Union[str, Path], out_dir: Union[str
         EndpointError: unreachable service or an error answer (its message quoted).
         DataError: missing or non-NIfTI inputs.
     """
-    from robustseg.cli import print_table
+    from robustseg.cli import report_masks
 
     rows = post_volumes(endpoint, inputs, out_dir, timeout=timeout)
-    shown: list[Dict[str, Any]] = [{k: (Path(v).name if k in ("input", "output") else v) for k, v in r.items()}
-                                   for r in rows]
-    print_table(shown)
-    print(f"{len(rows)} masks from {endpoint} written to {out_dir}")
-    empty = [r["input"] for r in rows if r["empty"]]
-    for f in empty:
-        print(f"robustseg predict: error: {f}: empty prediction (no structure found): is it the modality, view "
-              f"and orientation the model was trained on?", file=sys.stderr)
-    return 3 if empty else 0
+    return report_masks(rows, f"{len(rows)} masks from {endpoint} written to {out_dir}")

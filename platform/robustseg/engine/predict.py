@@ -8,7 +8,7 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 import torch
@@ -196,15 +196,35 @@ def predict_files(checkpoint: Union[str, Path], inputs: Union[str, Path], output
         One dict per input: input, output, voxels per structure, and ``empty`` (no foreground).
     """
     pred = load_predictor(checkpoint, device)
+    return segment_files(lambda case: predict_case(pred, case, tta=tta, full_fov=full_fov), pred.task,
+                         pred.class_names, inputs, output_dir, progress=progress)
+
+
+def segment_files(segment: Callable[[Case], np.ndarray], task: str, class_names: Dict[int, str],
+                  inputs: Union[str, Path], output_dir: Union[str, Path], *,
+                  progress: Optional[Any] = None) -> List[Dict[str, Any]]:
+    """Read every input, segment it with ``segment`` and write ``<stem>_seg.nii.gz`` in its geometry.
+
+    Args:
+        segment: Case (original grid) -> uint8 label map on that grid (a checkpoint or an ensemble).
+        task: Canonical label set the inputs are read for (MR or CT).
+        class_names: Label value -> structure name, for the voxel counts.
+        inputs: A volume file or a folder of them.
+        output_dir: Where the masks go.
+        progress: tqdm-like factory.
+
+    Returns:
+        One dict per input: input, output, voxels per structure, and ``empty`` (no foreground).
+    """
     files = list_inputs(inputs)
     out_dir = Path(output_dir)
     rows = []
     for f in (progress(files, desc="predict", unit="vol") if progress else files):
-        case = read_input(f, pred.task)
-        label = predict_case(pred, case, tta=tta, full_fov=full_fov)
+        case = read_input(f, task)
+        label = segment(case)
         out = out_dir / f"{volume_stem(f)}_seg.nii.gz"
         write_with_geometry(label, out, case.geometry())
-        counts = np.bincount(label.ravel(), minlength=len(pred.class_names) or 2)
+        counts = np.bincount(label.ravel(), minlength=len(class_names) or 2)
         rows.append({"input": str(f), "output": str(out), "empty": bool(counts[1:].sum() == 0),
-                     **{pred.class_names.get(i, str(i)): int(c) for i, c in enumerate(counts) if i > 0}})
+                     **{class_names.get(i, str(i)): int(c) for i, c in enumerate(counts) if i > 0}})
     return rows
