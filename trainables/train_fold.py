@@ -82,8 +82,8 @@ def build_trainer(cfg: ExperimentConfig, *, storage_path: str, run_name: str, ml
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
-    from robustseg.data.streaming import labelled_rows, slice_dataset
-    from robustseg.engine.train import ensure_prepared
+    from robustseg.data.streaming import TRAIN_COLUMNS, acceptance_rates, slice_dataset, training_rows
+    from robustseg.engine.train import ensure_prepared, regime_data
     from trainables.train_worker import train_loop_per_worker
 
     manifest = ensure_prepared(cfg)
@@ -91,12 +91,17 @@ def build_trainer(cfg: ExperimentConfig, *, storage_path: str, run_name: str, ml
     if not 0 <= cfg.data.val_fold < k:
         raise ConfigError(f"data.val_fold={cfg.data.val_fold} but {manifest.uri} has {k} folds")
     sc = cfg.scaling
-    rows = labelled_rows(manifest, exclude_folds=[cfg.data.val_fold])
+    # Self-supervised regimes (data="images") learn from every slice, labelled or not.
+    labelled_only = regime_data(cfg.regime.name) != "images"
+    counts = training_rows(manifest, [cfg.data.val_fold], labelled_only)
+    rows = sum(counts.values())
     if rows < cfg.optim.batch_size * sc.num_workers:
-        raise ConfigError(f"{manifest.uri}: {rows} labelled training slices outside fold {cfg.data.val_fold}, "
-                          f"fewer than batch_size x num_workers = {cfg.optim.batch_size} x {sc.num_workers}")
-    dataset = slice_dataset(cfg.data, manifest, exclude_folds=[cfg.data.val_fold], labelled_only=True,
-                            shuffle_seed=cfg.optim.seed)
+        raise ConfigError(f"{manifest.uri}: {rows} {'labelled ' if labelled_only else ''}training slices outside fold "
+                          f"{cfg.data.val_fold}, fewer than batch_size x num_workers = "
+                          f"{cfg.optim.batch_size} x {sc.num_workers}")
+    weights = cfg.data.sampling_weights
+    dataset = slice_dataset(cfg.data, manifest, exclude_folds=[cfg.data.val_fold], labelled_only=labelled_only,
+                            columns=TRAIN_COLUMNS + (("dataset",) if weights else ()), shuffle_seed=cfg.optim.seed)
     resources: Dict[str, float] = {"CPU": float(sc.cpus_per_worker)}
     if sc.use_gpu:
         resources["GPU"] = float(sc.gpus_per_worker)
@@ -104,6 +109,8 @@ def build_trainer(cfg: ExperimentConfig, *, storage_path: str, run_name: str, ml
                                    "mlflow": mlflow, "callbacks": list(worker_callbacks)}
     if shuffle_buffer is not None:
         loop_config["shuffle_buffer"] = int(shuffle_buffer)
+    if weights:
+        loop_config["dataset_accept"] = acceptance_rates(counts, weights)
     return TorchTrainer(
         train_loop_per_worker,
         train_loop_config=loop_config,

@@ -229,7 +229,8 @@ def train_loop_per_worker(config: Dict[str, Any]) -> Dict[str, Any]:
 
     def batches(generator: Any, patch: Sequence[int]) -> RayDataBatches:
         return RayDataBatches(shard, layout, cfg.optim.batch_size, device, patch_size=patch, generator=generator,
-                              local_shuffle_buffer_size=shuffle, seed=cfg.optim.seed + rank)
+                              local_shuffle_buffer_size=shuffle, seed=cfg.optim.seed + rank,
+                              accept=config.get("dataset_accept"))
 
     reporter = RayReporter(rank, out_dir, history, tags={
         "experiment": cfg.name, "backbone": cfg.model.name, "regime": cfg.regime.name,

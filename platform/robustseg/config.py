@@ -204,6 +204,7 @@ class OptimConfig:
     patience: Optional[int] = doc(None, "Early-stopping patience in epochs (null: off).")
     amp: str = doc("auto", "auto (bf16 on CUDA), bf16, or off.")
     compile: bool = doc(False, "torch.compile the model.")
+    snapshot_every: int = doc(0, "Also keep the weights of every N-th epoch under snapshots/ (SVCCA analyses); 0: off.")
     seed: int = doc(0, "Training seed.")
 
     def __post_init__(self) -> None:
@@ -212,6 +213,8 @@ class OptimConfig:
         _check_choice("optim.amp", self.amp, ("auto", "bf16", "off"))
         if self.lr <= 0:
             raise ConfigError(f"optim.lr must be > 0, got {self.lr}")
+        if self.snapshot_every < 0:
+            raise ConfigError(f"optim.snapshot_every must be >= 0, got {self.snapshot_every}")
         if self.epochs < 1 or self.iters_per_epoch < 1 or self.batch_size < 1:
             raise ConfigError("optim.epochs, optim.iters_per_epoch and optim.batch_size must be >= 1")
 

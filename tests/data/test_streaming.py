@@ -153,3 +153,29 @@ def test_stream_from_s3(ray_session, local_store, s3_endpoint):
     batches = RayDataBatches(slice_dataset(cfg, m, exclude_folds=[0]), m.layout, 4, torch.device("cpu"))
     assert next(batches)["image"].shape == (4, 1, 64, 64)
     batches.close()
+
+
+def test_weighted_stream_gives_each_dataset_its_share(ray_session, local_store):
+    """data.sampling_weights under Ray Data: rows are thinned per dataset to the weighted share."""
+    from robustseg.data.streaming import RayDataBatches, acceptance_rates
+
+    cfg, store, m = local_store
+    ref = load_slices(store, m, exclude_folds=[0], columns=list(KEYS) + ["train_labelled"])
+    ref = ref.filter(pc.field("train_labelled")).select(["image", "image_scale", "image_offset", "label"])
+    n = ref.num_rows
+    n_target = max(2, n // 5)  # a small target set beside a larger pool
+    names = ["target"] * n_target + ["pool"] * (n - n_target)
+    table = ref.append_column("dataset", pa.array(names))
+    images = decode_images(table, m.layout)
+    source = {images[i].tobytes(): names[i] for i in range(n)}
+
+    rates = acceptance_rates({"target": n_target, "pool": n - n_target}, {"target": 1.0, "pool": 1.0})
+    assert rates["target"] == 1.0 and rates["pool"] == pytest.approx(n_target / (n - n_target))
+    ds = ray_session.data.from_arrow(table)
+    batches = RayDataBatches(ds, m.layout, 4, torch.device("cpu"), local_shuffle_buffer_size=8, seed=3, accept=rates)
+    got = [source[img.tobytes()] for _ in range(60) for img in next(batches)["image"][:, 0].numpy()]
+    share = got.count("target") / len(got)
+    assert len(got) == 240 and 0.4 < share < 0.6, share  # unweighted it would be ~n_target / n (0.2)
+    batches.close()
+    with pytest.raises(Exception, match="not in the training data"):
+        acceptance_rates({"pool": 10}, {"target": 1.0})

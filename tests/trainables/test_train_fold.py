@@ -140,3 +140,20 @@ def _metric_history(mlflow_args, run, key):
     from mlflow import MlflowClient
 
     return MlflowClient(mlflow_args["tracking_uri"]).get_metric_history(run.info.run_id, key)
+
+
+def test_sampling_weights_reach_the_stream(ray_session, root):
+    """Pooled training under Ray Train: the workers get per-dataset acceptance rates."""
+    from robustseg.errors import ConfigError
+    from trainables.train_fold import build_trainer
+
+    manifest = ensure_prepared(tiny_cfg(root))
+    datasets = sorted({c["dataset"] for c in manifest.cases})
+    cfg = tiny_cfg(root, **{"data.sampling_weights": {datasets[0]: 2.0}})
+    trainer = build_trainer(cfg, storage_path=str(root / "ray"), run_name="weighted")
+    loop = trainer.train_loop_config
+    assert loop["dataset_accept"] == {d: 1.0 for d in datasets}  # one dataset: every row kept
+    assert "dataset" in trainer.datasets["train"].schema().names
+    bad = tiny_cfg(root, **{"data.sampling_weights": {"nowhere": 1.0}})
+    with pytest.raises(ConfigError, match="nowhere"):
+        build_trainer(bad, storage_path=str(root / "ray"), run_name="weighted-bad")

@@ -16,7 +16,7 @@ Only Ray code imports this module (it imports ``ray.data``); the engine stays Ra
 """
 from __future__ import annotations
 
-from typing import Any, Dict, Iterator, List, Optional, Sequence
+from typing import Any, Dict, Iterator, List, Mapping, Optional, Sequence
 
 import numpy as np
 import torch
@@ -97,6 +97,31 @@ def labelled_rows(manifest: Manifest, folds: Optional[Sequence[int]] = None,
                if c.get("train_labelled") and (inc is None or c["fold"] in inc) and c["fold"] not in exc)
 
 
+def training_rows(manifest: Manifest, exclude_folds: Sequence[int], labelled_only: bool = True) -> Dict[str, int]:
+    """Training slices per dataset outside some folds (training-labelled ones only by default)."""
+    exc = set(exclude_folds)
+    counts: Dict[str, int] = {}
+    for c in manifest.cases:
+        if c["fold"] not in exc and (c.get("train_labelled") or not labelled_only):
+            counts[c["dataset"]] = counts.get(c["dataset"], 0) + int(c["n_slices"])
+    return counts
+
+
+def acceptance_rates(counts: Mapping[str, int], weights: Mapping[str, float]) -> Dict[str, float]:
+    """Per-dataset probability of keeping a streamed row so each dataset gets its weighted share.
+
+    Keeping a row of dataset d with probability proportional to ``w_d / n_d`` (scaled so the
+    largest is 1) gives d the share ``w_d / sum(w)`` of the kept rows, exactly as the
+    in-memory batcher's sampling probabilities do; a down-weighted pool is thinned instead
+    of a small target set being replicated, so no row is ever seen twice in one pass.
+    """
+    from robustseg.engine.data import dataset_slice_weights
+
+    per = dataset_slice_weights(counts, weights)
+    top = max(per.values())
+    return {d: v / top for d, v in per.items()}
+
+
 def decode_batch(table: Any, layout: SliceLayout) -> Dict[str, np.ndarray]:
     """Decode one pyarrow batch: float32 images ``(N, H, W)`` and uint8 labels ``(N, H, W)``.
 
@@ -129,12 +154,15 @@ class RayDataBatches:
         local_shuffle_buffer_size: Rows in Ray Data's local shuffle buffer (0/None: off).
         seed: Base seed of the local shuffle (None: unseeded); pass ``seed + rank`` per worker.
         prefetch_batches: Batches Ray Data prepares ahead.
+        accept: Per-dataset probability of keeping a row (`acceptance_rates`; the shard must
+            carry the ``dataset`` column): pooled training with ``data.sampling_weights``.
+            Draws come from a NumPy generator seeded by ``seed`` and the pass number.
     """
 
     def __init__(self, shard: Any, layout: SliceLayout, batch_size: int, device: torch.device, *,
                  patch_size: Optional[Sequence[int]] = None, generator: Optional[torch.Generator] = None,
                  local_shuffle_buffer_size: Optional[int] = DEFAULT_SHUFFLE_BUFFER, seed: Optional[int] = None,
-                 prefetch_batches: int = 2) -> None:
+                 prefetch_batches: int = 2, accept: Optional[Mapping[str, float]] = None) -> None:
         self.shard = shard
         self.layout = layout
         self.batch_size = int(batch_size)
@@ -147,6 +175,9 @@ class RayDataBatches:
         self.prefetch = int(prefetch_batches)
         self.passes = 0  #: Completed passes over the shard (data epochs).
         self._it: Optional[Iterator[Any]] = None
+        self.accept = dict(accept) if accept else None
+        self._kept: List[Any] = []  # accepted rows waiting to fill a batch
+        self._rng: Optional[np.random.Generator] = None
 
     def __iter__(self) -> "RayDataBatches":
         return self
@@ -154,6 +185,7 @@ class RayDataBatches:
     def _start_pass(self) -> Iterator[Any]:
         # A different shuffle seed per pass: a fixed seed would repeat the same order.
         seed = None if self.seed is None else int(self.seed) * 1000 + self.passes
+        self._rng = np.random.default_rng(None if seed is None else seed + 1)
         return iter(self.shard.iter_batches(
             batch_size=self.batch_size, batch_format="pyarrow", drop_last=True,
             prefetch_batches=self.prefetch,
@@ -161,6 +193,22 @@ class RayDataBatches:
             local_shuffle_seed=seed if self.shuffle > 0 else None))
 
     def __next__(self) -> Dict[str, torch.Tensor]:
+        if self.accept is None:
+            return self._to_device(decode_batch(self._next_table(), self.layout))
+        import pyarrow as pa
+
+        # Thin each streamed batch by dataset until a full batch is kept; rows left over start
+        # the next batch, so nothing accepted is dropped.
+        while sum(t.num_rows for t in self._kept) < self.batch_size:
+            table = self._next_table()
+            rates = np.array([self.accept.get(d, 0.0) for d in table.column("dataset").to_pylist()])
+            assert self._rng is not None
+            self._kept.append(table.filter(pa.array(self._rng.random(len(rates)) < rates)))
+        kept = pa.concat_tables(self._kept)
+        self._kept = [kept.slice(self.batch_size)]
+        return self._to_device(decode_batch(kept.slice(0, self.batch_size), self.layout))
+
+    def _next_table(self) -> Any:
         fresh = self._it is None
         if self._it is None:
             self._it = self._start_pass()
@@ -171,8 +219,8 @@ class RayDataBatches:
                 raise ValueError(f"the training shard holds fewer than batch_size={self.batch_size} labelled "
                                  "slices (check folds, the label budget and the number of workers)") from None
             self._it, self.passes = None, self.passes + 1
-            return next(self)
-        return self._to_device(decode_batch(table, self.layout))
+            return self._next_table()
+        return table
 
     def close(self) -> None:
         """Stop the current pass (releases Ray Data's iterator before a shutdown)."""

@@ -79,15 +79,31 @@ def slice_probabilities(data: SliceSet, weights: Mapping[str, float]) -> torch.T
         ConfigError: a weighted dataset that is not in the data, or no positive weight left.
     """
     datasets = [data.meta[c]["dataset"] for c in data.case_ids]
-    present = sorted(set(datasets))
+    per_slice = dataset_slice_weights({d: datasets.count(d) for d in set(datasets)}, weights)
+    return torch.tensor([per_slice[d] for d in datasets], dtype=torch.float32, device=data.images.device)
+
+
+def dataset_slice_weights(counts: Mapping[str, int], weights: Mapping[str, float]) -> Dict[str, float]:
+    """Relative sampling weight of one slice of each dataset: its dataset's weight over its slice count.
+
+    Shared by the in-memory batcher (as probabilities) and the Ray Data stream (as acceptance
+    rates), so both give each dataset the same share of the batches.
+
+    Args:
+        counts: Training slices per dataset.
+        weights: ``data.sampling_weights`` (unlisted datasets weigh 1).
+
+    Raises:
+        ConfigError: a weighted dataset that is not in the data, or no positive weight left.
+    """
+    present = sorted(d for d, n in counts.items() if n > 0)
     unknown = sorted(set(weights) - set(present))
     if unknown:
         raise ConfigError(f"data.sampling_weights names datasets {unknown} not in the training data {present}")
-    counts = {d: datasets.count(d) for d in present}
-    per = [float(weights.get(d, 1.0)) / counts[d] for d in datasets]
-    if not sum(per) > 0:
+    per = {d: float(weights.get(d, 1.0)) / counts[d] for d in present}
+    if not sum(per.values()) > 0:
         raise ConfigError(f"data.sampling_weights leaves no dataset with a positive weight ({dict(weights)})")
-    return torch.tensor(per, dtype=torch.float32, device=data.images.device)
+    return per
 
 
 def load_slice_set(store: ObjectStore, manifest: Manifest, *, folds: Optional[Sequence[int]] = None,
@@ -132,24 +148,48 @@ def _crop_starts(size: int, patch: int, n: int, centres: Optional[torch.Tensor],
     return torch.clamp(centres.long() - patch // 2 + jitter, 0, hi)
 
 
+ROW_SETS = ("labelled", "all", "unlabelled")
+
+
+def row_mask(data: SliceSet, rows: str) -> torch.Tensor:
+    """Mask of the slices a batcher samples (see `SliceBatcher`'s ``rows``).
+
+    Raises:
+        ValueError: an unknown row set, or none of its slices in the data.
+    """
+    if rows not in ROW_SETS:
+        raise ValueError(f"rows must be one of {ROW_SETS}, got {rows!r}")
+    mask = {"labelled": data.labelled, "all": torch.ones_like(data.labelled),
+            "unlabelled": ~data.labelled}[rows]
+    if not bool(mask.any()):
+        raise ValueError(f"no {'' if rows == 'all' else rows + ' '}training slices (check folds, the label budget "
+                         "and the sources)")
+    return mask
+
+
 class SliceBatcher:
     """Infinite iterator of 2D training batches sampled on the data's device.
 
     Args:
-        data: Training slices (only labelled slices are sampled).
+        data: Training slices.
         batch_size: Slices per batch.
         patch_size: ``(h, w)`` crop, or None for whole slices.
         generator: Device generator: all sampling randomness comes from it (resumable).
-        fg_fraction: Share of each batch drawn from slices containing foreground.
+        fg_fraction: Share of each batch drawn from slices containing foreground (labelled
+            rows only: other row sets have no usable label to find foreground in).
+        dataset_weights: Per-dataset share of the batches (see `slice_probabilities`).
+        rows: Which slices are sampled: ``"labelled"`` (training-labelled: supervised
+            regimes), ``"all"`` (every slice: self-supervised regimes) or ``"unlabelled"``
+            (slices without a usable label: the unlabelled stream of semi-supervised regimes).
     """
 
     def __init__(self, data: SliceSet, batch_size: int, patch_size: Optional[Sequence[int]],
                  generator: torch.Generator, fg_fraction: float = 0.33,
-                 dataset_weights: Optional[Mapping[str, float]] = None) -> None:
-        usable = data.labelled
-        if not bool(usable.any()):
-            raise ValueError("no labelled training slices (check folds and the label budget)")
+                 dataset_weights: Optional[Mapping[str, float]] = None, rows: str = "labelled") -> None:
+        usable = row_mask(data, rows)
         self.data = data.subset(usable)
+        if rows != "labelled":
+            fg_fraction = 0.0
         self.prob = slice_probabilities(self.data, dataset_weights) if dataset_weights else None
         self.batch_size = batch_size
         h, w = self.data.images.shape[1:]
@@ -220,12 +260,11 @@ class VolumeBatcher:
     """
 
     def __init__(self, data: SliceSet, batch_size: int, patch_size: Sequence[int], generator: torch.Generator,
-                 fg_fraction: float = 0.33) -> None:
-        vols = [v for v in data.volumes() if v["has_label"]]
-        labelled = {cid for cid, m in zip(data.case_ids, data.labelled.tolist()) if m}
-        vols = [v for v in vols if v["case_id"] in labelled]
-        if not vols:
-            raise ValueError("no labelled training volumes (check folds and the label budget)")
+                 fg_fraction: float = 0.33, rows: str = "labelled") -> None:
+        keep = {cid for cid, m in zip(data.case_ids, row_mask(data, rows).tolist()) if m}
+        vols = [v for v in data.volumes() if v["case_id"] in keep]
+        if rows != "labelled":
+            fg_fraction = 0.0
         self.depth = int(patch_size[0])
         zmax = max(self.depth, max(v["image"].shape[0] for v in vols))
         h, w = vols[0]["image"].shape[1:]

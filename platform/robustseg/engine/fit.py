@@ -81,7 +81,8 @@ def fit(cfg: ExperimentConfig, train_batches: Iterator[Dict[str, torch.Tensor]],
         extra_state: Optional[Dict[str, Any]] = None, resume: bool = True,
         callbacks: Sequence[Callback] = (), progress: Optional[Callable[..., Any]] = None,
         model_wrapper: Optional[Callable[[torch.nn.Module], torch.nn.Module]] = None,
-        write_checkpoints: bool = True, rank: int = 0) -> FitResult:
+        write_checkpoints: bool = True, rank: int = 0,
+        unlabelled: Optional[Iterator[Dict[str, torch.Tensor]]] = None) -> FitResult:
     """Train ``cfg.model`` with ``cfg.regime`` and keep the best checkpoint on validation Dice.
 
     Args:
@@ -104,6 +105,11 @@ def fit(cfg: ExperimentConfig, train_batches: Iterator[Dict[str, torch.Tensor]],
         rank: DDP rank. Ranks > 0 reseed the augmentation generator (deterministically from
             the seed, rank and start epoch) so ranks do not draw identical augmentations; the
             stored RNG state is rank 0's.
+        unlabelled: Batches of unlabelled slices for ``data="semi"`` regimes (``ctx.unlabelled``).
+
+    Regimes with a ``validate(val_cases)`` method score epochs themselves (``val_score``);
+    ``optim.snapshot_every`` > 0 also keeps the weights of every N-th epoch under
+    ``snapshots/`` (for SVCCA-style analyses of how layers converge).
 
     Returns:
         A `FitResult`.
@@ -145,7 +151,7 @@ def fit(cfg: ExperimentConfig, train_batches: Iterator[Dict[str, torch.Tensor]],
     ctx = StepContext(model=run_model, optimizer=optimizer, loss_fn=DiceCELoss(cfg.loss, cfg.model.num_classes),
                       augmenter=build_augmenter(cfg.augment, dims), generator=generator, device=device,
                       amp_dtype=amp, num_classes=cfg.model.num_classes, mixup_p=cfg.augment.mixup,
-                      mixup_alpha=cfg.augment.mixup_alpha)
+                      mixup_alpha=cfg.augment.mixup_alpha, unlabelled=unlabelled)
     regime.setup(ctx, regime_params)
 
     start_epoch, best_score, best_epoch, history, bad_epochs = 0, -math.inf, -1, [], 0
@@ -161,6 +167,7 @@ def fit(cfg: ExperimentConfig, train_batches: Iterator[Dict[str, torch.Tensor]],
     if rank > 0:
         generator.manual_seed(cfg.optim.seed * 1_000_003 + 7_919 * start_epoch + rank)
     stopped = False
+    own_validation = callable(getattr(regime, "validate", None))
     for epoch in range(start_epoch, cfg.optim.epochs):
         model.train()
         sums: Dict[str, torch.Tensor] = {}
@@ -180,10 +187,14 @@ def fit(cfg: ExperimentConfig, train_batches: Iterator[Dict[str, torch.Tensor]],
         metrics.update(epoch=epoch + 1, lr=optimizer.param_groups[0]["lr"], epoch_seconds=seconds,
                        slices_per_s=n * cfg.optim.batch_size / max(seconds, 1e-9))
         if val_cases and ((epoch + 1) % cfg.inference.val_every == 0 or epoch + 1 == cfg.optim.epochs):
-            metrics.update(validate(run_model, val_cases, spatial_dims=dims, num_classes=cfg.model.num_classes,
-                                    class_names=class_names, patch_size=patch_size, cfg=cfg.inference,
-                                    divisible_by=divisible, amp=amp is not None))
-            score = metrics["val_dice"]
+            if own_validation:
+                metrics.update(regime.validate(val_cases))
+                score = metrics["val_score"]
+            else:
+                metrics.update(validate(run_model, val_cases, spatial_dims=dims, num_classes=cfg.model.num_classes,
+                                        class_names=class_names, patch_size=patch_size, cfg=cfg.inference,
+                                        divisible_by=divisible, amp=amp is not None))
+                score = metrics["val_dice"]
             if not math.isnan(score) and score > best_score:
                 best_score, best_epoch, bad_epochs = score, epoch + 1, 0
                 metrics["is_best"] = 1.0
@@ -202,13 +213,16 @@ def fit(cfg: ExperimentConfig, train_batches: Iterator[Dict[str, torch.Tensor]],
             save_checkpoint(last_path, payload)
             if metrics.get("is_best"):
                 save_checkpoint(best_path, payload)
+            if cfg.optim.snapshot_every and (epoch + 1) % cfg.optim.snapshot_every == 0:
+                slim = {k: v for k, v in payload.items() if k not in ("optimizer", "scheduler", "regime", "rng")}
+                save_checkpoint(out_dir / "snapshots" / f"epoch_{epoch + 1:04d}.pt", slim)
             (out_dir / "history.json").write_text(json.dumps(history, indent=1))
         for cb in callbacks:
             cb(epoch + 1, metrics, last_path)
         if _agree(cfg.optim.patience is not None and bad_epochs >= cfg.optim.patience, device):
             stopped = True
             break
-    if write_checkpoints and val_cases:
+    if write_checkpoints and val_cases and not own_validation:
         # Per-case Dice and overlays of the final model: the run's MLflow artifacts.
         collected: List[Dict[str, Any]] = []
         validate(run_model, val_cases, spatial_dims=dims, num_classes=cfg.model.num_classes, class_names=class_names,

@@ -20,6 +20,7 @@ from robustseg.engine.data import SliceBatcher, SliceSet, VolumeBatcher, load_sl
 from robustseg.engine.fit import FitResult, default_device, fit
 from robustseg.errors import ConfigError
 from robustseg.models import spatial_dims
+from robustseg.registry import REGIMES
 
 
 @dataclass
@@ -96,21 +97,28 @@ def train_from_config(cfg: ExperimentConfig, *, out_dir: Optional[Path] = None, 
     torch.manual_seed(cfg.optim.seed)
     patch = patch_for(cfg, manifest)
     dims = spatial_dims(cfg.model.name)
+    feed = regime_data(cfg.regime.name)
+    unlabelled = None
     if train_batches is None:
         data = load_train_data(cfg, device, manifest)
         train, val = data.train, data.val
+        rows = "all" if feed == "images" else "labelled"
         if dims == 3:
             if cfg.data.sampling_weights:
                 raise ConfigError("data.sampling_weights applies to 2D (slice) training; 3D batches sample cases")
-            batches = VolumeBatcher(train, cfg.optim.batch_size, patch, generator)
+            batches = VolumeBatcher(train, cfg.optim.batch_size, patch, generator, rows=rows)
+            if feed == "semi":
+                unlabelled = VolumeBatcher(train, cfg.optim.batch_size, patch, generator, rows="unlabelled")
         else:
-            batches = SliceBatcher(train, cfg.optim.batch_size, patch, generator,
-                                   dataset_weights=cfg.data.sampling_weights or None)
+            weights = cfg.data.sampling_weights or None
+            batches = SliceBatcher(train, cfg.optim.batch_size, patch, generator, dataset_weights=weights, rows=rows)
+            if feed == "semi":
+                unlabelled = SliceBatcher(train, cfg.optim.batch_size, patch, generator, rows="unlabelled")
         spacing = _median_spacing(train, dims)
     else:
-        if cfg.data.sampling_weights:
-            raise ConfigError("data.sampling_weights needs the in-memory batcher (`robustseg train`); the Ray Data "
-                              "stream samples slices uniformly")
+        if feed == "semi":
+            raise ConfigError(f"regime {cfg.regime.name!r} needs labelled and unlabelled batches, which only the "
+                              "in-memory batcher provides (`robustseg train`); the Ray Data stream feeds one set")
         store = open_store(cfg.data.shards_uri, cfg.data.storage)
         val = load_slice_set(store, manifest, folds=[cfg.data.val_fold], device=device)
         batches = train_batches(generator, patch)
@@ -124,7 +132,17 @@ def train_from_config(cfg: ExperimentConfig, *, out_dir: Optional[Path] = None, 
     return fit(cfg, batches, val_cases, out_dir=out, patch_size=patch, generator=generator,
                class_names={int(k): v for k, v in manifest.class_names.items()}, spacing=spacing, device=device,
                extra_state=extra, resume=resume, callbacks=callbacks, progress=progress,
-               model_wrapper=model_wrapper, write_checkpoints=write_checkpoints, rank=rank)
+               model_wrapper=model_wrapper, write_checkpoints=write_checkpoints, rank=rank, unlabelled=unlabelled)
+
+
+def regime_data(name: str) -> str:
+    """What a regime's step is fed: ``labelled``, ``images`` or ``semi`` (see `robustseg.regimes`)."""
+    import robustseg.regimes  # noqa: F401 (registers the regimes)
+
+    feed = str(REGIMES.meta(name).get("data", "labelled"))
+    if feed not in ("labelled", "images", "semi"):
+        raise ConfigError(f"regime {name!r} registered with data={feed!r}; expected labelled, images or semi")
+    return feed
 
 
 def _median_spacing(data: SliceSet, dims: int) -> Optional[Sequence[float]]:

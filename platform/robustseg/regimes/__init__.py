@@ -4,12 +4,22 @@ Contract: a regime class registered in `REGIMES` (with ``params=`` its typed par
 dataclass) has ``setup(ctx: StepContext, params)``, ``train_step(batch) -> dict[str, float]``,
 ``state_dict()`` and ``load_state_dict(state)``. The fit loop owns epochs, validation,
 schedules and checkpoints; the regime owns what one optimisation step means.
+
+Optional parts of the contract:
+
+* ``data=`` at registration says what the step is fed: ``"labelled"`` (default: batches of
+  training-labelled slices), ``"images"`` (every training slice, labelled or not; labels are
+  not used, e.g. self-supervised restoration) or ``"semi"`` (labelled batches, plus
+  ``ctx.unlabelled`` yielding batches of the slices without a usable label).
+* ``validate(val_cases) -> dict`` replaces the fit loop's Dice validation; it must return a
+  ``"val_score"`` (higher is better) that selects the best checkpoint and drives early
+  stopping (e.g. minus the restoration error of a pre-training regime).
 """
 from __future__ import annotations
 
 import importlib
 from dataclasses import dataclass
-from typing import Any, Callable, Optional
+from typing import Any, Callable, Dict, Iterator, Optional
 
 import torch
 
@@ -31,6 +41,8 @@ class StepContext:
         num_classes: Output classes.
         mixup_p: Probability of mixup per batch.
         mixup_alpha: Beta parameter of the mixup ratio.
+        unlabelled: For regimes registered with ``data="semi"``: an infinite iterator of
+            ``{"image"}`` batches of training slices without a usable label (None otherwise).
     """
 
     model: torch.nn.Module
@@ -43,6 +55,7 @@ class StepContext:
     num_classes: int
     mixup_p: float = 0.0
     mixup_alpha: float = 0.4
+    unlabelled: Optional[Iterator[Dict[str, torch.Tensor]]] = None
 
 
 for _m in ("supervised", "advchain"):
