@@ -178,8 +178,24 @@ class RegimeConfig:
                                        "checkpoint's optimiser state.")
     init_lr_scale: float = doc(1.0, "Multiply optim.lr by this when starting from init (e.g. 0.1 for fine-tuning).")
     init_strict: bool = doc(True, "Every parameter must match; false loads those matching by name and shape.")
+    init_flatten: str = doc("sum", "A 3D source (e.g. unet3d, Models Genesis cubes) into a 2D backbone: collapse each "
+                                   "kernel's depth by sum (a depth-constant volume gives the 3D response) or centre "
+                                   "(the kernel's middle slice).")
+    finetune: str = doc("none", "Transfer-learning mode (lung CT thesis Ch. 3): decoder = freeze the first half of the "
+                                "encoder and re-initialise the output layer; all = train everything and re-initialise "
+                                "the last decoder block; scratch = random initialisation (regime.init must be empty), "
+                                "for comparison; none = load init as is. U-Net backbones only.")
 
     def __post_init__(self) -> None:
+        _check_choice("regime.init_flatten", self.init_flatten, ("sum", "centre"))
+        _check_choice("regime.finetune", self.finetune, ("none", "decoder", "all", "scratch"))
+        if self.finetune == "scratch" and self.init:
+            raise ConfigError(f"regime.finetune=scratch trains from random weights, but regime.init={self.init!r}")
+        if self.finetune in ("decoder", "all") and not self.init:
+            raise ConfigError(f"regime.finetune={self.finetune} fine-tunes pre-trained weights: set regime.init")
+        if self.finetune == "decoder" and self.init_optimizer == "checkpoint":
+            raise ConfigError("regime.finetune=decoder trains a subset of the parameters: the source optimiser state "
+                              "does not fit it; use regime.init_optimizer: fresh")
         if self.init_optimizer not in ("fresh", "checkpoint"):
             raise ConfigError(f"regime.init_optimizer must be 'fresh' or 'checkpoint', got {self.init_optimizer!r}")
         if not self.init_lr_scale > 0:

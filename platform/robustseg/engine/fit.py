@@ -26,6 +26,7 @@ from robustseg.engine.losses import DiceCELoss
 from robustseg.engine.optim import build_optimizer, build_scheduler
 from robustseg.engine.validate import validate, write_validation_artifacts
 from robustseg.models import build_model, size_multiple, spatial_dims
+from robustseg.models.transfer import apply_finetune
 from robustseg.regimes import StepContext
 from robustseg.registry import REGIMES
 
@@ -133,6 +134,8 @@ def fit(cfg: ExperimentConfig, train_batches: Iterator[Dict[str, torch.Tensor]],
     if init is not None:
         apply_init(model, init, cfg)
         log.info("initialised from %s%s", init.where, f" ({len(init.skipped)} parameters left fresh)" if init.skipped else "")
+    # Freezing is re-applied on resume (requires_grad is not stored); fresh layers only at the start.
+    apply_finetune(model, cfg.model.name, cfg.regime.finetune, reinit=init is not None)
     if model_wrapper is not None:
         model = model_wrapper(model)
     optim_cfg = cfg.optim if init is None else dataclasses.replace(cfg.optim, lr=cfg.optim.lr * cfg.regime.init_lr_scale)

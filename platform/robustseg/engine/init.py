@@ -97,12 +97,34 @@ def resolve_init(cfg: ExperimentConfig) -> Optional[InitState]:
     return _from_checkpoint(Path(spec))
 
 
+def _is_3d(backbone: str) -> bool:
+    from robustseg.models import spatial_dims
+
+    return spatial_dims(backbone) == 3
+
+
 def apply_init(model: torch.nn.Module, state: InitState, cfg: ExperimentConfig) -> InitState:
     """Load ``state`` into ``model`` (strictly, or matching parameters only).
+
+    A 3D source into a 2D model is flattened (``regime.init_flatten``); strict loading then
+    requires every 2D parameter to get a weight.
 
     Raises:
         CheckpointError: strict loading of weights that do not fit, or nothing matching at all.
     """
+    if _is_3d(state.backbone) and not _is_3d(cfg.model.name):
+        from robustseg.models.transfer import flatten_3d_to_2d
+
+        report = flatten_3d_to_2d(state.model, unwrap(model), mode=cfg.regime.init_flatten)
+        if not report["flattened"]:
+            raise CheckpointError(f"{state.where}: no 3D kernel of the {state.backbone} weights fits the "
+                                  f"{cfg.model.name} model (same stage count and filters needed)")
+        if cfg.regime.init_strict and report["missing"]:
+            raise CheckpointError(f"{state.where}: flattening leaves {len(report['missing'])} {cfg.model.name} "
+                                  f"parameters without weights (e.g. {report['missing'][:3]}); "
+                                  "set regime.init_strict: false to keep them fresh")
+        state.skipped = report["missing"]
+        return state
     if cfg.regime.init_strict:
         load_model_state(model, state.model, state.where, cfg.model.name, state.backbone)
         return state
