@@ -1,4 +1,4 @@
-"""One search space per training regime that exists (``supervised``, ``advchain``).
+"""One search space per training regime that exists (``supervised``, ``advchain``, ``genesis``, ...).
 
 A regime space samples the regime's own parameters (``regime/params/...``) and the
 step-level options the regime applies (mixup), and leaves the backbone and optimiser to the
@@ -48,6 +48,43 @@ def advchain(trial: Any) -> Sample:
     }
 
 
-REGIME_SPACES = ("supervised", "advchain")
+@SEARCH_SPACES.register("genesis", regime="genesis")
+def genesis(trial: Any) -> Sample:
+    """Models-Genesis pre-training: how hard the restoration task is.
 
-__all__ = ["REGIME_SPACES", "advchain", "supervised"]
+    The corruption rates bracket Models Genesis's defaults (local shuffle 0.5, painting 0.9,
+    out-painting 0.8 of that); the score is the validation restoration error. No mixup: the
+    regime refuses it (a mixed image has no single original to restore).
+    """
+    return {
+        "regime/name": "genesis",
+        "regime/params/local_p": trial.suggest_float("regime/params/local_p", 0.25, 0.75),
+        "regime/params/paint_p": trial.suggest_float("regime/params/paint_p", 0.6, 1.0),
+        "regime/params/outpaint_p": trial.suggest_float("regime/params/outpaint_p", 0.5, 0.9),
+        "regime/params/input_space": trial.suggest_categorical("regime/params/input_space", ["plan", "unit"]),
+        "augment/mixup": 0.0,
+    }
+
+
+@SEARCH_SPACES.register("mean_teacher", regime="mean_teacher")
+def mean_teacher(trial: Any) -> Sample:
+    """Mean teacher: EMA decay, consistency weight and ramp-up, and the labelled batch's mixup.
+
+    Ranges bracket Tarvainen & Valpola / UA-MT (decay 0.99, weight 0.1); the ramp-up is short
+    because small-data runs take few steps. The mixup kind and ``augment.mixup`` are sampled
+    together: the regime refuses a kind that contradicts the probability.
+    """
+    kind = trial.suggest_categorical("regime/params/mixup", ["none", "symmetric", "asymmetric"])
+    return {
+        "regime/name": "mean_teacher",
+        "regime/params/decay": trial.suggest_float("regime/params/decay", 0.95, 0.999, log=True),
+        "regime/params/consistency_weight": trial.suggest_float("regime/params/consistency_weight", 0.01, 1.0, log=True),
+        "regime/params/rampup_steps": trial.suggest_int("regime/params/rampup_steps", 100, 3000, log=True),
+        "regime/params/mixup": kind,
+        "augment/mixup": 0.0 if kind == "none" else trial.suggest_float("augment/mixup", 0.1, 0.5),
+    }
+
+
+REGIME_SPACES = ("supervised", "advchain", "genesis", "mean_teacher")
+
+__all__ = ["REGIME_SPACES", "advchain", "genesis", "mean_teacher", "supervised"]

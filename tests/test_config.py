@@ -105,3 +105,23 @@ def test_every_shipped_config_loads():
     for f in files:
         cfg = ExperimentConfig.from_yaml(f)
         assert cfg.to_dict() == yaml.safe_load(cfg.to_yaml())
+
+
+def test_base_files_merge_under_the_config(tmp_path):
+    from robustseg.config import ConfigError, ExperimentConfig
+
+    (tmp_path / "presets").mkdir()
+    (tmp_path / "presets" / "optim.yaml").write_text("optim: {name: adam, lr: 0.0002, epochs: 500}\n")
+    (tmp_path / "presets" / "data.yaml").write_text("data: {folds: 3, split_seed: 4}\noptim: {lr: 0.001}\n")
+    (tmp_path / "run.yaml").write_text("base: [presets/optim.yaml, presets/data.yaml]\noptim: {epochs: 20}\nname: r\n")
+    cfg = ExperimentConfig.from_yaml(tmp_path / "run.yaml", ["optim.batch_size=3"])
+    # later base beats earlier, the file beats its bases, overrides beat everything
+    assert (cfg.optim.name, cfg.optim.lr, cfg.optim.epochs, cfg.optim.batch_size) == ("adam", 0.001, 20, 3)
+    assert (cfg.data.folds, cfg.data.split_seed, cfg.name) == (3, 4, "r")
+    (tmp_path / "a.yaml").write_text("base: b.yaml\n")
+    (tmp_path / "b.yaml").write_text("base: a.yaml\n")
+    with pytest.raises(ConfigError, match="base cycle"):
+        ExperimentConfig.from_yaml(tmp_path / "a.yaml")
+    (tmp_path / "c.yaml").write_text("base: missing.yaml\n")
+    with pytest.raises(ConfigError, match="missing.yaml: config file not found"):
+        ExperimentConfig.from_yaml(tmp_path / "c.yaml")

@@ -128,6 +128,10 @@ class DataConfig:
     split_seed: int = doc(0, "Seed of the fold assignment (deterministic).")
     stratify: Optional[str] = doc("auto", "Stratify folds by this case field (dataset, motion_level, ...); auto: dataset; null: none.")
     label_budget: Optional[int] = doc(None, "Keep labels of only this many subjects (small-sample experiments); the rest are marked unlabelled-for-training.")
+    budget_split: str = doc("folds", "folds: the budget applies inside the usual K folds; holdout: validation (fold 0) "
+                                     "holds exactly the labelled subjects outside the budget and fold 1 the budget "
+                                     "plus every unlabelled case (label-budget curves: train on N, validate on the "
+                                     "rest; needs folds: 2 and val_fold: 0).")
     slices_per_shard: int = doc(1024, "2D slices per Parquet shard.")
     store_volumes: bool = doc(False, "Also write whole-volume shards (one row per case, for 3D models); 2D slices always reassemble into volumes.")
     slice_dtype: str = doc("uint8", "Stored image encoding: uint8 (per-slice scale/offset, ~1/255 of the slice range), float16 or float32.")
@@ -147,6 +151,10 @@ class DataConfig:
             raise ConfigError("data.slices_per_shard must be >= 1")
         if self.label_budget is not None and self.label_budget < 1:
             raise ConfigError("data.label_budget must be >= 1 or null")
+        _check_choice("data.budget_split", self.budget_split, ("folds", "holdout"))
+        if self.budget_split == "holdout" and (self.label_budget is None or self.folds != 2 or self.val_fold != 0):
+            raise ConfigError("data.budget_split=holdout needs data.label_budget, data.folds: 2 and data.val_fold: 0 "
+                              f"(got label_budget={self.label_budget}, folds={self.folds}, val_fold={self.val_fold})")
         bad = {k: v for k, v in self.sampling_weights.items() if not (isinstance(v, (int, float)) and v >= 0)}
         if bad:
             raise ConfigError(f"data.sampling_weights must be non-negative numbers, got {bad}")
@@ -336,16 +344,9 @@ class ExperimentConfig:
 
     @classmethod
     def from_yaml(cls, path: Union[str, Path], overrides: Sequence[str] = ()) -> "ExperimentConfig":
-        """Load a YAML file and apply dotted ``key=value`` overrides."""
+        """Load a YAML file (with its ``base:`` files, see `read_yaml`) and apply dotted overrides."""
         p = Path(path)
-        try:
-            raw = yaml.safe_load(p.read_text()) or {}
-        except FileNotFoundError:
-            raise ConfigError(f"{p}: config file not found") from None
-        except yaml.YAMLError as e:
-            raise ConfigError(f"{p}: invalid YAML: {e}") from None
-        if not isinstance(raw, dict):
-            raise ConfigError(f"{p}: top level must be a mapping, got {type(raw).__name__}")
+        raw = read_yaml(p)
         try:
             return cls.from_dict(apply_overrides(raw, overrides))
         except ConfigError as e:
@@ -357,6 +358,42 @@ class ExperimentConfig:
 
 
 # --------------------------------------------------------------------------- helpers
+def _merge(base: Mapping[str, Any], over: Mapping[str, Any]) -> Dict[str, Any]:
+    """Deep merge: mappings merge key by key, anything else in ``over`` replaces ``base``."""
+    out = dict(base)
+    for k, v in over.items():
+        out[k] = _merge(out[k], v) if isinstance(v, Mapping) and isinstance(out.get(k), Mapping) else v
+    return out
+
+
+def read_yaml(path: Union[str, Path], _seen: Sequence[Path] = ()) -> Dict[str, Any]:
+    """A config file as a dict, with the files its ``base:`` names merged under it.
+
+    ``base`` is a path or a list of paths relative to the file; later bases override earlier
+    ones and the file overrides them all (mappings merge key by key), so a shared preset
+    (e.g. ``configs/presets/thesis_optim.yaml``) is written once.
+
+    Raises:
+        ConfigError: a missing or invalid file (named), or a ``base`` cycle.
+    """
+    p = Path(path)
+    if p.resolve() in _seen:
+        raise ConfigError(f"{p}: base cycle ({' -> '.join(str(s) for s in _seen)} -> {p})")
+    try:
+        raw = yaml.safe_load(p.read_text()) or {}
+    except FileNotFoundError:
+        raise ConfigError(f"{p}: config file not found") from None
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{p}: invalid YAML: {e}") from None
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{p}: top level must be a mapping, got {type(raw).__name__}")
+    bases = raw.pop("base", None) or []
+    merged: Dict[str, Any] = {}
+    for b in [bases] if isinstance(bases, str) else list(bases):
+        merged = _merge(merged, read_yaml(p.parent / str(b), [*_seen, p.resolve()]))
+    return _merge(merged, raw)
+
+
 def _check_choice(key: str, value: Any, choices: Sequence[Any]) -> None:
     if value not in choices:
         raise ConfigError(f"{key} must be one of {list(choices)}, got {value!r}")

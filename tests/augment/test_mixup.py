@@ -6,6 +6,7 @@ import torch
 import torch.nn.functional as F
 
 from robustseg.augment import mixup_batch, sample_beta
+from robustseg.augment.mixup import asymmetric_mixup_batch, asymmetric_target
 
 
 def _batch(b: int = 8, k: int = 4):
@@ -69,3 +70,90 @@ def test_bad_inputs():
         mixup_batch(image, target[:, :, :8], 0.4, torch.Generator())
     with pytest.raises(ValueError, match="alpha must be > 0"):
         sample_beta(0.0, (3,), torch.Generator())
+
+
+# --------------------------------------------------------------------------- asymmetric mixup
+def _binary_labels(b: int = 8, size: int = 16):
+    """Sample i: a foreground square at a sample-dependent place (so pairs overlap partly)."""
+    label = torch.zeros(b, 1, size, size, dtype=torch.long)
+    for i in range(b):
+        r, c = (2 * i) % 9, (3 * i) % 9
+        label[i, 0, r:r + 6, c:c + 6] = 1
+    return label
+
+
+def _partners(out: torch.Tensor, lam: torch.Tensor) -> torch.Tensor:
+    """Recover each sample's partner from constant images (sample i is the constant i)."""
+    own = torch.arange(out.shape[0], dtype=torch.float32)
+    mixed = out[:, 0, 0, 0]
+    partner = torch.where(lam < 1, (mixed - lam * own) / (1 - lam).clamp_min(1e-12), own)
+    return partner.round().long()
+
+
+def test_asymmetric_mixup_pairs_and_mixes_images_exactly_as_mixup_batch():
+    image, target = _batch()
+    label = target.argmax(1, keepdim=True)
+    a_img, a_t, a_lam = asymmetric_mixup_batch(image, label, 4, 0.4, torch.Generator().manual_seed(1),
+                                               return_lambda=True)
+    s_img, s_t, s_lam = mixup_batch(image, target, 0.4, torch.Generator().manual_seed(1), return_lambda=True)
+    assert torch.equal(a_img, s_img) and torch.equal(a_lam, s_lam)
+    # Never soft: every voxel is one class, fully, or left out (all zeros).
+    assert set(a_t.unique().tolist()) <= {0.0, 1.0}
+    assert set(a_t.sum(1).unique().tolist()) <= {0.0, 1.0}
+    assert ((s_t > 0) & (s_t < 1)).any()  # the symmetric targets of the same pairs are soft
+
+
+@pytest.mark.parametrize("margin", [0.2, 0.0])
+def test_asymmetric_binary_rule_keeps_visible_foreground_hard(margin):
+    b = 8
+    label = _binary_labels(b)
+    image = torch.arange(b, dtype=torch.float32).reshape(b, 1, 1, 1).expand(b, 1, 16, 16).contiguous()
+    out, tgt, lam = asymmetric_mixup_batch(image, label, 2, 0.4, torch.Generator().manual_seed(3), margin=margin,
+                                           return_lambda=True)
+    j = _partners(out, lam)
+    own, other = label[:, 0].bool(), label[j, 0].bool()
+    w = lam.reshape(b, 1, 1)
+    fg, bg = tgt[:, 1] == 1, tgt[:, 0] == 1
+    partner_visible = w < 1 - margin
+    assert torch.equal(fg, own | (other & partner_visible))  # own foreground always, the partner's when visible
+    assert torch.equal(bg, ~own & ~other)
+    left_out = tgt.sum(1) == 0
+    assert torch.equal(left_out, ~own & other & ~partner_visible)  # a faint partner foreground: neither class
+    if margin > 0:  # this seed covers both sides of the margin
+        assert bool((lam >= 1 - margin).any()) and bool((lam < 1 - margin).any())
+        assert bool(left_out.any())
+    else:
+        assert not bool(left_out.any())
+
+
+def test_asymmetric_target_several_classes_and_a_rare_subset():
+    label = torch.tensor([[[0, 1, 2, 1]], [[2, 2, 1, 0]]])  # (B=2, 1, S=4)
+    perm, lam = torch.tensor([1, 0]), torch.tensor([0.6, 0.6])
+
+    def classes(t):  # -1 marks a left-out voxel
+        return torch.where(t.sum(1) > 0, t.argmax(1), torch.full_like(t.argmax(1), -1))[0].tolist()
+
+    # Rare {1, 2}: a visible partner's rare class wins over background; two different rare classes conflict.
+    assert classes(asymmetric_target(label, perm, lam, 3, 0.2)) == [2, -1, -1, 1]
+    # Rare {2} only: class 1 is common, so 1 vs 0 is a common-class conflict and is left out.
+    assert classes(asymmetric_target(label, perm, lam, 3, 0.2, rare=[2])) == [2, 2, 2, -1]
+    # A weight of 1 is no mixing: the own label everywhere.
+    assert classes(asymmetric_target(label, perm, torch.tensor([1.0, 1.0]), 3, 0.2)) == [0, 1, 2, 1]
+
+
+def test_asymmetric_identity_determinism_and_bad_inputs():
+    image, target = _batch()
+    label = target.argmax(1, keepdim=True)
+    out, tgt = asymmetric_mixup_batch(image, label, 4, 0.0, torch.Generator().manual_seed(2))
+    assert torch.equal(out, image) and torch.equal(tgt, target)
+    a = asymmetric_mixup_batch(image, label, 4, 0.4, torch.Generator().manual_seed(5))
+    b = asymmetric_mixup_batch(image, label, 4, 0.4, torch.Generator().manual_seed(5))
+    assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
+    with pytest.raises(ValueError, match="integer"):
+        asymmetric_mixup_batch(image, target, 4, 0.4, torch.Generator())
+    with pytest.raises(ValueError, match="does not match"):
+        asymmetric_mixup_batch(image, label[:, :, :8], 4, 0.4, torch.Generator())
+    with pytest.raises(ValueError, match="margin"):
+        asymmetric_mixup_batch(image, label, 4, 0.4, torch.Generator(), margin=1.0)
+    with pytest.raises(ValueError, match="rare classes"):
+        asymmetric_mixup_batch(image, label, 4, 0.4, torch.Generator(), rare=[4])

@@ -159,3 +159,26 @@ def test_unreachable_store_fails_before_reading(monkeypatch):
     monkeypatch.setattr(prepare_mod, "read_cases", lambda *a, **k: pytest.fail("read before the store was checked"))
     with pytest.raises(StorageError, match="s3://bucket/x: object store unreachable"):
         prepare(cfg)
+
+
+def test_budget_holdout_validates_on_the_labelled_rest(tmp_path):
+    """budget_split=holdout: fold 0 = labelled subjects outside the budget, fold 1 = budget + unlabelled."""
+    from robustseg.config import DataConfig, SourceSpec
+    from robustseg.data.manifest import read_manifest
+    from robustseg.data.prepare import prepare
+    from robustseg.data.storage import open_store
+    from robustseg.errors import ConfigError
+
+    cfg = DataConfig(sources=[SourceSpec(name="synthetic_cmr", path="", options={"n_subjects": 5, "motion_levels": [0]})],
+                     plan="cmr", shards_uri=str(tmp_path / "s"), folds=2, label_budget=2, budget_split="holdout")
+    cfg.cmr.crop_size = [32, 32]
+    prepare(cfg)
+    cases = read_manifest(open_store(cfg.shards_uri)).cases
+    train = {c["subject_id"] for c in cases if c["fold"] == 1}
+    val = {c["subject_id"] for c in cases if c["fold"] == 0}
+    assert len(train) == 2 and len(val) == 3 and not train & val
+    assert all(c["train_labelled"] for c in cases if c["fold"] == 1)
+    with pytest.raises(ConfigError, match="needs data.label_budget, data.folds: 2"):
+        DataConfig(folds=5, label_budget=2, budget_split="holdout")
+    with pytest.raises(ConfigError, match="needs data.label_budget"):
+        DataConfig(folds=2, budget_split="holdout")

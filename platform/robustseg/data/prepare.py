@@ -40,7 +40,7 @@ from robustseg.data.sources import read_source
 from robustseg.data.splits import grouped_kfold, label_budget, subject_strata
 from robustseg.data.storage import ObjectStore, open_store
 from robustseg.data.volumes import volume_table
-from robustseg.errors import DataError
+from robustseg.errors import ConfigError, DataError
 
 ProgressFactory = Callable[..., Any]
 
@@ -143,6 +143,13 @@ def prepare(cfg: DataConfig, progress: ProgressFactory = _no_progress) -> Prepar
     if cfg.label_budget is not None:
         labelled_subjects = sorted({c.subject_id for c in cases if c.label is not None})
         budget = label_budget(labelled_subjects, cfg.label_budget, cfg.split_seed, strata)
+        if cfg.budget_split == "holdout":
+            # Validate on every labelled subject outside the budget; train on the budget and
+            # on all unlabelled cases (semi-supervised and self-supervised regimes use them).
+            folds = {s: 0 if s in labelled_subjects and s not in budget else 1 for s in subjects}
+            if not any(f == 0 for f in folds.values()):
+                raise ConfigError(f"data.budget_split=holdout: the label budget {cfg.label_budget} takes every "
+                                  "labelled subject, leaving none to validate on")
 
     size = _plan_size(cfg)
     layout = SliceLayout(height=size[0], width=size[1], image_dtype=cfg.slice_dtype,

@@ -58,5 +58,5 @@ class StepContext:
     unlabelled: Optional[Iterator[Dict[str, torch.Tensor]]] = None
 
 
-for _m in ("supervised", "advchain"):
+for _m in ("supervised", "advchain", "genesis", "mean_teacher"):
     importlib.import_module(f"{__name__}.{_m}")
