@@ -389,12 +389,16 @@ def build_parser() -> argparse.ArgumentParser:
     pd.set_defaults(fn=cmd_predict)
 
     from robustseg.ensemble_cli import add_parsers
+    from robustseg.pseudo_cli import add_parser as add_pseudo_parser
+    from robustseg.analysis_cli import add_parser as add_analysis_parser
     from robustseg.robustness_cli import add_parser as add_robustness_parser
     from robustseg.serve_cli import add_serve_parser
 
     add_parsers(sub)
     add_serve_parser(sub)
     add_robustness_parser(sub)
+    add_analysis_parser(sub)
+    add_pseudo_parser(sub)
 
     tu = sub.add_parser(
         "tune", help="Optuna sweep over hyperparameters, objective = K-fold cross-validated Dice (Ray Tune)",
