@@ -373,13 +373,16 @@ def build_parser() -> argparse.ArgumentParser:
     tr.add_argument("overrides", nargs="*", metavar="key.path=value")
     tr.set_defaults(fn=cmd_train)
 
-    pd = sub.add_parser("predict", help="segment NIfTI/h5 volumes with a checkpoint, an ensemble or an endpoint",
-                        description="Masks are written as <stem>_seg.nii.gz in each input's geometry.")
+    pd = sub.add_parser("predict", help="segment NIfTI/h5 volumes or 2D pictures with a checkpoint, an ensemble or "
+                                        "an endpoint",
+                        description="Masks are written as <stem>_seg.nii.gz in each input's geometry; 2D pictures "
+                                    "(PNG/JPEG slices, e.g. COVID-SemiSeg) get <stem>_seg.png in their size, 0/255 "
+                                    "for binary tasks.")
     pd.add_argument("--model", metavar="CHECKPOINT|URI",
                     help="best.pt from `robustseg train`, an ensemble folder, or models:/robustseg-cmr@champion")
     pd.add_argument("--endpoint", metavar="URL", help="send the volumes to a `robustseg serve` endpoint instead")
     pd.add_argument("--tracking-uri", help="MLflow tracking URI for models:/ URIs")
-    pd.add_argument("--input", required=True, metavar="PATH", help="a volume file or a folder of them")
+    pd.add_argument("--input", required=True, metavar="PATH", help="a volume or picture file, or a folder of them")
     pd.add_argument("--output", required=True, metavar="DIR")
     pd.add_argument("--device", choices=("cpu", "cuda"))
     pd.add_argument("--no-tta", action="store_true", help="skip mirror test-time augmentation")

@@ -15,7 +15,7 @@ import torch
 
 from robustseg.config import ExperimentConfig
 from robustseg.data.cases import Case, validate_case
-from robustseg.data.io import read_image, write_with_geometry
+from robustseg.data.io import PICTURE_SUFFIXES, picture_case, read_image, read_picture, write_with_geometry
 from robustseg.data.preprocess import Plan, plan_from_dict
 from robustseg.engine.checkpoint import CheckpointError, load_checkpoint, load_model_state
 from robustseg.engine.inference import predict_volume
@@ -23,7 +23,7 @@ from robustseg.engine.postprocess import postprocess
 from robustseg.errors import DataError
 from robustseg.models import build_model, size_multiple, spatial_dims
 
-VOLUME_SUFFIXES = (".nii.gz", ".nii", ".mha", ".mhd", ".nrrd", ".h5")
+VOLUME_SUFFIXES = (".nii.gz", ".nii", ".mha", ".mhd", ".nrrd", ".h5") + PICTURE_SUFFIXES
 
 
 @dataclass
@@ -74,14 +74,37 @@ def load_predictor(checkpoint: Union[str, Path], device: Optional[torch.device] 
                      spatial_dims(cfg.model.name), device, where)
 
 
+def is_picture(path: Path) -> bool:
+    """A 2D picture input (PNG, JPEG, ...), segmented as a one-slice case."""
+    return path.name.lower().endswith(PICTURE_SUFFIXES)
+
+
+def write_picture_mask(label: np.ndarray, path: Path, task: str) -> None:
+    """Write a one-slice mask as PNG; binary tasks use 0/255 like the COVID-SemiSeg masks.
+
+    Raises:
+        DataError: a multi-slice mask (a picture holds one slice).
+    """
+    from PIL import Image
+
+    if label.shape[0] != 1:
+        raise DataError(path, f"a picture mask needs one slice, got {label.shape[0]}")
+    scale = 255 if task.endswith("binary") else 1
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray((label[0] * scale).astype(np.uint8)).save(path)
+
+
 def read_input(path: Union[str, Path], task: str) -> Case:
-    """Read one input volume (NIfTI/MetaImage/NRRD, or an ACDC-style h5) as an unlabelled case.
+    """Read one input (NIfTI/MetaImage/NRRD, an ACDC-style h5, or a 2D picture) as an unlabelled case.
 
     Raises:
         DataError: unreadable file, wrong dimensionality, NaN, empty volume.
     """
     p = Path(path)
     modality = "CT" if task.startswith("lung") else "MR"
+    if is_picture(p):  # 2D slices as COVID-SemiSeg ships them (display-windowed JPEG/PNG)
+        return validate_case(picture_case(read_picture(p), None, case_id=volume_stem(p), subject_id=volume_stem(p),
+                                          modality=modality, task=task, source_path=str(p)))
     if p.suffix == ".h5":
         import h5py
 
@@ -203,7 +226,8 @@ def predict_files(checkpoint: Union[str, Path], inputs: Union[str, Path], output
 def segment_files(segment: Callable[[Case], np.ndarray], task: str, class_names: Dict[int, str],
                   inputs: Union[str, Path], output_dir: Union[str, Path], *,
                   progress: Optional[Any] = None) -> List[Dict[str, Any]]:
-    """Read every input, segment it with ``segment`` and write ``<stem>_seg.nii.gz`` in its geometry.
+    """Read every input, segment it with ``segment`` and write ``<stem>_seg.nii.gz`` in its geometry
+    (``<stem>_seg.png`` for a picture input, 0/255 for binary tasks).
 
     Args:
         segment: Case (original grid) -> uint8 label map on that grid (a checkpoint or an ensemble).
@@ -222,8 +246,12 @@ def segment_files(segment: Callable[[Case], np.ndarray], task: str, class_names:
     for f in (progress(files, desc="predict", unit="vol") if progress else files):
         case = read_input(f, task)
         label = segment(case)
-        out = out_dir / f"{volume_stem(f)}_seg.nii.gz"
-        write_with_geometry(label, out, case.geometry())
+        if is_picture(f):
+            out = out_dir / f"{volume_stem(f)}_seg.png"
+            write_picture_mask(label, out, task)
+        else:
+            out = out_dir / f"{volume_stem(f)}_seg.nii.gz"
+            write_with_geometry(label, out, case.geometry())
         counts = np.bincount(label.ravel(), minlength=len(class_names) or 2)
         rows.append({"input": str(f), "output": str(out), "empty": bool(counts[1:].sum() == 0),
                      **{class_names.get(i, str(i)): int(c) for i, c in enumerate(counts) if i > 0}})
