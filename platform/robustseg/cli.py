@@ -188,7 +188,8 @@ def cmd_train(args: argparse.Namespace) -> int:
         val = "  ".join(f"{k[len('val_dice_'):]} {v:.3f}" for k, v in m.items() if k.startswith("val_dice_"))
         best = " *" if m.get("is_best") else ""
         print(f"epoch {epoch:4d}  loss {m.get('loss', float('nan')):.4f}  lr {m['lr']:.2e}  "
-              f"{m['slices_per_s']:.0f} slices/s" + (f"  val Dice {m['val_dice']:.4f} ({val}){best}" if "val_dice" in m else ""),
+              f"{m['slices_per_s']:.0f} slices/s" + (f"  val Dice {m['val_dice']:.4f} ({val}){best}" if "val_dice" in m else
+                                                       f"  val score {m['val_score']:.4f}{best}" if "val_score" in m else ""),
               flush=True)
 
     out = Path(args.out) if args.out else None
@@ -197,7 +198,8 @@ def cmd_train(args: argparse.Namespace) -> int:
     if result.last_checkpoint is not None:
         curve = plot_history(result.history, result.last_checkpoint.parent / "learning_curve.png")
         print(f"learning curve: {curve}")
-    print(f"done in {time.perf_counter() - t0:.1f} s: best validation Dice {result.best_score:.4f} at epoch "
+    score = "Dice" if any("val_dice" in h for h in result.history) else "score"
+    print(f"done in {time.perf_counter() - t0:.1f} s: best validation {score} {result.best_score:.4f} at epoch "
           f"{result.best_epoch}{' (early stop)' if result.stopped_early else ''}; best checkpoint {result.best_checkpoint}")
     return 0
 
