@@ -49,11 +49,9 @@ def summarise(run_dir: Path) -> Dict[str, float]:
 
 def plot(rows: List[Dict], path: Path, title: str) -> None:
     """Grouped bars: one group per ``group``, one bar per run name."""
-    import matplotlib
+    from robustseg.analysis.outputs import pyplot, save_figure
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     groups = list(dict.fromkeys(r["group"] for r in rows))
     names = list(dict.fromkeys(r["run"] for r in rows))
     width = 0.8 / max(len(names), 1)
@@ -73,8 +71,7 @@ def plot(rows: List[Dict], path: Path, title: str) -> None:
     ax.set_title(title)
     ax.legend(fontsize=7)
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    save_figure(fig, path, dpi=120)
 
 
 def main(argv: List[str] = None) -> int:
@@ -121,25 +118,16 @@ def main(argv: List[str] = None) -> int:
               f"{r['epochs']}, {r['train_minutes']} min)")
     print(f"written {json_path}, {csv_path.name}, {png_path.name}")
     if not args.no_tracking:
-        from mlflow import MlflowClient
-
         from robustseg.config import ExperimentConfig
-        from robustseg.model_registry import mlflow_uri
-        from robustseg.tracking import resolve_tracking_uri
+        from robustseg.tracking import analysis_run, log_metrics_batched, resolve_tracking_uri
 
         uri = args.tracking_uri or resolve_tracking_uri(ExperimentConfig())
-        with mlflow_uri(uri):
-            client = MlflowClient(uri)
-            exp = client.get_experiment_by_name(args.experiment)
-            exp_id = exp.experiment_id if exp else client.create_experiment(args.experiment)
-            run = client.create_run(exp_id, run_name=args.name, tags={"robustseg.role": "comparison",
-                                                                      "label": args.label})
-            for r in rows:
-                client.log_metric(run.info.run_id, f"{r['group']}_{r['run']}", r["best"])
+        with analysis_run(uri, args.experiment, args.name, "comparison",
+                          tags={"label": args.label}) as (client, run_id):
+            log_metrics_batched(client, run_id, [(f"{r['group']}_{r['run']}", r["best"], 0) for r in rows])
             for f in (json_path, csv_path, png_path):
-                client.log_artifact(run.info.run_id, str(f))
-            client.set_terminated(run.info.run_id)
-        print(f"MLflow run {run.info.run_id} in experiment {args.experiment!r} at {uri}")
+                client.log_artifact(run_id, str(f))
+        print(f"MLflow run {run_id} in experiment {args.experiment!r} at {uri}")
     return 0
 
 

@@ -378,32 +378,12 @@ def log_to_mlflow(curves: Sequence[Any], pair: Optional[Any], files: Mapping[str
     Returns:
         The run id.
     """
-    from mlflow import MlflowClient
-    from mlflow.entities import Metric
+    from robustseg.tracking import analysis_run, log_metrics_batched
 
-    from robustseg.config import ExperimentConfig
-    from robustseg.tracking import ROLE as ROLE_TAG, end_run, ensure_experiment, git_commit
-
-    cfg = ExperimentConfig()
-    cfg.tracking.experiment = experiment
-    if tracking_uri.startswith("sqlite:///"):
-        cfg.tracking.workdir = str(Path(tracking_uri[len("sqlite:///"):]).parent)
-    client = MlflowClient(tracking_uri)
-    tags = {ROLE_TAG: ROLE, "git_commit": git_commit()}
-    run_id = client.create_run(ensure_experiment(cfg, tracking_uri), run_name=run_name, tags=tags).info.run_id
-    try:
-        for key, value in (params or {}).items():
-            client.log_param(run_id, key, str(value)[:6000])
-        now = int(time.time() * 1000)
-        metrics = [Metric(k, v, now, step) for k, v, step in mlflow_metrics(curves, pair)]
-        for i in range(0, len(metrics), 1000):  # MLflow's log_batch limit
-            client.log_batch(run_id, metrics=metrics[i:i + 1000])
+    with analysis_run(tracking_uri, experiment, run_name, ROLE, params=params) as (client, run_id):
+        log_metrics_batched(client, run_id, mlflow_metrics(curves, pair))
         for p in files.values():
             client.log_artifact(run_id, str(p), "svcca")
-        end_run(tracking_uri, run_id, "FINISHED")
-    except BaseException as e:
-        end_run(tracking_uri, run_id, "KILLED" if isinstance(e, KeyboardInterrupt) else "FAILED", error=e)
-        raise
     return run_id
 
 

@@ -46,35 +46,23 @@ def log_to_mlflow(summary: Mapping[str, Any], files: Mapping[str, Path], *, trac
                   experiment: str = "pseudo_labels", run_name: str = "pseudo-labels") -> str:
     """Record one pseudo-labelling run: params, `run_metrics`, histogram and summary under ``pseudo_labels/``.
 
-    The fluent API is pointed at ``tracking_uri`` only inside `mlflow_uri`, so later runs of
-    this process keep their own store. A new local experiment keeps its artifacts beside a
-    SQLite database.
+    Uses an `MlflowClient` bound to ``tracking_uri`` (`robustseg.tracking.analysis_run`), so
+    later runs of this process keep their own store. A new local experiment keeps its artifacts
+    beside a SQLite database. A failure marks the run FAILED.
 
     Returns:
         The run id.
     """
-    import mlflow
+    from robustseg.tracking import analysis_run, log_metrics_batched
 
-    from robustseg.config import ExperimentConfig
-    from robustseg.model_registry import mlflow_uri
-    from robustseg.tracking import ROLE as ROLE_TAG, ensure_experiment, git_commit
-
-    cfg = ExperimentConfig()
-    cfg.tracking.experiment = experiment
-    if tracking_uri.startswith("sqlite:///"):
-        cfg.tracking.workdir = str(Path(tracking_uri[len("sqlite:///"):]).parent)
     params = {f"pl.{k}": v for k, v in summary["params"].items()}
     params.update({k: summary[k] for k in ("checkpoint", "encoder", "feature_module", "store", "fold")})
     params["output"] = str(files["labels"])
-    with mlflow_uri(tracking_uri):
-        exp_id = ensure_experiment(cfg, tracking_uri)
-        with mlflow.start_run(experiment_id=exp_id, run_name=run_name,
-                              tags={ROLE_TAG: ROLE, "git_commit": git_commit()}) as run:
-            mlflow.log_params({k: str(v)[:6000] for k, v in params.items()})
-            mlflow.log_metrics(run_metrics(summary))
-            for key in ("histogram", "summary"):
-                mlflow.log_artifact(str(files[key]), ROLE)
-            return run.info.run_id
+    with analysis_run(tracking_uri, experiment, run_name, ROLE, params=params) as (client, run_id):
+        log_metrics_batched(client, run_id, run_metrics(summary))
+        for key in ("histogram", "summary"):
+            client.log_artifact(run_id, str(files[key]), ROLE)
+    return run_id
 
 
 def _params(args: argparse.Namespace) -> Any:

@@ -33,7 +33,7 @@ import tempfile
 import time
 import traceback
 from pathlib import Path
-from typing import Any, Callable, Dict, Iterator, List, Mapping, Optional, Sequence
+from typing import Any, Callable, Dict, Iterable, Iterator, List, Mapping, Optional, Sequence, Tuple, Union
 from urllib.parse import parse_qsl, urlencode, urlparse, urlunparse
 
 import yaml
@@ -349,6 +349,72 @@ def tracked_run(cfg: ExperimentConfig, run_name: str, *, parent_run_id: Optional
         end_run(uri, run_id, _status_for(e), e)
         raise
     end_run(uri, run_id, "FINISHED")
+
+
+@contextlib.contextmanager
+def analysis_run(tracking_uri: str, experiment: str, run_name: str, role: str, *,
+                 tags: Optional[Mapping[str, Any]] = None, params: Optional[Mapping[str, Any]] = None,
+                 workdir: Optional[str] = None) -> Iterator[Tuple[Any, str]]:
+    """A run that records an analysis (not a training) and always ends, like `tracked_run`.
+
+    The experiment is created if missing (`ensure_experiment`); a new local one keeps its
+    artifacts under ``workdir``, by default beside a SQLite database (else the config
+    default). The run is tagged ``robustseg.role=role`` and ``git_commit``. Everything goes
+    through an `MlflowClient` bound to ``tracking_uri``: nothing process-wide is changed.
+    The run ends FINISHED when the block does, FAILED on an exception (KILLED on Ctrl-C),
+    with the error recorded by `end_run`.
+
+    Args:
+        tracking_uri: MLflow tracking URI.
+        experiment: Experiment name.
+        run_name: Run name.
+        role: Value of the ``robustseg.role`` tag.
+        tags: More tags.
+        params: Run parameters, logged as strings cut to `MAX_PARAM_VALUE` characters.
+        workdir: Where a new local experiment keeps its artifacts (``<workdir>/mlartifacts``).
+
+    Yields:
+        ``(client, run_id)``: log to the run with ``client``.
+    """
+    from mlflow.entities import Param
+
+    cfg = ExperimentConfig()
+    cfg.tracking.experiment = experiment
+    if workdir:
+        cfg.tracking.workdir = workdir
+    elif tracking_uri.startswith("sqlite:///"):  # a local database keeps its artifacts beside it
+        cfg.tracking.workdir = str(Path(tracking_uri[len("sqlite:///"):]).parent)
+    client = _client(tracking_uri)
+    all_tags = {ROLE: role, "git_commit": git_commit(), **(tags or {})}
+    run_id = _retry(client.create_run, ensure_experiment(cfg, tracking_uri), run_name=run_name,
+                    tags=all_tags).info.run_id
+    try:
+        items = [Param(k, str(v)[:MAX_PARAM_VALUE]) for k, v in (params or {}).items()]
+        for i in range(0, len(items), _BATCH):
+            _retry(client.log_batch, run_id, params=items[i:i + _BATCH])
+        yield client, run_id
+    except BaseException as e:
+        end_run(tracking_uri, run_id, _status_for(e), e)
+        raise
+    end_run(tracking_uri, run_id, "FINISHED")
+
+
+def log_metrics_batched(client: Any, run_id: str,
+                        metrics: Union[Mapping[str, float], Iterable[Tuple[str, float, int]]]) -> None:
+    """Log metrics in batches of 1000 (MLflow's `log_batch` limit), all with the current time.
+
+    Args:
+        client: An `MlflowClient`.
+        run_id: The run.
+        metrics: ``{key: value}`` (step 0) or ``(key, value, step)`` triples.
+    """
+    from mlflow.entities import Metric
+
+    now = int(time.time() * 1000)
+    triples = [(k, v, 0) for k, v in metrics.items()] if isinstance(metrics, Mapping) else metrics
+    items = [Metric(k, float(v), now, int(step)) for k, v, step in triples]
+    for i in range(0, len(items), 1000):
+        _retry(client.log_batch, run_id, metrics=items[i:i + 1000])
 
 
 # --------------------------------------------------------------------------- one training run

@@ -157,3 +157,20 @@ def test_sampling_weights_reach_the_stream(ray_session, root):
     bad = tiny_cfg(root, **{"data.sampling_weights": {"nowhere": 1.0}})
     with pytest.raises(ConfigError, match="nowhere"):
         build_trainer(bad, storage_path=str(root / "ray"), run_name="weighted-bad")
+
+
+def test_self_supervised_regime_streams_every_slice(ray_session, root, tmp_path):
+    """data="images" regimes (genesis) get labelled and unlabelled training slices alike."""
+    from trainables.train_fold import build_trainer
+
+    cfg = tiny_cfg(tmp_path, **{"data.label_budget": 3})
+    manifest = ensure_prepared(cfg)
+    train = [c for c in manifest.cases if c["fold"] != cfg.data.val_fold]
+    every = sum(c["n_slices"] for c in train)
+    labelled = sum(c["n_slices"] for c in train if c["train_labelled"])
+    assert 0 < labelled < every
+    supervised = build_trainer(cfg, storage_path=str(tmp_path / "ray"), run_name="sup")
+    genesis = build_trainer(cfg.with_overrides(["regime.name=genesis"]), storage_path=str(tmp_path / "ray"),
+                            run_name="gen")
+    assert supervised.datasets["train"].count() == labelled
+    assert genesis.datasets["train"].count() == every

@@ -28,12 +28,12 @@ import hashlib
 import json
 import math
 import tempfile
-import time
 from pathlib import Path
 from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Union
 
 import numpy as np
 
+from robustseg.analysis.outputs import jsonable, pyplot, save_figure
 from robustseg.data.cases import Case
 from robustseg.data.labels import TASK_CLASS_NAMES
 from robustseg.data.motion import MOTION_LEVELS, motion_amplitude, simulate_respiratory_motion
@@ -183,11 +183,7 @@ def structures(summary: Sequence[Mapping[str, Any]]) -> List[str]:
 
 def plot_dice_vs_level(summary: Sequence[Mapping[str, Any]], path: Union[str, Path]) -> Path:
     """Dice against motion level, one subplot per structure plus the mean, one line per model."""
-    import matplotlib
-
-    matplotlib.use("Agg")  # headless: CI and workers have no display
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     panels = structures(summary) + ["mean"]
     models = list(dict.fromkeys(r["model"] for r in summary))
     levels = sorted({int(r["motion_level"]) for r in summary})
@@ -206,24 +202,7 @@ def plot_dice_vs_level(summary: Sequence[Mapping[str, Any]], path: Union[str, Pa
     axes[0][-1].legend(fontsize=7, loc="lower left")
     fig.suptitle("Segmentation vs simulated respiratory motion (CMRxMotion levels)", fontsize=10)
     fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
-
-
-def _jsonable(v: Any) -> Any:
-    """Strict JSON: NaN and inf become None."""
-    if isinstance(v, float) and not math.isfinite(v):
-        return None
-    if isinstance(v, np.generic):
-        return _jsonable(v.item())
-    if isinstance(v, dict):
-        return {str(k): _jsonable(x) for k, x in v.items()}
-    if isinstance(v, (list, tuple)):
-        return [_jsonable(x) for x in v]
-    return v
+    return save_figure(fig, path)
 
 
 def write_outputs(rows: Sequence[Mapping[str, Any]], summary: Sequence[Mapping[str, Any]], out_dir: Union[str, Path],
@@ -243,7 +222,7 @@ def write_outputs(rows: Sequence[Mapping[str, Any]], summary: Sequence[Mapping[s
     out.mkdir(parents=True, exist_ok=True)
     doc = {**dict(info or {}), "amplitude_px": {str(k): motion_amplitude(k) for k in MOTION_LEVELS},
            "summary": list(summary)}
-    (out / "summary.json").write_text(json.dumps(_jsonable(doc), indent=1))
+    (out / "summary.json").write_text(json.dumps(jsonable(doc), indent=1))
     return {"cases": to_csv(rows, out / "cases.csv"), "summary_csv": to_csv(summary, out / "summary.csv"),
             "summary_json": out / "summary.json", "plot": plot_dice_vs_level(summary, out / "dice_vs_motion.png")}
 
@@ -280,40 +259,19 @@ def log_to_mlflow(rows: Sequence[Mapping[str, Any]], summary: Sequence[Mapping[s
     Returns:
         The run id.
     """
-    from mlflow import MlflowClient
-    from mlflow.entities import Metric
+    from robustseg.tracking import analysis_run, log_metrics_batched
 
-    from robustseg.config import ExperimentConfig
-    from robustseg.tracking import ROLE as ROLE_TAG, end_run, ensure_experiment, git_commit
-
-    cfg = ExperimentConfig()
-    cfg.tracking.experiment = experiment
-    if workdir:
-        cfg.tracking.workdir = workdir
-    elif tracking_uri.startswith("sqlite:///"):  # a local database keeps its artifacts beside it
-        cfg.tracking.workdir = str(Path(tracking_uri[len("sqlite:///"):]).parent)
-    client = MlflowClient(tracking_uri)
     models = list(dict.fromkeys(r["model"] for r in summary))
-    tags = {ROLE_TAG: ROLE, "robustseg.models": ",".join(models)[:5000], "git_commit": git_commit()}
-    run_id = client.create_run(ensure_experiment(cfg, tracking_uri), run_name=run_name, tags=tags).info.run_id
-    try:
-        for key, value in (params or {}).items():
-            client.log_param(run_id, key, str(value)[:6000])
+    with analysis_run(tracking_uri, experiment, run_name, ROLE, tags={"robustseg.models": ",".join(models)[:5000]},
+                      params=params, workdir=workdir) as (client, run_id):
         suffix = {m: (f"_{metric_name(m)}" if len(models) > 1 else "") for m in models}
         wanted = [f"dice_{s}" for s in structures(summary)] + ["dice_mean", "hd95_mean", "dice_mean_drop"]
-        now = int(time.time() * 1000)
-        metrics = [Metric(f"{k}_level{r['motion_level']}{suffix[r['model']]}", float(r[k]), now, 0)
-                   for r in summary for k in wanted if k in r and math.isfinite(float(r[k]))]
-        for i in range(0, len(metrics), 1000):  # MLflow's log_batch limit
-            client.log_batch(run_id, metrics=metrics[i:i + 1000])
+        log_metrics_batched(client, run_id, [(f"{k}_level{r['motion_level']}{suffix[r['model']]}", float(r[k]), 0)
+                                             for r in summary for k in wanted if k in r and math.isfinite(float(r[k]))])
         with tempfile.TemporaryDirectory() as tmp:
             paths = dict(files) if files else write_outputs(rows, summary, tmp)
             for p in paths.values():
                 client.log_artifact(run_id, str(p), "robustness")
-        end_run(tracking_uri, run_id, "FINISHED")
-    except BaseException as e:
-        end_run(tracking_uri, run_id, "KILLED" if isinstance(e, KeyboardInterrupt) else "FAILED", error=e)
-        raise
     return run_id
 
 

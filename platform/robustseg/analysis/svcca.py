@@ -38,7 +38,6 @@ from __future__ import annotations
 
 import difflib
 import json
-import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple, Union
@@ -48,6 +47,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from robustseg.analysis.outputs import jsonable, pyplot, save_figure
 from robustseg.errors import ConfigError
 
 Array = Union[np.ndarray, torch.Tensor]
@@ -651,15 +651,6 @@ class PairSimilarity:
         return {n: float(self.matrix[i, cols[n]]) for i, n in enumerate(self.layers_a) if n in cols}
 
 
-def _pyplot() -> Any:
-    import matplotlib
-
-    matplotlib.use("Agg")  # headless: CI and workers have no display
-    import matplotlib.pyplot as plt
-
-    return plt
-
-
 def plot_training(curves: Sequence[TrainingCurve], path: Union[str, Path]) -> Path:
     """Similarity to the converged model against epoch: one panel per run, one line per layer.
 
@@ -670,7 +661,7 @@ def plot_training(curves: Sequence[TrainingCurve], path: Union[str, Path]) -> Pa
     """
     from matplotlib.ticker import MaxNLocator
 
-    plt = _pyplot()
+    plt = pyplot()
     fig, axes = plt.subplots(1, len(curves), figsize=(5.2 * len(curves), 3.8), sharey=True, squeeze=False)
     for ax, curve in zip(axes[0], curves):
         layers = list(curve.similarity)
@@ -688,12 +679,12 @@ def plot_training(curves: Sequence[TrainingCurve], path: Union[str, Path]) -> Pa
         ax.legend(fontsize=6, loc="lower right", ncol=1 + len(layers) // 12)
     axes[0][0].set_ylabel("SVCCA similarity to converged model")
     fig.tight_layout()
-    return _save(fig, plt, path)
+    return save_figure(fig, path)
 
 
 def plot_heatmap(pair: PairSimilarity, path: Union[str, Path]) -> Path:
     """Layer i of A (rows) vs layer j of B (columns), annotated when small enough to read."""
-    plt = _pyplot()
+    plt = pyplot()
     la, lb = len(pair.layers_a), len(pair.layers_b)
     fig, ax = plt.subplots(figsize=(2.5 + 0.45 * lb, 1.8 + 0.4 * la))
     im = ax.imshow(pair.matrix, vmin=0.0, vmax=1.0, cmap="magma")
@@ -709,30 +700,7 @@ def plot_heatmap(pair: PairSimilarity, path: Union[str, Path]) -> Path:
     fig.colorbar(im, ax=ax, label="SVCCA similarity")
     ax.set_title(f"SVCCA: {pair.label_a} vs {pair.label_b}", fontsize=9)
     fig.tight_layout()
-    return _save(fig, plt, path)
-
-
-def _save(fig: Any, plt: Any, path: Union[str, Path]) -> Path:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
-
-
-def _jsonable(v: Any) -> Any:
-    """Strict JSON: arrays to lists, NaN and inf to None."""
-    if isinstance(v, np.ndarray):
-        return _jsonable(v.tolist())
-    if isinstance(v, np.generic):
-        return _jsonable(v.item())
-    if isinstance(v, float) and not math.isfinite(v):
-        return None
-    if isinstance(v, dict):
-        return {str(k): _jsonable(x) for k, x in v.items()}
-    if isinstance(v, (list, tuple)):
-        return [_jsonable(x) for x in v]
-    return v
+    return save_figure(fig, path)
 
 
 def results_doc(curves: Sequence[TrainingCurve], pair: Optional[PairSimilarity],
@@ -746,7 +714,7 @@ def results_doc(curves: Sequence[TrainingCurve], pair: Optional[PairSimilarity],
     doc["pair"] = None if pair is None else {
         "a": pair.label_a, "b": pair.label_b, "layers_a": pair.layers_a, "layers_b": pair.layers_b,
         "matrix": pair.matrix, "matched": pair.matched()}
-    return _jsonable(doc)
+    return jsonable(doc)
 
 
 def write_outputs(curves: Sequence[TrainingCurve], pair: Optional[PairSimilarity], out_dir: Union[str, Path],

@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Dict, List, NamedTuple, Optional, Sequence, Tuple, Union
@@ -38,6 +37,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from robustseg.analysis.outputs import jsonable, pyplot, save_figure
 from robustseg.config import doc
 from robustseg.errors import ConfigError, DataError
 
@@ -589,11 +589,7 @@ def load_pseudo_labels(path: Union[str, Path]) -> Dict[str, Any]:
 def plot_similarity_histogram(best: torch.Tensor, window: Sequence[float], path: Union[str, Path],
                               bins: int = 50) -> Path:
     """Histogram of the best similarities with the kept window shaded (thesis Fig. 5.7)."""
-    import matplotlib
-
-    matplotlib.use("Agg")  # headless: CI and workers have no display
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     values = best.double().numpy()
     low, high = float(window[0]), float(window[1])
     fig, ax = plt.subplots(figsize=(6, 3.6))
@@ -609,22 +605,7 @@ def plot_similarity_histogram(best: torch.Tensor, window: Sequence[float], path:
     ax.set_title("Cosine similarity of unlabelled patches (cf. thesis Fig. 5.7)", fontsize=10)
     ax.legend(fontsize=8, loc="upper left")
     fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
-
-
-def _jsonable(v: Any) -> Any:
-    """Strict JSON: tuples become lists, NaN and inf None."""
-    if isinstance(v, float) and not math.isfinite(v):
-        return None
-    if isinstance(v, dict):
-        return {str(k): _jsonable(x) for k, x in v.items()}
-    if isinstance(v, (list, tuple)):
-        return [_jsonable(x) for x in v]
-    return v
+    return save_figure(fig, path)
 
 
 def write_outputs(result: PseudoLabelResult, out: Union[str, Path]) -> Dict[str, Path]:
@@ -639,7 +620,7 @@ def write_outputs(result: PseudoLabelResult, out: Union[str, Path]) -> Dict[str,
     window = result.summary["params"]["window"]
     hist = plot_similarity_histogram(result.best_similarity, window, out.with_name(f"{stem}_similarity.png"))
     summary = out.with_name(f"{stem}_summary.json")
-    summary.write_text(json.dumps(_jsonable({**result.summary, "output": str(labels)}), indent=1))
+    summary.write_text(json.dumps(jsonable({**result.summary, "output": str(labels)}), indent=1))
     return {"labels": labels, "histogram": hist, "summary": summary}
 
 
