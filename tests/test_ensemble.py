@@ -145,3 +145,25 @@ def test_from_checkpoints_defaults(folder):
     assert ens.spec.combine == "vote" and ens.spec.task == "cardiac"
     assert ens.spec.label_convention == "cardiac: 0 background, 1 LV, 2 MYO, 3 RV"
     assert [m.fold for m in ens.spec.members] == [0, 1]
+
+
+def test_cli_ensemble_from_checkpoints_saves_and_registers(folder, cases, tmp_path, capsys):
+    """`robustseg ensemble --checkpoints`: given models -> folder (same masks as in process) -> registry."""
+    from robustseg.cli import main
+    from robustseg.model_registry import list_versions, load_ensemble
+
+    ckpts = tiny_member_checkpoints(folder.parent)
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    rc = main(["ensemble", "--checkpoints", *map(str, ckpts), "--out", str(tmp_path / "ens"), "--name", "tiny-ck",
+               "--tracking-uri", uri, "--device", "cpu"])
+    assert rc == 0
+    ens, _ = load_ensemble(str(tmp_path / "ens"), device=torch.device("cpu"))
+    assert [m.source for m in ens.spec.members] == [str(c) for c in ckpts]
+    direct = Ensemble.from_checkpoints(ckpts, device=torch.device("cpu"))
+    assert np.array_equal(ens.predict_cases(cases[:1])[0], direct.predict_cases(cases[:1])[0])
+    assert [v["version"] for v in list_versions("tiny-ck", uri)] == ["1"]
+    capsys.readouterr()
+    assert main(["ensemble", "--checkpoints", str(ckpts[0]), "--no-tracking"]) != 0
+    assert "needs --out FOLDER" in capsys.readouterr().err
+    assert main(["ensemble"]) != 0
+    assert "--sweep (a sweep's fold models) or --checkpoints" in capsys.readouterr().err

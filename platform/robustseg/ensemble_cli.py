@@ -61,11 +61,52 @@ def predict_with_ensemble(model: str, inputs: str, output: str, *, tracking_uri:
                          output, progress=progress)
 
 
+def ensemble_from_checkpoints(args: argparse.Namespace) -> int:
+    """`robustseg ensemble --checkpoints`: any trained models -> an ensemble folder, optionally registered.
+
+    For models that did not come from one sweep (e.g. an ablation's rows, or the best model
+    of a label-budget grid): no out-of-fold selection, the members are taken as given.
+    """
+    from robustseg.cli import _device
+    from robustseg.ensemble import Ensemble
+
+    if not args.out:
+        raise ConfigError("ensemble --checkpoints needs --out FOLDER")
+    ens = Ensemble.from_checkpoints(args.checkpoints, name=args.name, device=_device(args.device),
+                                    combine=args.combine, centring=args.centring,
+                                    **({} if args.tta is None else {"tta": args.tta}))
+    folder = ens.save(args.out)
+    print(f"ensemble folder: {folder} ({len(ens.spec.members)} members: "
+          f"{', '.join(m.name for m in ens.spec.members)}; task {ens.spec.task})")
+    if args.no_tracking or args.no_register:
+        return 0
+    from mlflow import MlflowClient
+
+    from robustseg import model_registry as reg
+
+    uri = _tracking_uri(args)
+    with reg.mlflow_uri(uri):
+        client = MlflowClient(uri)
+        exp = client.get_experiment_by_name("ensembles")
+        exp_id = exp.experiment_id if exp else client.create_experiment("ensembles")
+        run_id = client.create_run(exp_id, run_name=f"{args.name}-from-checkpoints").info.run_id
+        client.set_terminated(run_id)
+    model_uri = reg.log_ensemble(ens, tracking_uri=uri, run_id=run_id)
+    version = reg.register_ensemble(model_uri, tracking_uri=uri, name=args.name, alias=args.alias,
+                                    spec=ens.spec.to_dict(), tags={"run_id": run_id})
+    print(f"registered {args.name} version {version} as models:/{args.name}@{args.alias}")
+    return 0
+
+
 def cmd_ensemble(args: argparse.Namespace) -> int:
     """Run `robustseg ensemble`."""
     from robustseg.cli import _device, _progress, print_table
     from trainables.ensemble_build import build_ensemble
 
+    if args.checkpoints:
+        return ensemble_from_checkpoints(args)
+    if not args.sweep:
+        raise ConfigError("ensemble needs --sweep (a sweep's fold models) or --checkpoints (given models)")
     cfg = _base_config(args.config)
     backbones = [b.strip() for b in args.backbones.split(",")] if args.backbones else None
     locators = [b.strip() for b in args.locators.split(",")] if args.locators else None
@@ -134,9 +175,13 @@ def add_parsers(sub: Any) -> None:
                     "compares every architecture with the ensemble on the same out-of-fold cases, logs the comparison "
                     "and the ensemble (MLflow pyfunc) and registers it with an alias.",
         epilog="example:\n  robustseg ensemble --sweep demo --config configs/demo_synthetic.yaml\n"
-               "  robustseg ensemble --sweep <mlflow sweep run id> --backbones unet2d,swin_unetr --folds 5",
+               "  robustseg ensemble --sweep <mlflow sweep run id> --backbones unet2d,swin_unetr --folds 5\n"
+               "  robustseg ensemble --checkpoints a/best.pt b/best.pt --out ens/ --name robustseg-covid",
         formatter_class=argparse.RawDescriptionHelpFormatter)
-    en.add_argument("--sweep", required=True, help="sweep name, sweep folder, or its MLflow run id")
+    en.add_argument("--sweep", help="sweep name, sweep folder, or its MLflow run id")
+    en.add_argument("--checkpoints", nargs="+", metavar="BEST_PT",
+                    help="instead of --sweep: these trained models as members (no out-of-fold selection)")
+    en.add_argument("--out", metavar="FOLDER", help="with --checkpoints: where the ensemble folder goes")
     en.add_argument("--config", metavar="YAML", help="the sweep's experiment config (workdir, tracking)")
     en.add_argument("--storage-path", help="Ray storage of the sweep (default <workdir>/ray_results)")
     en.add_argument("--backbones", help="comma-separated backbones (default: all in the sweep)")
