@@ -293,3 +293,22 @@ def test_defaults_to_the_checkpoint_fold_and_counts_rejected_patches(tiny, tmp_p
         pl.generate_pseudo_labels(ckpt, str(root / "shards"), pl.PseudoLabelParams(fold=5, patch_size=32), device=CPU)
     with pytest.raises(ConfigError, match="exceeds the store's slices"):
         pl.generate_pseudo_labels(ckpt, str(root / "shards"), pl.PseudoLabelParams(patch_size=68), device=CPU)
+
+
+def test_centring_spreads_crowded_cosines():
+    """Non-negative codes sharing a large common part all score ~1 raw; centred, they separate."""
+    from robustseg.engine.pseudo_labels import centre_codes
+
+    g = torch.Generator().manual_seed(0)
+    common = torch.full((1, 16), 5.0)
+    dictionary = torch.nn.functional.normalize(common + torch.rand(20, 16, generator=g), dim=1)
+    unlabelled = torch.nn.functional.normalize(common + torch.rand(30, 16, generator=g), dim=1)
+    raw = (unlabelled @ dictionary.T).max(1).values
+    assert float(raw.min()) > 0.99
+    u, d = centre_codes(unlabelled, dictionary)
+    assert torch.allclose(u.norm(dim=1), torch.ones(30)) and torch.allclose(d.norm(dim=1), torch.ones(20))
+    centred = (u @ d.T).max(1).values
+    assert float(centred.min()) < 0.9 and float(centred.max() - centred.min()) > 0.1
+    # An unlabelled code equal to a dictionary entry still matches it exactly.
+    u2, d2 = centre_codes(dictionary[:3], dictionary)
+    assert torch.allclose((u2 * d2[:3]).sum(1), torch.ones(3), atol=1e-5)
