@@ -118,6 +118,13 @@ def test_base_files_merge_under_the_config(tmp_path):
     # later base beats earlier, the file beats its bases, overrides beat everything
     assert (cfg.optim.name, cfg.optim.lr, cfg.optim.epochs, cfg.optim.batch_size) == ("adam", 0.001, 20, 3)
     assert (cfg.data.folds, cfg.data.split_seed, cfg.name) == (3, 4, "r")
+    (tmp_path / "other.yaml").write_text("base: run.yaml\nmodel: {name: attention_unet, params: {channels: [4, 8]}}\n")
+    (tmp_path / "run.yaml").write_text("base: presets/optim.yaml\nmodel: {name: unet2d, num_classes: 2, "
+                                       "params: {filters_base: 8}}\n")
+    other = ExperimentConfig.from_yaml(tmp_path / "other.yaml", ["model.params.strides=[2]"])
+    # another backbone's section replaces the base's (its params would not fit); same name merges
+    assert other.model.name == "attention_unet" and other.model.params == {"channels": [4, 8], "strides": [2]}
+    assert other.model.num_classes == 4 and other.optim.name == "adam"
     (tmp_path / "a.yaml").write_text("base: b.yaml\n")
     (tmp_path / "b.yaml").write_text("base: a.yaml\n")
     with pytest.raises(ConfigError, match="base cycle"):

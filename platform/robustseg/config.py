@@ -359,7 +359,13 @@ class ExperimentConfig:
 
 # --------------------------------------------------------------------------- helpers
 def _merge(base: Mapping[str, Any], over: Mapping[str, Any]) -> Dict[str, Any]:
-    """Deep merge: mappings merge key by key, anything else in ``over`` replaces ``base``."""
+    """Deep merge: mappings merge key by key, anything else in ``over`` replaces ``base``.
+
+    A mapping that names another component (its ``name`` differs, e.g. another backbone or
+    regime) replaces the base's mapping whole: the base's params belong to its component.
+    """
+    if "name" in over and "name" in base and over["name"] != base["name"]:
+        return dict(over)
     out = dict(base)
     for k, v in over.items():
         out[k] = _merge(out[k], v) if isinstance(v, Mapping) and isinstance(out.get(k), Mapping) else v
@@ -370,7 +376,9 @@ def read_yaml(path: Union[str, Path], _seen: Sequence[Path] = ()) -> Dict[str, A
     """A config file as a dict, with the files its ``base:`` names merged under it.
 
     ``base`` is a path or a list of paths relative to the file; later bases override earlier
-    ones and the file overrides them all (mappings merge key by key), so a shared preset
+    ones and the file overrides them all (mappings merge key by key, except that a section
+    naming another component, e.g. ``model: {name: attention_unet}``, replaces the base's
+    section), so a shared preset
     (e.g. ``configs/presets/thesis_optim.yaml``) is written once.
 
     Raises:
