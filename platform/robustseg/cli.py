@@ -207,7 +207,7 @@ def cmd_train(args: argparse.Namespace) -> int:
 def cmd_predict(args: argparse.Namespace) -> int:
     """Run `robustseg predict` (masks in the input geometry)."""
     from robustseg.engine.predict import predict_files
-    from robustseg.ensemble_cli import is_ensemble_uri, predict_with_ensemble
+    from robustseg.ensemble_cli import _tracking_uri, is_ensemble_uri, predict_with_ensemble
 
     if args.endpoint:
         from robustseg.serve_cli import predict_endpoint
@@ -217,7 +217,9 @@ def cmd_predict(args: argparse.Namespace) -> int:
         raise ConfigError("predict needs --model (checkpoint, ensemble folder or models:/ URI) or --endpoint URL")
     tta = False if args.no_tta else None
     if is_ensemble_uri(args.model):
-        rows = predict_with_ensemble(args.model, args.input, args.output, tracking_uri=args.tracking_uri,
+        # The same default store as `ensemble`/`registry` ($MLFLOW_TRACKING_URI, else the workdir's
+        # SQLite), so a model registered with the defaults is found with the defaults.
+        rows = predict_with_ensemble(args.model, args.input, args.output, tracking_uri=_tracking_uri(args),
                                      device=_device(args.device), tta=tta, progress=_progress)
     else:
         rows = predict_files(args.model, args.input, args.output, device=_device(args.device), tta=tta,
@@ -383,7 +385,8 @@ def build_parser() -> argparse.ArgumentParser:
     pd.add_argument("--model", metavar="CHECKPOINT|URI",
                     help="best.pt from `robustseg train`, an ensemble folder, or models:/robustseg-cmr@champion")
     pd.add_argument("--endpoint", metavar="URL", help="send the volumes to a `robustseg serve` endpoint instead")
-    pd.add_argument("--tracking-uri", help="MLflow tracking URI for models:/ URIs")
+    pd.add_argument("--tracking-uri", help="MLflow tracking URI for models:/ URIs (default $MLFLOW_TRACKING_URI, "
+                                           "else robustseg_work/mlflow.db)")
     pd.add_argument("--input", required=True, metavar="PATH", help="a volume or picture file, or a folder of them")
     pd.add_argument("--output", required=True, metavar="DIR")
     pd.add_argument("--device", choices=("cpu", "cuda"))
