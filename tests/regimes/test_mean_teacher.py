@@ -429,3 +429,22 @@ def test_short_fit_with_unlabelled_slices_keeps_the_teacher_in_the_checkpoint(tm
     assert h["pseudo_loss"] == 0.0 and h["consistency"] > 0
     ck = load_checkpoint(res.last_checkpoint)
     assert ck["regime"]["step"] == 2 and set(ck["regime"]["teacher"]) == set(ck["model"])
+
+
+@pytest.mark.parametrize("teacher", [True, False])
+def test_fit_validates_and_exports_the_teacher(tmp_path, teacher):
+    """best.pt holds the EMA teacher (validate_teacher) or the student; last.pt always the student."""
+    import torch
+
+    from robustseg.engine.checkpoint import load_checkpoint
+    from robustseg.engine.train import train_from_config
+    from tiny import tiny_cfg
+
+    cfg = tiny_cfg(tmp_path, **{"data.label_budget": 3, "regime.name": "mean_teacher", "optim.epochs": 1,
+                                "regime.params": {"validate_teacher": teacher, "rampup_steps": 2}})
+    train_from_config(cfg, out_dir=tmp_path / "run", device=torch.device("cpu"))
+    best, last = load_checkpoint(tmp_path / "run" / "best.pt"), load_checkpoint(tmp_path / "run" / "last.pt")
+    expected = last["regime"]["teacher"] if teacher else last["model"]
+    assert all(torch.equal(best["model"][k], expected[k]) for k in expected)
+    # After 3 EMA updates the teacher differs from the student: the test tells the two apart.
+    assert not all(torch.equal(last["regime"]["teacher"][k], last["model"][k]) for k in last["model"])

@@ -171,6 +171,11 @@ def fit(cfg: ExperimentConfig, train_batches: Iterator[Dict[str, torch.Tensor]],
         generator.manual_seed(cfg.optim.seed * 1_000_003 + 7_919 * start_epoch + rank)
     stopped = False
     own_validation = callable(getattr(regime, "validate", None))
+
+    def scored_model() -> torch.nn.Module:
+        # The network validated and kept as best.pt (a regime's eval_model, e.g. an EMA teacher).
+        return regime.eval_model() if callable(getattr(regime, "eval_model", None)) else run_model
+
     for epoch in range(start_epoch, cfg.optim.epochs):
         model.train()
         sums: Dict[str, torch.Tensor] = {}
@@ -194,7 +199,7 @@ def fit(cfg: ExperimentConfig, train_batches: Iterator[Dict[str, torch.Tensor]],
                 metrics.update(regime.validate(val_cases))
                 score = metrics["val_score"]
             else:
-                metrics.update(validate(run_model, val_cases, spatial_dims=dims, num_classes=cfg.model.num_classes,
+                metrics.update(validate(scored_model(), val_cases, spatial_dims=dims, num_classes=cfg.model.num_classes,
                                         class_names=class_names, patch_size=patch_size, cfg=cfg.inference,
                                         divisible_by=divisible, amp=amp is not None))
                 score = metrics["val_dice"]
@@ -215,7 +220,9 @@ def fit(cfg: ExperimentConfig, train_batches: Iterator[Dict[str, torch.Tensor]],
         if write_checkpoints:
             save_checkpoint(last_path, payload)
             if metrics.get("is_best"):
-                save_checkpoint(best_path, payload)
+                scored = scored_model()
+                save_checkpoint(best_path, payload if scored is run_model else
+                                {**payload, "model": unwrap(scored).state_dict()})
             if cfg.optim.snapshot_every and (epoch + 1) % cfg.optim.snapshot_every == 0:
                 slim = {k: v for k, v in payload.items() if k not in ("optimizer", "scheduler", "regime", "rng")}
                 save_checkpoint(out_dir / "snapshots" / f"epoch_{epoch + 1:04d}.pt", slim)
@@ -228,9 +235,9 @@ def fit(cfg: ExperimentConfig, train_batches: Iterator[Dict[str, torch.Tensor]],
     if write_checkpoints and val_cases and not own_validation:
         # Per-case Dice and overlays of the final model: the run's MLflow artifacts.
         collected: List[Dict[str, Any]] = []
-        validate(run_model, val_cases, spatial_dims=dims, num_classes=cfg.model.num_classes, class_names=class_names,
-                 patch_size=patch_size, cfg=cfg.inference, divisible_by=divisible, amp=amp is not None,
-                 collect=collected)
+        validate(scored_model(), val_cases, spatial_dims=dims, num_classes=cfg.model.num_classes,
+                 class_names=class_names, patch_size=patch_size, cfg=cfg.inference, divisible_by=divisible,
+                 amp=amp is not None, collect=collected)
         write_validation_artifacts(collected, val_cases, out_dir)
     return FitResult(best_score=best_score, best_epoch=best_epoch, epochs_run=len(history), stopped_early=stopped,
                      history=history, last_checkpoint=last_path if last_path.exists() else None,

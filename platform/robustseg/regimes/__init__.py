@@ -14,6 +14,9 @@ Optional parts of the contract:
 * ``validate(val_cases) -> dict`` replaces the fit loop's Dice validation; it must return a
   ``"val_score"`` (higher is better) that selects the best checkpoint and drives early
   stopping (e.g. minus the restoration error of a pre-training regime).
+* ``eval_model() -> nn.Module`` names the network the loop validates and stores as ``best.pt``'s
+  model when it is not the one being optimised (the mean teacher's EMA teacher); ``last.pt``
+  keeps the trained network, so resuming is unchanged.
 """
 from __future__ import annotations
 

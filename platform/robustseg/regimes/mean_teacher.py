@@ -115,6 +115,9 @@ class MeanTeacherParams:
                                                         "class but background (Li et al.: the foreground class).")
     grad_clip: float = doc(12.0, "Clip the gradient norm to this value (nnU-Net: 12); 0 disables.")
 
+    validate_teacher: bool = doc(True, f"Validate, select and export the EMA teacher (best.pt holds it); false: the "
+                                       f"student. {_MT}: the teacher is usually the more accurate model.")
+
     def __post_init__(self) -> None:
         def bad(name: str, rule: str) -> ConfigError:
             return ConfigError(f"regime.params.{name} {rule}, got {getattr(self, name)!r}")
@@ -450,6 +453,15 @@ class MeanTeacher:
         if p.decay_after_rampup is not None and self.step >= p.rampup_steps:
             return p.decay_after_rampup
         return p.decay
+
+    def eval_model(self) -> torch.nn.Module:
+        """The network the fit loop validates and stores in ``best.pt``: the EMA teacher by default.
+
+        Tarvainen & Valpola report the teacher as the better model; ``validate_teacher: false``
+        keeps the student. Resuming always restores the student (``last.pt``'s model) and the
+        teacher (this regime's state).
+        """
+        return self.teacher if self.params.validate_teacher else self.ctx.model
 
     # ------------------------------------------------------------------ state
     def state_dict(self) -> Dict[str, Any]:
