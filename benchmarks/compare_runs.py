@@ -118,10 +118,9 @@ def main(argv: List[str] = None) -> int:
               f"{r['epochs']}, {r['train_minutes']} min)")
     print(f"written {json_path}, {csv_path.name}, {png_path.name}")
     if not args.no_tracking:
-        from robustseg.config import ExperimentConfig
-        from robustseg.tracking import analysis_run, log_metrics_batched, resolve_tracking_uri
+        from robustseg.tracking import analysis_run, cli_tracking_uri, log_metrics_batched
 
-        uri = args.tracking_uri or resolve_tracking_uri(ExperimentConfig())
+        uri = cli_tracking_uri(args)
         with analysis_run(uri, args.experiment, args.name, "comparison",
                           tags={"label": args.label}) as (client, run_id):
             log_metrics_batched(client, run_id, [(f"{r['group']}_{r['run']}", r["best"], 0) for r in rows])

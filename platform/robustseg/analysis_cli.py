@@ -36,6 +36,7 @@ import numpy as np
 import torch
 
 from robustseg.errors import ConfigError, DataError
+from robustseg.tracking import add_run_arguments
 
 ROLE = "svcca"
 _NAMED = re.compile(r"^([\w.\-]+)=(.+)$")
@@ -417,8 +418,7 @@ def cmd_svcca(args: argparse.Namespace) -> int:
     """Run `robustseg analyze svcca`."""
     from robustseg.analysis.svcca import SVCCAOptions, write_outputs
     from robustseg.cli import _device, _progress, print_table
-    from robustseg.config import ExperimentConfig
-    from robustseg.tracking import resolve_tracking_uri
+    from robustseg.tracking import cli_tracking_uri
 
     opts = SVCCAOptions(keep=args.keep, max_points=args.max_points, max_grid=args.max_grid, seed=args.seed)
     job = SVCCAJob([resolve_run(r) for r in args.runs], layers=args.layers, probe=args.probe, fold=args.fold,
@@ -445,7 +445,7 @@ def cmd_svcca(args: argparse.Namespace) -> int:
     print(f"\ndone in {time.perf_counter() - t0:.1f} s on {info['probe']['n']} probe image(s) of "
           f"{info['probe']['store']} fold {info['probe']['fold']}; " + ", ".join(f"{k} {v}" for k, v in files.items()))
     if not args.no_tracking:
-        tracking_uri = args.tracking_uri or resolve_tracking_uri(ExperimentConfig())
+        tracking_uri = cli_tracking_uri(args)
         params = {**{f"run.{label}": r["path"] for label, r in info["runs"].items()},
                   "probe": info["probe"]["store"], "fold": info["probe"]["fold"], "probe_images": info["probe"]["n"],
                   "keep": opts.keep, "max_points": opts.max_points, "max_grid": opts.max_grid, "seed": opts.seed,
@@ -493,11 +493,7 @@ def add_parser(sub: Any) -> None:
     p.add_argument("--seed", type=int, default=0, help="seed of the datapoint subset (default 0)")
     p.add_argument("--batch-size", type=int, default=8, help="probe images per forward pass (default 8)")
     p.add_argument("--out", metavar="DIR", help="output folder (default robustseg_work/analysis/svcca/<timestamp>)")
-    p.add_argument("--tracking-uri",
-                   help="MLflow tracking URI (default $MLFLOW_TRACKING_URI or robustseg_work/mlflow.db)")
-    p.add_argument("--experiment", default="analysis", help="MLflow experiment (default analysis)")
-    p.add_argument("--run-name", help="MLflow run name (default svcca-<runs>)")
-    p.add_argument("--no-tracking", action="store_true", help="write the files only (no MLflow)")
+    add_run_arguments(p, experiment="analysis", run_name="svcca-<runs>")
     p.add_argument("--device", choices=("cpu", "cuda"))
     p.set_defaults(fn=cmd_svcca)
 

@@ -80,18 +80,13 @@ def ensemble_from_checkpoints(args: argparse.Namespace) -> int:
           f"{', '.join(m.name for m in ens.spec.members)}; task {ens.spec.task})")
     if args.no_tracking or args.no_register:
         return 0
-    from mlflow import MlflowClient
-
     from robustseg import model_registry as reg
+    from robustseg.tracking import analysis_run
 
     uri = _tracking_uri(args)
-    with reg.mlflow_uri(uri):
-        client = MlflowClient(uri)
-        exp = client.get_experiment_by_name("ensembles")
-        exp_id = exp.experiment_id if exp else client.create_experiment("ensembles")
-        run_id = client.create_run(exp_id, run_name=f"{args.name}-from-checkpoints").info.run_id
-        client.set_terminated(run_id)
-    model_uri = reg.log_ensemble(ens, tracking_uri=uri, run_id=run_id)
+    members = {f"member.{m.name}": m.source for m in ens.spec.members}
+    with analysis_run(uri, "ensembles", f"{args.name}-from-checkpoints", "ensemble", params=members) as (_, run_id):
+        model_uri = reg.log_ensemble(ens, tracking_uri=uri, run_id=run_id)
     version = reg.register_ensemble(model_uri, tracking_uri=uri, name=args.name, alias=args.alias,
                                     spec=ens.spec.to_dict(), tags={"run_id": run_id})
     print(f"registered {args.name} version {version} as models:/{args.name}@{args.alias}")

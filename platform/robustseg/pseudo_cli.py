@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any, Dict, List, Mapping, Optional
 
 from robustseg.errors import ConfigError
+from robustseg.tracking import add_run_arguments
 
 ROLE = "pseudo_labels"
 _METRICS = ("unlabelled_cases", "unlabelled_slices", "unlabelled_boxes", "skipped_slices", "labelled_boxes",
@@ -78,9 +79,8 @@ def _params(args: argparse.Namespace) -> Any:
 def cmd_pseudo_label(args: argparse.Namespace) -> int:
     """Run `robustseg pseudo-label`."""
     from robustseg.cli import _device, _progress
-    from robustseg.config import ExperimentConfig
     from robustseg.engine.pseudo_labels import generate_pseudo_labels, write_outputs
-    from robustseg.tracking import resolve_tracking_uri
+    from robustseg.tracking import cli_tracking_uri
 
     params = _params(args)
     t0 = time.perf_counter()
@@ -101,7 +101,7 @@ def cmd_pseudo_label(args: argparse.Namespace) -> int:
     print(f"done in {time.perf_counter() - t0:.1f} s: {files['labels']}, histogram {files['histogram']}, "
           f"summary {files['summary']}")
     if not args.no_tracking:
-        tracking_uri = args.tracking_uri or resolve_tracking_uri(ExperimentConfig())
+        tracking_uri = cli_tracking_uri(args)
         run_id = log_to_mlflow(result.summary, files, tracking_uri=tracking_uri, experiment=args.experiment,
                                run_name=args.run_name or f"pseudo-labels-fold{result.summary['fold']}")
         print(f"MLflow run {run_id} ({tracking_uri}, experiment {args.experiment})")
@@ -137,11 +137,7 @@ def add_parser(sub: Any) -> None:
     p.add_argument("--seed", type=int, help="patch-position seed (default 0)")
     p.add_argument("--out", default="robustseg_work/pseudo_labels/pseudo_labels.pt", metavar="FILE",
                    help="output .pt (histogram and summary beside it)")
-    p.add_argument("--tracking-uri",
-                   help="MLflow tracking URI (default $MLFLOW_TRACKING_URI or robustseg_work/mlflow.db)")
-    p.add_argument("--experiment", default="pseudo_labels", help="MLflow experiment (default pseudo_labels)")
-    p.add_argument("--run-name", help="MLflow run name (default pseudo-labels-fold<K>)")
-    p.add_argument("--no-tracking", action="store_true", help="write the files only (no MLflow)")
+    add_run_arguments(p, experiment="pseudo_labels", run_name="pseudo-labels-fold<K>")
     p.add_argument("--device", choices=("cpu", "cuda"))
     p.set_defaults(fn=cmd_pseudo_label)
 

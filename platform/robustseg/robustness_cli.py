@@ -29,6 +29,7 @@ from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 from robustseg.errors import ConfigError, DataError
+from robustseg.tracking import add_run_arguments
 
 _NAMED = re.compile(r"^([\w.\-]+)=(.+)$")
 
@@ -205,8 +206,7 @@ def cmd_robustness(args: argparse.Namespace) -> int:
     """Run `robustseg robustness`."""
     from robustseg.analysis import robustness as rb
     from robustseg.cli import _device, _progress, print_table
-    from robustseg.config import ExperimentConfig
-    from robustseg.tracking import resolve_tracking_uri
+    from robustseg.tracking import cli_tracking_uri
 
     if not args.model:
         raise ConfigError("robustness needs at least one --model (checkpoint, ensemble folder or models:/ URI)")
@@ -217,7 +217,7 @@ def cmd_robustness(args: argparse.Namespace) -> int:
     models = parse_models(args.model)
     cases, data_info = load_eval_cases(args.data, args.source or (), args.fold, args.cases)
     # Also where models:/ URIs are looked up, so --no-tracking still loads registered models.
-    tracking_uri = args.tracking_uri or resolve_tracking_uri(ExperimentConfig())
+    tracking_uri = cli_tracking_uri(args)
     device = _device(args.device)
     segmenters = {}
     for name, uri in models.items():
@@ -275,11 +275,7 @@ def add_parser(sub: Any) -> None:
     p.add_argument("--phase-axis", default="y", choices=("y", "x"),
                    help="phase-encoding axis of the volumes (default y)")
     p.add_argument("--out", default="robustseg_work/robustness", metavar="DIR", help="output folder")
-    p.add_argument("--tracking-uri",
-                   help="MLflow tracking URI (default $MLFLOW_TRACKING_URI or robustseg_work/mlflow.db)")
-    p.add_argument("--experiment", default="robustseg", help="MLflow experiment (default robustseg)")
-    p.add_argument("--run-name", help="MLflow run name (default robustness-<models>)")
-    p.add_argument("--no-tracking", action="store_true", help="write the files only (no MLflow)")
+    add_run_arguments(p, experiment="robustseg", run_name="robustness-<models>")
     p.add_argument("--device", choices=("cpu", "cuda"))
     p.add_argument("--full-fov", action="store_true",
                    help="checkpoints: segment the whole field of view instead of the training crop (as predict)")

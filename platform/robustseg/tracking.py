@@ -351,6 +351,26 @@ def tracked_run(cfg: ExperimentConfig, run_name: str, *, parent_run_id: Optional
     end_run(uri, run_id, "FINISHED")
 
 
+def add_run_arguments(parser: Any, *, experiment: str, run_name: str) -> None:
+    """The MLflow options every analysis command takes: --tracking-uri, --experiment, --run-name, --no-tracking.
+
+    Args:
+        parser: An argparse (sub)parser.
+        experiment: Default experiment name.
+        run_name: How the default run name reads (for the help text).
+    """
+    parser.add_argument("--tracking-uri",
+                        help="MLflow tracking URI (default $MLFLOW_TRACKING_URI or robustseg_work/mlflow.db)")
+    parser.add_argument("--experiment", default=experiment, help=f"MLflow experiment (default {experiment})")
+    parser.add_argument("--run-name", help=f"MLflow run name (default {run_name})")
+    parser.add_argument("--no-tracking", action="store_true", help="write the files only (no MLflow)")
+
+
+def cli_tracking_uri(args: Any) -> str:
+    """``--tracking-uri``, else the default store (`resolve_tracking_uri` of the default config)."""
+    return getattr(args, "tracking_uri", None) or resolve_tracking_uri(ExperimentConfig())
+
+
 @contextlib.contextmanager
 def analysis_run(tracking_uri: str, experiment: str, run_name: str, role: str, *,
                  tags: Optional[Mapping[str, Any]] = None, params: Optional[Mapping[str, Any]] = None,

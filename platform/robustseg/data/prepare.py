@@ -146,7 +146,8 @@ def prepare(cfg: DataConfig, progress: ProgressFactory = _no_progress) -> Prepar
         if cfg.budget_split == "holdout":
             # Validate on every labelled subject outside the budget; train on the budget and
             # on all unlabelled cases (semi-supervised and self-supervised regimes use them).
-            folds = {s: 0 if s in labelled_subjects and s not in budget else 1 for s in subjects}
+            labelled = set(labelled_subjects)
+            folds = {s: 0 if s in labelled and s not in budget else 1 for s in subjects}
             if not any(f == 0 for f in folds.values()):
                 raise ConfigError(f"data.budget_split=holdout: the label budget {cfg.label_budget} takes every "
                                   "labelled subject, leaving none to validate on")

@@ -91,18 +91,18 @@ def slice_dataset(cfg_data: DataConfig, manifest: Optional[Manifest] = None, *,
 def labelled_rows(manifest: Manifest, folds: Optional[Sequence[int]] = None,
                   exclude_folds: Optional[Sequence[int]] = None) -> int:
     """Number of training-labelled slices in some folds, from the manifest (no data read)."""
+    return sum(training_rows(manifest, exclude_folds or (), folds=folds).values())
+
+
+def training_rows(manifest: Manifest, exclude_folds: Sequence[int], labelled_only: bool = True, *,
+                  folds: Optional[Sequence[int]] = None) -> Dict[str, int]:
+    """Slices per dataset outside some folds (or in ``folds``), training-labelled ones only by default."""
     inc = set(folds) if folds is not None else None
-    exc = set(exclude_folds or ())
-    return sum(int(c["n_slices"]) for c in manifest.cases
-               if c.get("train_labelled") and (inc is None or c["fold"] in inc) and c["fold"] not in exc)
-
-
-def training_rows(manifest: Manifest, exclude_folds: Sequence[int], labelled_only: bool = True) -> Dict[str, int]:
-    """Training slices per dataset outside some folds (training-labelled ones only by default)."""
     exc = set(exclude_folds)
     counts: Dict[str, int] = {}
     for c in manifest.cases:
-        if c["fold"] not in exc and (c.get("train_labelled") or not labelled_only):
+        in_folds = (inc is None or c["fold"] in inc) and c["fold"] not in exc
+        if in_folds and (c.get("train_labelled") or not labelled_only):
             counts[c["dataset"]] = counts.get(c["dataset"], 0) + int(c["n_slices"])
     return counts
 
