@@ -12,8 +12,8 @@ from robustseg.data.prepare import prepare
 from robustseg.data.preprocess import build_plan
 from robustseg.data.shards import decode_labels
 from robustseg.data.sources import read_source
-from robustseg.data.storage import open_store
-from robustseg.errors import DataError, StorageError
+from robustseg.data.storage import LOCK_FILE, open_store
+from robustseg.errors import ConfigError, DataError, StorageError
 
 
 def _cfg(uri, **kw) -> DataConfig:
@@ -90,10 +90,14 @@ def test_rerun_skips_then_rewrites_changed(tmp_path):
     first = prepare(cfg)
     again = prepare(cfg)
     assert again.shards_written == 0 and again.shards_skipped == first.shards_written
-    cfg.cmr.normalization = "minmax"  # a plan change invalidates every shard
-    changed = prepare(cfg)
-    assert changed.shards_written == first.shards_written
-    cfg.slices_per_shard = 1000  # regrouping: stale shards of the old layout are removed
+    assert not again.committed and again.generation == first.generation == 1  # a cheap no-op
+    cfg.cmr.normalization = "minmax"  # a plan change invalidates every shard...
+    with pytest.raises(ConfigError, match=r"already holds a dataset prepared with different settings "
+                                          r"\(plan.params.normalization: 'zscore' -> 'minmax'\).*--force"):
+        prepare(cfg)  # ...and is refused without overwrite, naming the store and the difference
+    changed = prepare(cfg, overwrite=True)
+    assert changed.shards_written == first.shards_written and changed.generation == 2
+    cfg.slices_per_shard = 1000  # regrouping (storage only, same data): allowed; stale shards are removed
     regrouped = prepare(cfg)
     store = open_store(cfg.shards_uri)
     m = read_manifest(store)
@@ -132,7 +136,7 @@ def test_failure_mid_write_leaves_nothing(tmp_path, monkeypatch):
         prepare(cfg)
     root = tmp_path / "s"
     assert not (root / "manifest.json").exists()
-    assert [p for p in root.rglob("*") if p.is_file()] == []
+    assert [p for p in root.rglob("*") if p.is_file() and p.name != LOCK_FILE] == []
 
 
 def test_bad_input_writes_nothing(tmp_path):

@@ -1,16 +1,21 @@
 """`prepare`: sources -> validation -> folds -> preprocessing plan -> Parquet shards + manifest.
 
-Order matters for the "nothing half-written" promise:
+Order matters for the "nothing lost, ever" promise:
 
 1. the store is checked first (an unreachable S3 endpoint fails before any work);
 2. every case is read and validated before anything is written, so bad input (unreadable
    file, geometry mismatch, unknown labels, NaN, empty volume, duplicate ids) stops the run
    with no output at all;
-3. shards are written one at a time, each atomically; a shard whose fingerprint (plan +
-   case contents + folds) matches an existing one is skipped, so re-runs are cheap;
-4. ``plan.json`` and ``manifest.json`` are written last: the manifest is the commit point.
-   A run that fails in step 3 removes the shards it wrote and leaves the previous manifest
-   (if any) untouched.
+3. the store's current snapshot is read under the writer lock; a store that holds data
+   prepared with other sources, plan or folds is refused unless ``overwrite`` (``--force``);
+4. shards are written as a new snapshot (`robustseg.data.snapshot`): new files under names
+   no run used before, each atomic; a shard whose fingerprint (plan + case contents + folds)
+   matches one of the current snapshot is reused by reference, so re-runs are cheap and the
+   same settings re-run is a no-op;
+5. ``manifest.json`` is committed last in one atomic step; only then are files the new
+   snapshot no longer names deleted. A run that fails before the commit deletes only what
+   it wrote (no manifest names those files), so the previous snapshot stays whole; one
+   stopped by Ctrl-C keeps its complete shards and the next run adopts them.
 """
 from __future__ import annotations
 
@@ -26,19 +31,13 @@ import numpy as np
 from robustseg.config import DataConfig
 from robustseg.data.cases import Case, check_unique_ids, validate_case
 from robustseg.data.labels import TASK_CLASS_NAMES
-from robustseg.data.manifest import MANIFEST, PLAN, Manifest
+from robustseg.data.manifest import PLAN, Manifest
 from robustseg.data.preprocess import build_plan
-from robustseg.data.shards import (
-    FORMAT_VERSION,
-    SliceLayout,
-    build_table,
-    case_rows,
-    shard_metadata,
-    table_to_parquet,
-)
+from robustseg.data.shards import FORMAT_VERSION, SliceLayout, build_table, case_rows, table_to_parquet
+from robustseg.data.snapshot import SnapshotWriter, describe_diff
 from robustseg.data.sources import read_source
 from robustseg.data.splits import grouped_kfold, label_budget, subject_strata
-from robustseg.data.storage import ObjectStore, open_store
+from robustseg.data.storage import open_store
 from robustseg.data.volumes import volume_table
 from robustseg.errors import ConfigError, DataError
 
@@ -59,6 +58,9 @@ class PrepareSummary:
     seconds: float
     folds: List[Dict[str, Any]] = field(default_factory=list)
     warnings: List[str] = field(default_factory=list)
+    committed: bool = True
+    generation: int = 0
+    removed: int = 0
 
 
 def _no_progress(it: Iterable[Any], **_: Any) -> Iterable[Any]:
@@ -115,27 +117,71 @@ def _group_into_shards(cases: Sequence[Case], folds: Dict[str, int], per_shard: 
     return groups
 
 
-def prepare(cfg: DataConfig, progress: ProgressFactory = _no_progress) -> PrepareSummary:
-    """Preprocess the configured sources into shards and a manifest at ``cfg.shards_uri``.
+@dataclass
+class _Design:
+    """Everything a prepare run decided before writing: folds, budget, layout, shard groups."""
+
+    subjects: List[str]
+    folds: Dict[str, int]
+    budget: Optional[set]
+    layout: SliceLayout
+    plan: Dict[str, Any]
+    groups: List[Tuple[int, List[Case]]]
+
+
+def prepare(cfg: DataConfig, progress: ProgressFactory = _no_progress, *, overwrite: bool = False) -> PrepareSummary:
+    """Preprocess the configured sources into a new snapshot of the store at ``cfg.shards_uri``.
 
     Args:
         cfg: The data section of the experiment config.
         progress: A tqdm-like factory (``progress(iterable, desc=..., total=..., unit=...)``).
+        overwrite: Replace a dataset prepared with other sources, plan or folds (``--force``).
 
     Returns:
-        A `PrepareSummary`.
+        A `PrepareSummary` (``committed`` is False when the store already held exactly this).
 
     Raises:
         DataError: bad input (nothing is written).
-        StorageError: the store is unreachable or a write failed (shards this run wrote are
-            removed; an earlier manifest stays valid).
+        ConfigError: the store holds a dataset prepared differently and ``overwrite`` is off.
+        StorageError: the store is unreachable, locked by another prepare, a write failed, or
+            (S3) another prepare committed first. The previous snapshot stays whole.
     """
     t0 = time.perf_counter()
     store = open_store(cfg.shards_uri, cfg.storage)
     store.check_reachable()
     plan = build_plan(cfg)
     cases = read_cases(cfg, progress)
+    design = _design(cfg, cases, plan.to_dict())
+    with store.writer_lock("prepare"):
+        writer = SnapshotWriter.begin(store)
+        if writer.current is not None and not overwrite:
+            _refuse_other_data(store.uri, writer.current, cfg, design)
+        try:
+            manifest, written, skipped, warnings = _write_snapshot(writer, cfg, plan, cases, design, progress)
+            committed = writer.current is None or not _same_snapshot(writer.current, manifest)
+            if committed:
+                writer.commit(manifest)
+        except KeyboardInterrupt:
+            raise  # complete shards stay for the next run to adopt; nothing was committed
+        except BaseException:
+            writer.abort()
+            raise
+        if not committed:
+            manifest = writer.current
+        else:
+            # A convenience copy of the plan (the manifest holds the authoritative one).
+            store.write_bytes(PLAN, json.dumps(design.plan, indent=1).encode())
+        removed = writer.collect_garbage(manifest)
+    return PrepareSummary(
+        uri=store.uri, cases=len(cases), subjects=len(design.subjects), slices=manifest.n_slices,
+        shards_written=written, shards_skipped=skipped, bytes=manifest.total_bytes,
+        seconds=time.perf_counter() - t0, folds=manifest.fold_summary(), warnings=warnings,
+        committed=committed, generation=manifest.generation, removed=len(removed),
+    )
 
+
+def _design(cfg: DataConfig, cases: Sequence[Case], plan_dict: Dict[str, Any]) -> _Design:
+    """Folds, label budget, layout and shard grouping: everything decided before writing."""
     subjects = sorted({c.subject_id for c in cases})
     strata = subject_strata(cases, cfg.stratify)
     folds = grouped_kfold(subjects, cfg.folds, cfg.split_seed, strata)
@@ -151,91 +197,127 @@ def prepare(cfg: DataConfig, progress: ProgressFactory = _no_progress) -> Prepar
             if not any(f == 0 for f in folds.values()):
                 raise ConfigError(f"data.budget_split=holdout: the label budget {cfg.label_budget} takes every "
                                   "labelled subject, leaving none to validate on")
-
     size = _plan_size(cfg)
     layout = SliceLayout(height=size[0], width=size[1], image_dtype=cfg.slice_dtype,
                          filter="delta2d" if cfg.slice_dtype == "uint8" else "none")
-    plan_dict = plan.to_dict()
-    groups = _group_into_shards(cases, folds, cfg.slices_per_shard)
+    return _Design(subjects, folds, budget, layout, plan_dict, _group_into_shards(cases, folds, cfg.slices_per_shard))
 
-    written: List[str] = []
+
+def _write_snapshot(writer: SnapshotWriter, cfg: DataConfig, plan: Any, cases: Sequence[Case], design: _Design,
+                    progress: ProgressFactory) -> Tuple[Manifest, int, int, List[str]]:
+    """Write (or reuse) every shard of the new snapshot; returns (manifest, written, reused, warnings)."""
     shard_entries: List[Dict[str, Any]] = []
     case_entries: List[Dict[str, Any]] = []
     warnings: List[str] = []
-    skipped = 0
-    total = sum(len(g) for _, g in groups)
+    written = skipped = 0
+    kinds = ("slices", "volumes") if cfg.store_volumes else ("slices",)
+    total = sum(len(g) for _, g in design.groups)
     bar = progress(range(total), desc="preprocess+write", total=total, unit="case")
     bar_iter = iter(bar)
     try:
-        for i, (fold, members) in enumerate(groups):
-            rel = f"slices/fold-{fold}/part-{i:05d}.parquet"
-            in_budget = {c.case_id: budget is None or c.subject_id in budget for c in members}
-            fp = _fingerprint(plan_dict, layout, cfg, [(c, fold, in_budget[c.case_id]) for c in members])
-            existing = shard_metadata(store, rel)
-            if existing is not None and existing.get("fingerprint") == fp:
-                records = existing["records"]
+        for part, (fold, members) in enumerate(design.groups):
+            in_budget = {c.case_id: design.budget is None or c.subject_id in design.budget for c in members}
+            fp = _fingerprint(design.plan, design.layout, cfg, [(c, fold, in_budget[c.case_id]) for c in members])
+            found = {k: writer.reusable(k, fp) or writer.stray(k, fp) for k in kinds}
+            if all(found.values()):
+                records = _records_of(writer, found["slices"]["path"], fp)
                 skipped += 1
                 for _ in members:
                     next(bar_iter, None)
             else:
-                rows, records = [], {}
-                for c in members:
-                    pc, rec = plan.preprocess(c)
-                    lost = int(rec.get("foreground_voxels_lost", 0) or 0)
-                    if lost:
-                        warnings.append(f"{c.case_id}: crop removed {lost} foreground voxels")
-                    rows.append(case_rows(pc, fold, in_budget[c.case_id], layout))
-                    records[c.case_id] = {"record": rec, "spacing": [float(s) for s in pc.spacing]}
-                    next(bar_iter, None)
-                table = build_table(rows, layout, {"fingerprint": fp, "records": records, "plan": plan_dict})
-                store.write_bytes(rel, table_to_parquet(table, cfg.compression_level))
-                written.append(rel)
+                table, records = _preprocess_group(plan, members, fold, in_budget, design, fp, warnings, bar_iter)
+                found["slices"] = writer.write(writer.shard_path("slices", fold, part),
+                                               table_to_parquet(table, cfg.compression_level))
                 if cfg.store_volumes:
-                    vrel = rel.replace("slices/", "volumes/", 1)
-                    store.write_bytes(vrel, table_to_parquet(volume_table(table, layout), cfg.compression_level))
-                    written.append(vrel)
-            shard_entries.append({"path": rel, "kind": "slices", "fold": fold, "fingerprint": fp,
-                                  "rows": sum(c.image.shape[0] for c in members), "bytes": store.size(rel),
-                                  "cases": [c.case_id for c in members]})
-            if cfg.store_volumes:
-                vrel = rel.replace("slices/", "volumes/", 1)
-                shard_entries.append({"path": vrel, "kind": "volumes", "fold": fold, "fingerprint": fp,
-                                      "rows": len(members), "bytes": store.size(vrel),
-                                      "cases": [c.case_id for c in members]})
+                    found["volumes"] = writer.write(writer.shard_path("volumes", fold, part), table_to_parquet(
+                        volume_table(table, design.layout), cfg.compression_level))
+                written += 1
+            for kind in kinds:
+                shard_entries.append({**found[kind], "kind": kind, "fold": fold, "fingerprint": fp,
+                                      "rows": sum(c.image.shape[0] for c in members) if kind == "slices" else len(members),
+                                      "layout": design.layout.to_dict(), "cases": [c.case_id for c in members]})
             for c in members:
-                case_entries.append(_case_entry(c, fold, in_budget[c.case_id], rel, records[c.case_id]))
-        manifest = Manifest(
-            uri=store.uri,
-            layout=layout,
-            plan=plan_dict,
-            task=cases[0].task,
-            class_names={str(k): v for k, v in TASK_CLASS_NAMES[cases[0].task].items()},
-            folds={"k": cfg.folds, "seed": cfg.split_seed, "stratify": cfg.stratify,
-                   "subjects": {s: folds[s] for s in subjects}},
-            label_budget=None if budget is None else {"n": cfg.label_budget, "seed": cfg.split_seed,
-                                                      "subjects": sorted(budget)},
-            cases=case_entries,
-            shards=shard_entries,
-            created=datetime.now(timezone.utc).isoformat(timespec="seconds"),
-            data_config=_jsonable(cfg),
-        )
-        store.write_bytes(PLAN, json.dumps(plan_dict, indent=1).encode())
-        store.write_bytes(MANIFEST, manifest.to_json().encode())
-    except Exception:
-        for rel in written:
-            store.delete(rel)
-        raise
+                case_entries.append(_case_entry(c, fold, in_budget[c.case_id], found["slices"]["path"],
+                                                records[c.case_id]))
     finally:
         close = getattr(bar, "close", None)
         if close:
             close()
-    _remove_stale(store, manifest)
-    return PrepareSummary(
-        uri=store.uri, cases=len(cases), subjects=len(subjects), slices=manifest.n_slices,
-        shards_written=len([w for w in written if w.startswith("slices/")]), shards_skipped=skipped,
-        bytes=manifest.total_bytes, seconds=time.perf_counter() - t0, folds=manifest.fold_summary(),
-        warnings=warnings,
+    return _manifest(writer, cfg, cases, design, case_entries, shard_entries), written, skipped, warnings
+
+
+def _preprocess_group(plan: Any, members: Sequence[Case], fold: int, in_budget: Dict[str, bool], design: _Design,
+                      fp: str, warnings: List[str], bar_iter: Any) -> Tuple[Any, Dict[str, Any]]:
+    """Preprocess the cases of one shard into an Arrow table (+ their per-case records)."""
+    rows, records = [], {}
+    for c in members:
+        pc, rec = plan.preprocess(c)
+        lost = int(rec.get("foreground_voxels_lost", 0) or 0)
+        if lost:
+            warnings.append(f"{c.case_id}: crop removed {lost} foreground voxels")
+        rows.append(case_rows(pc, fold, in_budget[c.case_id], design.layout))
+        records[c.case_id] = {"record": rec, "spacing": [float(s) for s in pc.spacing]}
+        next(bar_iter, None)
+    return build_table(rows, design.layout, {"fingerprint": fp, "records": records, "plan": design.plan}), records
+
+
+def _records_of(writer: SnapshotWriter, rel: str, fp: str) -> Dict[str, Any]:
+    """Per-case preprocessing records of a reused shard: from the manifest, else its footer."""
+    from robustseg.data.shards import shard_metadata
+
+    cur = writer.current
+    if cur is not None:
+        recs = {c["case_id"]: {"record": c["record"], "spacing": c["spacing"]} for c in cur.cases if c["shard"] == rel}
+        if recs:
+            return recs
+    md = shard_metadata(writer.store, rel) or {}
+    if md.get("fingerprint") != fp:
+        raise DataError(writer.store.uri_of(rel), "shard footer does not match its fingerprint")
+    return md["records"]
+
+
+def _manifest(writer: SnapshotWriter, cfg: DataConfig, cases: Sequence[Case], design: _Design,
+              case_entries: List[Dict[str, Any]], shard_entries: List[Dict[str, Any]]) -> Manifest:
+    task = cases[0].task
+    return Manifest(
+        uri=writer.store.uri, layout=design.layout, plan=design.plan, task=task,
+        class_names={str(k): v for k, v in TASK_CLASS_NAMES[task].items()},
+        folds={"k": cfg.folds, "seed": cfg.split_seed, "stratify": cfg.stratify,
+               "subjects": {s: design.folds[s] for s in design.subjects}},
+        label_budget=None if design.budget is None else {"n": cfg.label_budget, "seed": cfg.split_seed,
+                                                         "subjects": sorted(design.budget)},
+        cases=case_entries, shards=shard_entries,
+        created=datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        data_config=_jsonable(cfg),
     )
+
+
+def _settings(m_plan: Dict[str, Any], layout: Dict[str, Any], data_config: Dict[str, Any]) -> Dict[str, Any]:
+    """What makes two prepared datasets "the same data": sources, plan and fold design."""
+    dc = data_config
+    return {
+        "sources": [{k: s.get(k) for k in ("name", "path", "options")} for s in dc.get("sources", [])],
+        "plan": {**m_plan, "layout": layout},
+        "folds": {k: dc.get(k) for k in ("folds", "split_seed", "stratify", "label_budget", "budget_split")},
+    }
+
+
+def _refuse_other_data(uri: str, current: Manifest, cfg: DataConfig, design: _Design) -> None:
+    """Raise `ConfigError` naming what differs when the store holds other data."""
+    old = _settings(current.plan, current.layout.to_dict(), current.data_config)
+    new = _settings(design.plan, design.layout.to_dict(), _jsonable(cfg))
+    diffs = describe_diff(old, new)
+    if diffs:
+        shown = "; ".join(diffs[:6]) + (f"; ... {len(diffs) - 6} more" if len(diffs) > 6 else "")
+        raise ConfigError(f"{uri} already holds a dataset prepared with different settings ({shown}). "
+                          "Pass --force (overwrite=True) to replace it: the current snapshot stays readable "
+                          "until the new one commits. Or prepare into another --out.")
+
+
+def _same_snapshot(old: Manifest, new: Manifest) -> bool:
+    """Whether committing ``new`` would change nothing a reader sees."""
+    keys = ("layout", "plan", "task", "class_names", "folds", "label_budget", "cases", "shards")
+    return old.version == new.version and all(getattr(old, k) == getattr(new, k) for k in keys)
 
 
 def _plan_size(cfg: DataConfig) -> Tuple[int, int]:
@@ -281,12 +363,3 @@ def _jsonable(obj: Any) -> Any:
         return str(o)
 
     return json.loads(json.dumps(obj, default=default))
-
-
-def _remove_stale(store: ObjectStore, manifest: Manifest) -> None:
-    """Delete shards of earlier runs that the new manifest no longer references."""
-    keep = {s["path"] for s in manifest.shards}
-    for kind in ("slices", "volumes"):
-        for rel in store.list(kind, suffix=".parquet"):
-            if rel not in keep:
-                store.delete(rel)

@@ -24,7 +24,7 @@ import pyarrow.parquet as pq
 
 from robustseg.data.cases import Case
 from robustseg.data.storage import ObjectStore
-from robustseg.errors import DataError, StorageError
+from robustseg.errors import DataError
 
 FORMAT_VERSION = 1
 META_KEY = b"robustseg"
@@ -245,15 +245,3 @@ def shard_metadata(store: ObjectStore, rel: str) -> Optional[Dict[str, Any]]:
         return None  # a foreign or damaged file is rewritten, never trusted
     raw = md.get(META_KEY)
     return json.loads(raw) if raw else None
-
-
-def read_table(store: ObjectStore, rel: str, columns: Optional[Sequence[str]] = None,
-               filters: Optional[Any] = None) -> pa.Table:
-    """Read one shard (optionally a column subset and a row filter)."""
-    try:
-        with store.fs.open_input_file(store.path(rel)) as f:
-            return pq.read_table(f, columns=list(columns) if columns else None, filters=filters)
-    except FileNotFoundError as e:
-        raise StorageError(store.uri_of(rel), "shard missing (manifest and store disagree)", e) from e
-    except (OSError, pa.ArrowInvalid) as e:
-        raise StorageError(store.uri_of(rel), "shard unreadable", e) from e

@@ -5,22 +5,40 @@ Parquet reader and (later) Ray Data. S3 endpoint, region and credentials come fr
 `StorageConfig`, then from URI query parameters (``?endpoint_override=...&scheme=http``,
 the form Ray accepts), then from the ``AWS_*`` environment variables boto3 users set.
 
-Writes are atomic per object: local files are written to a hidden temporary name and
-renamed; S3 objects become visible only when their upload completes.
+Writes are atomic per object: local files are written to a hidden temporary name, flushed
+to disk and renamed; S3 objects become visible only when their upload completes. Two more
+primitives make multi-object changes safe (see `robustseg.data.snapshot`):
+
+- `ObjectStore.writer_lock`: one writer at a time on a local store (an ``flock`` that the
+  kernel drops when its process dies, so a kill -9 never leaves a stale lock);
+- `ObjectStore.put_if`: a conditional write, the compare-and-swap of an S3 commit
+  (``If-None-Match: *`` to create, ``If-Match: <ETag>`` to replace), which S3 has offered
+  since 2024 and pyarrow does not expose, so it goes through boto3 with the same settings.
 """
 from __future__ import annotations
 
+import contextlib
+import json
 import os
+import socket
+import time
 import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Dict, List, Optional
+from typing import Any, Dict, Iterator, List, Optional
 from urllib.parse import parse_qs, urlparse
 
 import pyarrow.fs as pafs
 
 from robustseg.config import StorageConfig
 from robustseg.errors import StorageError
+
+#: Name of the local writer-lock file at a store's root (hidden from listings).
+LOCK_FILE = ".robustseg.lock"
+
+
+class CommitConflict(StorageError):
+    """A conditional commit lost: another writer changed the object since it was read."""
 
 
 def _env(*names: str) -> Optional[str]:
@@ -119,6 +137,7 @@ class ObjectStore:
             i.path[len(base):] if i.path.startswith(base) else i.path
             for i in infos
             if i.type == pafs.FileType.File and i.path.endswith(suffix) and "/.tmp-" not in i.path
+            and not i.path.endswith("/" + LOCK_FILE)
         ]
         return sorted(out)
 
@@ -133,17 +152,8 @@ class ObjectStore:
     def write_bytes(self, rel: str, data: bytes) -> None:
         """Write ``rel`` atomically: readers see the old object or the whole new one."""
         target = self.path(rel)
-        parent = target.rsplit("/", 1)[0]
         if self.is_local:
-            self._call(lambda: self.fs.create_dir(parent, recursive=True), rel, "could not create folder")
-            tmp = f"{parent}/.tmp-{uuid.uuid4().hex}-{target.rsplit('/', 1)[1]}"
-            try:
-                with self.fs.open_output_stream(tmp) as f:
-                    f.write(data)
-                self.fs.move(tmp, target)
-            except OSError as e:
-                self._silent_delete(tmp)
-                raise StorageError(self.uri_of(rel), "could not write", e) from e
+            self._write_local(rel, target, data)
             return
 
         def _put() -> None:
@@ -152,6 +162,115 @@ class ObjectStore:
                 f.write(data)
 
         self._call(_put, rel, "could not write")
+
+    def _write_local(self, rel: str, target: str, data: bytes) -> None:
+        parent, name = target.rsplit("/", 1)
+        self._call(lambda: os.makedirs(parent, exist_ok=True), rel, "could not create folder")
+        tmp = f"{parent}/.tmp-{uuid.uuid4().hex}-{name}"
+        try:
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+            try:
+                view = memoryview(data)
+                while view:
+                    view = view[os.write(fd, view):]
+                # On disk before it gets its name: a crash after the rename never leaves a
+                # named file with missing bytes (the manifest may already point at it).
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+            os.replace(tmp, target)
+        except OSError as e:
+            self._silent_delete(tmp)
+            raise StorageError(self.uri_of(rel), "could not write", e) from e
+
+    def version(self, rel: str) -> Optional[str]:
+        """An opaque version of ``rel`` for `put_if` (the S3 ETag; local: None), None if absent."""
+        if self.is_local:
+            return None
+        client, bucket, key = self._s3_client(rel)
+        try:
+            return str(client.head_object(Bucket=bucket, Key=key)["ETag"])
+        except client.exceptions.ClientError as e:
+            if e.response.get("Error", {}).get("Code") in ("404", "NoSuchKey", "NotFound"):
+                return None
+            raise StorageError(self.uri_of(rel), "could not stat", e) from e
+
+    def put_if(self, rel: str, data: bytes, expected: Optional[str], exists: bool) -> None:
+        """Write ``rel`` only if it is still as it was read: the commit of a snapshot.
+
+        Args:
+            rel: Object to write.
+            data: Its new content.
+            expected: `version` read before the change (S3 ETag), when ``exists``.
+            exists: Whether the object existed when read (False: create only if absent).
+
+        Raises:
+            CommitConflict: another writer created or replaced the object in between.
+            StorageError: the write failed.
+        """
+        if self.is_local:
+            # Local writers are serialised by `writer_lock`: a plain atomic write suffices.
+            self.write_bytes(rel, data)
+            return
+        client, bucket, key = self._s3_client(rel)
+        cond = {"IfMatch": expected} if exists else {"IfNoneMatch": "*"}
+        try:
+            client.put_object(Bucket=bucket, Key=key, Body=data, **cond)
+        except client.exceptions.ClientError as e:
+            code = e.response.get("Error", {}).get("Code")
+            if code in ("PreconditionFailed", "ConditionalRequestConflict", "412", "409", "NoSuchKey"):
+                raise CommitConflict(self.uri_of(rel), "another writer committed to this store first; "
+                                     "this run's snapshot was not made visible") from None
+            raise StorageError(self.uri_of(rel), "could not write", e) from e
+        except Exception as e:  # botocore connection errors are not ClientError
+            raise StorageError(self.uri_of(rel), "could not write", e) from e
+
+    @contextlib.contextmanager
+    def writer_lock(self, what: str = "prepare") -> Iterator[None]:
+        """Hold the store's writer lock for a block (local stores; S3 relies on `put_if`).
+
+        Raises:
+            StorageError: another process holds the lock (its pid, host and start time named).
+        """
+        if not self.is_local:
+            yield
+            return
+        import fcntl
+
+        os.makedirs(self.root, exist_ok=True)
+        path = os.path.join(self.root, LOCK_FILE)
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                holder = _read_holder(fd)
+                raise StorageError(self.uri, f"another {holder.get('what', 'writer')} is writing to this store "
+                                   f"(pid {holder.get('pid', '?')} on {holder.get('host', '?')} since "
+                                   f"{holder.get('since', '?')}); wait for it to finish or stop it") from None
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, json.dumps({"what": what, "pid": os.getpid(), "host": socket.gethostname(),
+                                      "since": time.strftime("%Y-%m-%dT%H:%M:%S")}).encode(), 0)
+            yield
+        finally:
+            os.close(fd)  # closing drops the flock; the kernel does the same for a killed process
+
+    def _s3_client(self, rel: str) -> Any:
+        """A boto3 client built from the same settings as the pyarrow filesystem."""
+        import boto3
+        from botocore.config import Config
+
+        o = self.s3
+        endpoint = o.get("endpoint_override")
+        url = f"{o.get('scheme', 'https')}://{endpoint}" if endpoint else None
+        client = boto3.client(
+            "s3", endpoint_url=url, region_name=str(o.get("region") or "us-east-1"),
+            aws_access_key_id=o.get("access_key"), aws_secret_access_key=o.get("secret_key"),
+            aws_session_token=o.get("session_token"),
+            config=Config(connect_timeout=float(o.get("connect_timeout", 5.0)), retries={"max_attempts": 2}),
+        )
+        bucket, _, prefix = self.path(rel).partition("/")
+        return client, bucket, prefix
 
     def delete(self, rel: str) -> None:
         """Delete ``rel`` if present."""
@@ -188,6 +307,13 @@ class ObjectStore:
             raise StorageError(self.uri_of(rel), f"{what}: not found", e) from e
         except OSError as e:
             raise StorageError(self.uri_of(rel), what, e) from e
+
+
+def _read_holder(fd: int) -> Dict[str, Any]:
+    try:
+        return json.loads(os.pread(fd, 4096, 0).decode() or "{}")
+    except (OSError, ValueError):
+        return {}
 
 
 def open_store(uri: str, cfg: Optional[StorageConfig] = None) -> ObjectStore:

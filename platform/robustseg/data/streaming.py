@@ -22,7 +22,7 @@ import numpy as np
 import torch
 
 from robustseg.config import DataConfig
-from robustseg.data.manifest import Manifest, read_manifest
+from robustseg.data.manifest import Manifest, read_manifest, verified_bytes
 from robustseg.data.shards import SliceLayout, decode_images, decode_labels
 from robustseg.data.storage import open_store
 
@@ -61,6 +61,7 @@ def slice_dataset(cfg_data: DataConfig, manifest: Optional[Manifest] = None, *,
 
     Raises:
         ValueError: no shard matches the fold selection.
+        StorageError: a shard's size, checksum or layout disagrees with the manifest.
     """
     import ray.data
     from ray.data import FileShuffleConfig
@@ -70,6 +71,10 @@ def slice_dataset(cfg_data: DataConfig, manifest: Optional[Manifest] = None, *,
     rels = manifest.shard_paths("slices", folds, exclude_folds)
     if not rels:
         raise ValueError(f"{store.uri}: no slice shards for folds={folds} exclude_folds={exclude_folds}")
+    for rel in rels:
+        # Ray Data reads the files itself, so check each against the manifest first. Shards are
+        # immutable once named (robustseg.data.snapshot): what is verified here is what it reads.
+        verified_bytes(store, manifest, rel)
     read_cols: List[str] = list(columns)
     if labelled_only and "train_labelled" not in read_cols:
         read_cols.append("train_labelled")
