@@ -37,7 +37,7 @@ from robustseg.data.shards import FORMAT_VERSION, SliceLayout, build_table, case
 from robustseg.data.snapshot import SnapshotWriter, describe_diff
 from robustseg.data.sources import read_source
 from robustseg.data.splits import grouped_kfold, label_budget, subject_strata
-from robustseg.data.storage import open_store
+from robustseg.data.storage import ObjectStore, open_store
 from robustseg.data.volumes import volume_table
 from robustseg.errors import ConfigError, DataError
 
@@ -168,9 +168,7 @@ def prepare(cfg: DataConfig, progress: ProgressFactory = _no_progress, *, overwr
             raise
         if not committed:
             manifest = writer.current
-        else:
-            # A convenience copy of the plan (the manifest holds the authoritative one).
-            store.write_bytes(PLAN, json.dumps(design.plan, indent=1).encode())
+        _sync_plan_copy(store, manifest.plan)
         removed = writer.collect_garbage(manifest)
     return PrepareSummary(
         uri=store.uri, cases=len(cases), subjects=len(design.subjects), slices=manifest.n_slices,
@@ -178,6 +176,17 @@ def prepare(cfg: DataConfig, progress: ProgressFactory = _no_progress, *, overwr
         seconds=time.perf_counter() - t0, folds=manifest.fold_summary(), warnings=warnings,
         committed=committed, generation=manifest.generation, removed=len(removed),
     )
+
+
+def _sync_plan_copy(store: ObjectStore, plan_dict: Dict[str, Any]) -> None:
+    """Keep ``plan.json``, a convenience copy of the committed plan, in step with the manifest.
+
+    Written after the commit (a kill in between leaves a stale copy that the next run fixes);
+    readers that need the plan take it from the manifest.
+    """
+    text = json.dumps(plan_dict, indent=1).encode()
+    if not store.exists(PLAN) or store.read_bytes(PLAN) != text:
+        store.write_bytes(PLAN, text)
 
 
 def _design(cfg: DataConfig, cases: Sequence[Case], plan_dict: Dict[str, Any]) -> _Design:
