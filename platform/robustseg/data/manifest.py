@@ -202,8 +202,12 @@ def shard_entry(manifest: Manifest, rel: str) -> Dict[str, Any]:
     raise KeyError(f"shard {rel!r} is not in the manifest of {manifest.uri}")
 
 
-def verified_bytes(store: ObjectStore, manifest: Manifest, rel: str) -> bytes:
+def verified_bytes(store: ObjectStore, manifest: Manifest, rel: str, *, cached: bool = True) -> bytes:
     """The bytes of shard ``rel``, after checking size, SHA-256 and layout against the manifest.
+
+    Args:
+        cached: Serve a shard verified earlier in this process from memory (False: read it
+            again, as ``inspect --verify`` must).
 
     Raises:
         StorageError: the shard is missing, or its size, checksum or layout disagrees with
@@ -211,7 +215,7 @@ def verified_bytes(store: ObjectStore, manifest: Manifest, rel: str) -> bytes:
     """
     entry = shard_entry(manifest, rel)
     key = (store.uri_of(rel), str(entry.get("sha256")))
-    if entry.get("sha256") and key in _VERIFIED:
+    if cached and entry.get("sha256") and key in _VERIFIED:
         _VERIFIED.move_to_end(key)
         return _VERIFIED[key]
     if not store.exists(rel):
@@ -251,7 +255,7 @@ def verify_store(store: ObjectStore, manifest: Manifest, checksums: bool = True)
         rel = s["path"]
         try:
             if checksums:
-                verified_bytes(store, manifest, rel)
+                verified_bytes(store, manifest, rel, cached=False)
             elif not store.exists(rel):
                 problems.append(f"{store.uri_of(rel)}: shard missing")
             elif store.size(rel) != int(s["bytes"]):
