@@ -81,3 +81,17 @@ def s3_endpoint():
         yield f"http://127.0.0.1:{port}"
     finally:
         server.stop()  # stop only what this fixture started
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _no_store_in_the_checkout() -> Any:
+    """Fail the run if any test leaves an MLflow store at the repository root.
+
+    MLflow's default tracking URI is ``./mlflow.db``: a lookup with no URI silently creates
+    one in the working folder (a 950 KB one was once committed). Tests use tmp paths.
+    """
+    watched = [REPO / "mlflow.db", REPO / "mlruns"]
+    before = {p for p in watched if p.exists()}
+    yield
+    appeared = [str(p) for p in watched if p.exists() and p not in before]
+    assert not appeared, f"a test created an MLflow store in the checkout: {appeared}"

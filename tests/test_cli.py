@@ -85,3 +85,111 @@ def test_console_script_help():
     exe = Path(sys.executable).with_name("robustseg")
     res = subprocess.run([str(exe), "prepare", "--help"], capture_output=True, text=True, check=True)
     assert "--source NAME:PATH" in res.stdout and "s3://" in res.stdout
+
+
+# ------------------------------------------------------------------------------ start-up (issue 12)
+HEAVY = ("torch", "monai", "ray", "mlflow", "optuna")
+# SimpleITK is still imported through robustseg.serve_cli -> robustseg.serving (its parser reads
+# the ENV_* names there); add it here once serve_cli imports serving lazily.
+_HELP_PROBE = """
+import argparse, contextlib, io, sys
+from robustseg.cli import build_parser, main
+parser = build_parser()
+sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+for argv in [["--help"]] + [[name, "--help"] for name in sub.choices]:
+    with contextlib.redirect_stdout(io.StringIO()):
+        try:
+            main(argv)
+        except SystemExit as e:
+            assert e.code == 0, (argv, e.code)
+print(len(sub.choices), " ".join(m for m in HEAVY if m in sys.modules))
+"""
+
+
+def test_help_imports_no_heavy_module():
+    """`robustseg --help` and `robustseg <cmd> --help` import the command's code only when it runs."""
+    res = subprocess.run([sys.executable, "-c", f"HEAVY = {HEAVY!r}\n" + _HELP_PROBE], capture_output=True,
+                         text=True, check=True, cwd=REPO)
+    n_commands, *imported = res.stdout.split()
+    assert int(n_commands) >= 15
+    assert imported == [], f"building the parser / --help imported {imported}"
+
+
+# ------------------------------------------------------------------------------ config validate == train's checks
+BAD_CONFIGS = {
+    "model": ("model: {params: {filterz_base: 8}}",
+              "unknown key(s) ['filterz_base'] in model.params (unet2d); valid keys: ['filters_base'"),
+    "regime": ("regime: {name: supervisedd}",
+               "regime.name: unknown regime 'supervisedd'; valid: advchain, genesis, mean_teacher, supervised"),
+    "augment": ("augment: {preset: nnunett}", "augment.preset: unknown preset 'nnunett'; valid: ['light', 'nnunet', 'none']"),
+}
+
+
+@pytest.mark.parametrize("section", sorted(BAD_CONFIGS))
+def test_config_validate_rejects_what_train_rejects(tmp_path, capsys, section):
+    body, message = BAD_CONFIGS[section]
+    path = tmp_path / f"bad_{section}.yaml"
+    path.write_text(f"data: {{shards_uri: {tmp_path / 'shards'}}}\ntracking: {{workdir: {tmp_path}}}\n{body}\n")
+    assert main(["config", "validate", "--config", str(path)]) == 2
+    out, err = capsys.readouterr()
+    assert f"{path}: {message}" in err and "valid" not in out
+    # train refuses it with the same words, before any data is prepared.
+    assert main(["train", "--config", str(path), "--device", "cpu"]) == 2
+    assert message in capsys.readouterr().err
+    assert not (tmp_path / "shards").exists()
+
+
+def test_config_validate_lists_every_problem(tmp_path, capsys):
+    path = tmp_path / "bad.yaml"
+    path.write_text("\n".join(body for body, _ in BAD_CONFIGS.values()) + "\n")
+    assert main(["config", "validate", "--config", str(path)]) == 2
+    err = capsys.readouterr().err
+    assert "3 problems" in err and all(message in err for _, message in BAD_CONFIGS.values())
+
+
+@pytest.mark.parametrize("name", sorted(str(p.relative_to(REPO / "configs")) for p in (REPO / "configs").rglob("*.yaml")))
+def test_every_shipped_config_validates(capsys, name):
+    assert main(["config", "validate", "--config", str(REPO / "configs" / name)]) == 0
+    assert capsys.readouterr().out.strip().endswith(": valid")
+
+
+# ------------------------------------------------------------------------------ read-only commands create no store
+def test_read_only_commands_create_no_tracking_store(tmp_path, capsys, monkeypatch):
+    from robustseg.data.io import write_with_geometry
+    from robustseg.data.synthetic import make_cardiac_dataset
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    typo = tmp_path / "typo" / "mlflow.db"
+    case = make_cardiac_dataset(1, seed=3)[0]
+    write_with_geometry(case.image, tmp_path / "in" / "p1.nii.gz", case.geometry())
+    default = tmp_path / "robustseg_work" / "mlflow.db"  # the default store, relative to the working folder
+    runs = [
+        (["registry", "list", "--tracking-uri", f"sqlite:///{typo}"], typo),
+        (["registry", "list"], default),
+        (["registry", "promote", "--version", "1", "--tracking-uri", f"sqlite:///{typo}"], typo),
+        (["predict", "--model", "models:/robustseg-cmr@champion", "--tracking-uri", f"sqlite:///{typo}",
+          "--input", str(tmp_path / "in"), "--output", str(tmp_path / "out"), "--device", "cpu"], typo),
+        (["predict", "--model", "models:/robustseg-cmr@champion", "--input", str(tmp_path / "in"),
+          "--output", str(tmp_path / "out"), "--device", "cpu"], default),
+        (["report", "--sweep", "demo", "--tracking-uri", f"sqlite:///{typo}"], typo),
+        (["robustness", "--model", "models:/robustseg-cmr@champion", "--source", "synthetic_cmr:?n_subjects=1",
+          "--cases", "1", "--no-tracking", "--tracking-uri", f"sqlite:///{typo}", "--out", str(tmp_path / "rob")],
+         typo),
+    ]
+    for argv, store in runs:
+        assert main(argv) == 2, argv
+        err = capsys.readouterr().err
+        assert f"{store} does not exist (nothing was created)" in err and "Traceback" not in err, (argv, err)
+    assert not typo.parent.exists() and not (tmp_path / "robustseg_work").exists()
+    assert not [p for p in tmp_path.rglob("*") if p.suffix == ".db" or p.name == "mlruns"]
+
+
+# ------------------------------------------------------------------------------ sources are local paths
+@pytest.mark.parametrize("uri", ["s3://bucket/x", "gs://bucket/x", "https://example.org/acdc"])
+def test_a_uri_as_source_path_says_sources_are_local(tmp_path, capsys, uri):
+    assert main(["prepare", "--source", f"acdc_h5:{uri}", "--out", str(tmp_path / "o")]) == 2
+    err = capsys.readouterr().err
+    assert f"acdc_h5:{uri}: sources are local paths" in err and "folder not found" not in err
+    assert len(err.strip().splitlines()) == 1
+    assert parse_source(f"acdc_h5:file://{tmp_path}/acdc").path == f"{tmp_path}/acdc"  # file:// is local

@@ -132,3 +132,15 @@ def test_base_files_merge_under_the_config(tmp_path):
     (tmp_path / "c.yaml").write_text("base: missing.yaml\n")
     with pytest.raises(ConfigError, match="missing.yaml: config file not found"):
         ExperimentConfig.from_yaml(tmp_path / "c.yaml")
+
+
+def test_source_paths_are_local(tmp_path):
+    """A URI as a source path names the source and says sources are local (not 's3:/b/x: folder not found')."""
+    from robustseg.config import SourceSpec
+
+    for uri in ("s3://bucket/acdc", "S3://bucket/acdc", "gs://b/x", "http://example.org/x"):
+        with pytest.raises(ConfigError, match=f"acdc_h5:{uri}: sources are local paths"):
+            ExperimentConfig.from_dict({"data": {"sources": [{"name": "acdc_h5", "path": uri}]}})
+    path = tmp_path / "acdc_h5"
+    assert SourceSpec("acdc_h5", path.as_uri()).path == str(path)  # file:// is a local path
+    assert SourceSpec("acdc_h5", "relative/dir:with:colons").path == "relative/dir:with:colons"

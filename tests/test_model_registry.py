@@ -143,3 +143,28 @@ def test_cli_registry_and_predict_with_a_models_uri(registered, tmp_path, capsys
     assert mask.array.shape == case.image.shape and mask.spacing == pytest.approx(case.spacing)
     assert main(["registry", "promote", "--name", NAME, "--version", "7", "--tracking-uri", uri]) == 2
     assert "has no version 7" in capsys.readouterr().err
+
+
+def test_lookups_name_the_store_and_never_create_one(registered, tmp_path, monkeypatch):
+    """A mistyped or default tracking URI is an error naming the store searched, not a new empty store."""
+    from robustseg.tracking import TrackingStoreError
+
+    uri, _, _, _ = registered
+    with pytest.raises(reg.RegistryError, match=f"no registered model 'nope' in {uri}"):
+        reg.list_versions("nope", uri)
+    with pytest.raises(reg.RegistryError, match=f"cannot load from {uri}"):
+        reg.load_ensemble(f"models:/{NAME}@nobody", uri, CPU)
+    missing = tmp_path / "typo" / "mlflow.db"
+    lookups = [lambda u: reg.list_versions(NAME, u), lambda u: reg.alias_version(NAME, "champion", u),
+               lambda u: reg.promote(NAME, "1", tracking_uri=u), lambda u: reg.rollback(NAME, tracking_uri=u),
+               lambda u: reg.load_ensemble(f"models:/{NAME}@champion", u, CPU)]
+    for lookup in lookups:
+        with pytest.raises(TrackingStoreError, match=f"{missing} does not exist"):
+            lookup(f"sqlite:///{missing}")
+    assert not missing.parent.exists()
+    # No URI at all: MLflow's own default is mlflow.db in the working folder; it is named, not made.
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    with pytest.raises(TrackingStoreError, match=f"{tmp_path / 'mlflow.db'} does not exist"):
+        reg.load_ensemble(f"models:/{NAME}@champion", None, CPU)
+    assert not (tmp_path / "mlflow.db").exists() and not (tmp_path / "mlruns").exists()

@@ -229,3 +229,20 @@ def test_nested_sweep_trial_fold_runs(cfg: ExperimentConfig, client: Any, tmp_pa
     assert p.info.status == "FAILED" and "cv_val_dice" not in p.data.metrics and "val_dice_fold0" in p.data.metrics
     assert tracking.sweep_parent(cfg, "sweep-a", resume=True) == sweep
     assert tracking.sweep_parent(cfg, "sweep-a") != sweep
+
+
+def test_require_store_never_creates_and_names_the_path(tmp_path: Path) -> None:
+    db = tmp_path / "sub" / "mlflow.db"
+    assert tracking.local_store_path(f"sqlite:///{db}") == db
+    assert tracking.local_store_path(f"sqlite:///{db}?timeout=5") == db
+    assert tracking.local_store_path((tmp_path / "mlruns").as_uri()) == tmp_path / "mlruns"
+    for remote in ("http://127.0.0.1:5000", "https://mlflow.example.org", "databricks", "sqlite://"):
+        assert tracking.local_store_path(remote) is None
+        assert tracking.require_store(remote) == remote  # a server is asked, not checked here
+    for uri in (f"sqlite:///{db}", (tmp_path / "sub" / "mlruns").as_uri()):
+        with pytest.raises(tracking.TrackingStoreError, match=f"{tmp_path / 'sub'}.* does not exist"):
+            tracking.require_store(uri)
+    assert not (tmp_path / "sub").exists()
+    db.parent.mkdir()
+    db.touch()
+    assert tracking.require_store(f"sqlite:///{db}") == f"sqlite:///{db}"

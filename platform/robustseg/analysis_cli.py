@@ -30,13 +30,13 @@ import re
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
-
-import numpy as np
-import torch
+from typing import TYPE_CHECKING, Any, Dict, List, Mapping, Optional, Sequence, Tuple
 
 from robustseg.errors import ConfigError, DataError
 from robustseg.tracking import add_run_arguments
+
+if TYPE_CHECKING:  # numpy and torch are imported where used: `robustseg --help` must not pay for them
+    import torch
 
 ROLE = "svcca"
 _NAMED = re.compile(r"^([\w.\-]+)=(.+)$")
@@ -147,6 +147,8 @@ def choose_slices(case_ids: Sequence[str], slice_index: Sequence[int], foregroun
     fg = [i for i in order if foreground[i]]
     rest = [i for i in order if not foreground[i]]
 
+    import numpy as np
+
     def spread(rows: List[int], k: int) -> List[int]:
         if k >= len(rows):
             return list(rows)
@@ -189,6 +191,8 @@ def load_probe(uri: str, fold: int, max_slices: int, patch: Sequence[int], *,
         DataError: a fold without slices.
         StorageError: no prepared store at ``uri``.
     """
+    import torch
+
     from robustseg.data.manifest import MANIFEST, read_manifest
     from robustseg.data.storage import open_store
     from robustseg.engine.data import load_slice_set
@@ -217,6 +221,8 @@ def load_probe(uri: str, fold: int, max_slices: int, patch: Sequence[int], *,
 
 def _probe_slabs(data: Any, max_slices: int, patch: Sequence[int]) -> Tuple[torch.Tensor, List[Dict[str, Any]]]:
     """Whole-case volumes centre-cropped/padded to a 3D patch: cases with foreground first."""
+    import torch
+
     vols = sorted(data.volumes(), key=lambda v: (not bool((v["label"] > 0).any()), v["case_id"]))
     vols = vols[: max(1, max_slices // int(patch[0]))]
     images = torch.stack([fit_to_patch(v["image"].float()[None], patch)[0] for v in vols])
@@ -280,6 +286,8 @@ def run_svcca(job: SVCCAJob, opts: Any, progress: Optional[Any] = None,
     """
     from dataclasses import asdict
 
+    import torch
+
     from robustseg.analysis import svcca as sv
 
     if not 1 <= len(job.runs) <= 2:
@@ -319,6 +327,8 @@ def run_svcca(job: SVCCAJob, opts: Any, progress: Optional[Any] = None,
 def _training_curve(run: RunSpec, ref: LoadedModel, ref_space: Any, layers: List[str], images: torch.Tensor,
                     job: SVCCAJob, opts: Any, device: torch.device, progress: Optional[Any]) -> Any:
     """One run's checkpoints, each loaded, captured and compared with the converged model, then freed."""
+    import numpy as np
+
     from robustseg.analysis import svcca as sv
 
     curve = sv.TrainingCurve(run.label, str(run.reference), ref.epoch)
@@ -391,6 +401,8 @@ def log_to_mlflow(curves: Sequence[Any], pair: Optional[Any], files: Mapping[str
 # --------------------------------------------------------------------------- printing and the command
 def _columns(epochs: Sequence[int], at_most: int = 6) -> List[int]:
     """Indices of at most ``at_most`` epochs, evenly spaced, first and last included."""
+    import numpy as np
+
     if len(epochs) <= at_most:
         return list(range(len(epochs)))
     return sorted(set(np.linspace(0, len(epochs) - 1, at_most).round().astype(int).tolist()))
@@ -405,6 +417,8 @@ def curve_table(curve: Any) -> List[Dict[str, Any]]:
 
 def pair_table(pair: Any) -> List[Dict[str, Any]]:
     """Printable rows: each layer of A, its same-name similarity in B and its best match in B."""
+    import numpy as np
+
     matched = pair.matched()
     rows = []
     for i, layer in enumerate(pair.layers_a):

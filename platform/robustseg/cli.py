@@ -74,8 +74,12 @@ def print_table(rows: List[Dict[str, Any]], out: Any = None) -> None:
 def print_summary(summary: Any) -> None:
     """Human summary of a prepare run."""
     print(f"prepared {summary.cases} cases ({summary.subjects} subjects, {summary.slices} slices) -> {summary.uri}")
-    print(f"  shards: {summary.shards_written} written, {summary.shards_skipped} unchanged (skipped); "
+    print(f"  shards: {summary.shards_written} written, {summary.shards_skipped} unchanged (reused); "
           f"{human_bytes(summary.bytes)} in {summary.seconds:.1f} s")
+    if summary.committed:
+        print(f"  committed snapshot {summary.generation}; {summary.removed} unreferenced files removed")
+    else:
+        print(f"  nothing changed: the store already holds this dataset (snapshot {summary.generation})")
     print_table(summary.folds)
     for w in summary.warnings[:10]:
         print(f"  warning: {w}")
@@ -102,14 +106,20 @@ def cmd_prepare(args: argparse.Namespace) -> int:
     cfg = load_config(args.config, overrides)
     if args.source:
         cfg.data.sources = [parse_source(s) for s in args.source]
-    summary = prepare(cfg.data, progress=_progress)
+    try:
+        summary = prepare(cfg.data, progress=_progress, overwrite=args.force)
+    except KeyboardInterrupt:
+        # True by construction (robustseg.data.snapshot): nothing is committed before the end.
+        print(f"robustseg prepare: interrupted; nothing was committed, {cfg.data.shards_uri} still holds its "
+              "previous snapshot (if any). Complete shards are kept and a re-run reuses them.", file=sys.stderr)
+        return 130
     print_summary(summary)
     return 0
 
 
 def cmd_inspect(args: argparse.Namespace) -> int:
     """Run `robustseg inspect URI`."""
-    from robustseg.data.manifest import read_manifest
+    from robustseg.data.manifest import read_manifest, verify_store
     from robustseg.data.storage import open_store
 
     store = open_store(args.uri)
@@ -117,11 +127,19 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     lay = m.layout
     print(f"{m.uri}: {len(m.cases)} cases, {m.n_slices} slices of {lay.height}x{lay.width} ({lay.image_dtype}), "
           f"{len(m.shards)} shards, {human_bytes(m.total_bytes)}; plan {m.plan.get('name')}; task {m.task}; "
-          f"created {m.created}")
+          f"snapshot {m.generation} created {m.created}")
     print_table(m.fold_summary())
     if args.cases:
         print_table([{k: c[k] for k in ("case_id", "subject_id", "dataset", "phase", "motion_level", "fold",
                                         "n_slices", "has_label", "train_labelled")} for c in m.cases])
+    problems = verify_store(store, m, checksums=args.verify)
+    what = "size, SHA-256 and layout of every shard" if args.verify else "presence and size of every shard"
+    if problems:
+        print(f"UNHEALTHY: {len(problems)} problem(s) ({what} checked against the manifest):", file=sys.stderr)
+        for p in problems:
+            print(f"  {p}", file=sys.stderr)
+        return 1
+    print(f"healthy: {what} match the manifest" + ("" if args.verify else " (--verify also checks contents)"))
     return 0
 
 
@@ -155,10 +173,59 @@ def cmd_config(args: argparse.Namespace) -> int:
         return 0
     cfg = load_config(args.config, args.overrides)
     if args.action == "validate":
+        check_config(cfg, args.config or "(defaults)")
         print(f"{args.config or '(defaults)'}: valid")
         return 0
     print(cfg.to_yaml(), end="")
     return 0
+
+
+def check_config(cfg: ExperimentConfig, where: str = "") -> None:
+    """What `train` checks before it touches data: the components a config names, and their params.
+
+    Loading (`ExperimentConfig.from_dict`) checks every section's keys and types; the backbone,
+    the regime and the augmentation preset are looked up by name and their free-form
+    ``params`` are checked here, with the same registries and builders the fit loop uses, so
+    ``config validate`` accepts exactly what ``train`` accepts. Every problem is reported,
+    not only the first.
+
+    Args:
+        cfg: A loaded config.
+        where: The config file, named in the error.
+
+    Raises:
+        ConfigError: one line per problem, each naming the key and listing the valid choices.
+    """
+    import robustseg.models  # noqa: F401  (registers the backbones)
+    import robustseg.regimes  # noqa: F401  (registers the regimes)
+    from robustseg.augment import build_augmenter
+    from robustseg.config import from_dict
+    from robustseg.errors import UnknownNameError
+    from robustseg.registry import BACKBONES, REGIMES
+
+    problems: List[str] = []
+    dims = 2  # the augmentation's mirror axes are checked for 2D when the backbone is unknown
+    for key, registry, section in (("model", BACKBONES, cfg.model), ("regime", REGIMES, cfg.regime)):
+        try:
+            registry.get(section.name)
+        except UnknownNameError as e:
+            problems.append(f"{key}.name: {e}")
+            continue
+        meta = registry.meta(section.name)
+        dims = int(meta.get("spatial_dims", dims)) if key == "model" else dims
+        try:
+            if meta.get("params") is not None:
+                from_dict(meta["params"], section.params, f"{key}.params ({section.name})")
+        except ConfigError as e:
+            problems.append(str(e))
+    try:
+        build_augmenter(cfg.augment, dims)
+    except ConfigError as e:
+        problems.append(str(e))
+    if len(problems) > 1:
+        problems = [f"{len(problems)} problems:", *problems]
+    if problems:
+        raise ConfigError((f"{where}: " if where else "") + "\n  ".join(problems))
 
 
 def _device(name: Optional[str]):
@@ -180,6 +247,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     if args.fold is not None:
         overrides.append(f"data.val_fold={args.fold}")
     cfg = load_config(args.config, overrides)
+    check_config(cfg, args.config)  # the checks of `config validate`, before any data is prepared or read
     t0 = time.perf_counter()
     print(f"training {cfg.model.name} ({cfg.regime.name}) on {cfg.data.shards_uri}, validation fold {cfg.data.val_fold}, "
           f"{cfg.optim.epochs} epochs x {cfg.optim.iters_per_epoch} iterations x batch {cfg.optim.batch_size}")
@@ -205,36 +273,78 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def cmd_predict(args: argparse.Namespace) -> int:
-    """Run `robustseg predict` (masks in the input geometry)."""
-    from robustseg.engine.predict import predict_files
-    from robustseg.ensemble_cli import _tracking_uri, is_ensemble_uri, predict_with_ensemble
+    """Run `robustseg predict` (masks in the input geometry).
 
+    A bad input does not stop the batch (unless ``--fail-fast``): every good mask is written,
+    the failures are listed at the end and the exit status is 2. Inputs that look like label
+    maps are skipped with a notice unless ``--force``.
+    """
+    from robustseg.engine.predict import check_output_dir, list_inputs, predict_files, segment_files
+    from robustseg.ensemble_cli import _tracking_uri, is_ensemble_uri
+
+    # Before any model is loaded or request sent: a bad --output or --input costs nothing.
+    check_output_dir(args.output)
     if args.endpoint:
         from robustseg.serve_cli import predict_endpoint
 
         return predict_endpoint(args.endpoint, args.input, args.output)
     if not args.model:
         raise ConfigError("predict needs --model (checkpoint, ensemble folder or models:/ URI) or --endpoint URL")
+    list_inputs(args.input)
     tta = False if args.no_tta else None
+    options = {"progress": _progress, "force": args.force, "fail_fast": args.fail_fast}
     if is_ensemble_uri(args.model):
+        from robustseg.model_registry import load_ensemble
+
         # The same default store as `ensemble`/`registry` ($MLFLOW_TRACKING_URI, else the workdir's
         # SQLite), so a model registered with the defaults is found with the defaults.
-        rows = predict_with_ensemble(args.model, args.input, args.output, tracking_uri=_tracking_uri(args),
-                                     device=_device(args.device), tta=tta, progress=_progress)
+        ens, _ = load_ensemble(args.model, _tracking_uri(args), _device(args.device))
+        if tta is not None:
+            ens.spec.tta = tta
+        rows = segment_files(lambda case: ens.predict_cases([case])[0], ens.spec.task, ens.spec.class_names,
+                             args.input, args.output, **options)
     else:
         rows = predict_files(args.model, args.input, args.output, device=_device(args.device), tta=tta,
-                             progress=_progress, full_fov=args.full_fov)
+                             full_fov=args.full_fov, **options)
     return report_masks(rows, f"{len(rows)} masks written to {args.output}")
 
 
 def report_masks(rows: List[Dict[str, Any]], summary: str) -> int:
-    """Print `robustseg predict`'s table and summary; returns 3 when a mask is empty, else 0."""
+    """Print `robustseg predict`'s table, summary, skipped and failed inputs.
+
+    Args:
+        rows: One dict per written mask; a `PredictionRows` also carries ``skipped`` and
+            ``failed`` inputs (``{"input", "reason"}``).
+        summary: The line printed after the table.
+
+    Returns:
+        2 when an input failed or nothing was segmented because every input was skipped,
+        3 when a mask is empty, else 0.
+    """
+    skipped, failed = getattr(rows, "skipped", []), getattr(rows, "failed", [])
     print_table([{k: (Path(v).name if k in ("input", "output") else v) for k, v in r.items()} for r in rows])
+    total = len(rows) + len(skipped) + len(failed)
+    if skipped or failed:
+        summary += f" ({len(skipped)} skipped, {len(failed)} failed, of {total} inputs)"
     print(summary)
+    if skipped:
+        print(f"skipped {len(skipped)} input(s) that look like label maps, not scans:")
+        for s in skipped:
+            print(f"  {s['input']}: {s['reason']}")
     empty = [r["input"] for r in rows if r["empty"]]
     for f in empty:
         print(f"robustseg predict: error: {f}: empty prediction (no structure found): is it the modality, view "
               f"and orientation the model was trained on?", file=sys.stderr)
+    for fail in failed:
+        print(f"robustseg predict: error: {fail['input']}: {fail['reason']}", file=sys.stderr)
+    if failed:
+        print(f"robustseg predict: {len(failed)} of {total} inputs failed; the masks of the other "
+              f"{len(rows)} were written", file=sys.stderr)
+        return 2
+    if skipped and not rows:
+        print("robustseg predict: error: nothing segmented: every input looks like a label map "
+              "(pass --force to segment them anyway)", file=sys.stderr)
+        return 2
     return 3 if empty else 0
 
 
@@ -242,10 +352,17 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     """Run `robustseg evaluate`."""
     from robustseg.engine.evaluate import evaluate_folder
 
-    res = evaluate_folder(args.pred, args.gt, convention=args.convention, task=args.task, out_dir=args.out)
-    cols = [k for k in res["rows"][0] if k.startswith(("case_id", "dice_", "hd95_"))]
+    res = evaluate_folder(args.pred, args.gt, convention=args.convention, task=args.task, out_dir=args.out,
+                          allow_missing=args.allow_missing)
+    cols = [k for k in res["rows"][0] if k.startswith(("case_id", "prediction", "dice_", "hd95_"))]
     print_table([{k: (f"{r[k]:.3f}" if isinstance(r[k], float) else r[k]) for k in cols} for r in res["rows"]])
-    overall = res["summary"]["overall"]
+    summary = res["summary"]
+    print(f"scored {summary['n_ground_truth']} cases: {summary['n_predicted']} predicted / "
+          f"{summary['n_ground_truth']} ground truth")
+    if res["missing"]:
+        print(f"robustseg evaluate: warning: {len(res['missing'])} case(s) have no prediction and were scored as "
+              f"empty masks (Dice 0, --allow-missing): {', '.join(res['missing'])}", file=sys.stderr)
+    overall = summary["overall"]
     print("mean: " + "  ".join(f"{k} {v:.3f}" for k, v in overall.items() if k.startswith(("dice_", "hd95_"))
                                and isinstance(v, float)) + f"  (HD95 in {overall.get('hd95_unit')})")
     for key in ("motion_level", "phase"):
@@ -303,10 +420,11 @@ def cmd_tune(args: argparse.Namespace) -> int:
 def cmd_report(args: argparse.Namespace) -> int:
     """Run `robustseg report`: a self-contained HTML report of a sweep."""
     from robustseg.report import write_report
-    from robustseg.tracking import resolve_tracking_uri
+    from robustseg.tracking import require_store, resolve_tracking_uri
 
     cfg = load_config(args.config, [])
-    uri = args.tracking_uri or resolve_tracking_uri(cfg)
+    # A report only reads: a missing store is an error naming it, never an empty new one.
+    uri = require_store(args.tracking_uri or resolve_tracking_uri(cfg))
     out = write_report(uri, args.sweep, args.out)
     print(f"report written to {out}")
     return 0
@@ -332,7 +450,8 @@ def build_parser() -> argparse.ArgumentParser:
     pr = sub.add_parser(
         "prepare", help="preprocess sources into Parquet shards + manifest",
         description="Read sources, validate, split into subject-grouped folds, preprocess with a plan, and write "
-                    "Parquet shards and a manifest to a local folder, file:// or s3:// URI. Re-runs skip unchanged shards.",
+                    "Parquet shards and a manifest to a local folder, file:// or s3:// URI. Every run commits a new "
+                    "snapshot atomically (a kill leaves the old one or the new one, whole); re-runs reuse unchanged shards.",
         epilog="examples:\n  robustseg prepare --source acdc_h5:../shared/data/acdc_h5 --out robustseg_work/acdc --plan cmr\n"
                "  robustseg prepare --source 'synthetic_cmr:?n_subjects=6' --out s3://bucket/syn data.cmr.crop_size=[128,128]",
         formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -345,12 +464,18 @@ def build_parser() -> argparse.ArgumentParser:
     pr.add_argument("--folds", type=int, help="number of subject-grouped folds (default 5)")
     pr.add_argument("--seed", type=int, help="fold assignment seed (default 0)")
     pr.add_argument("--label-budget", type=int, metavar="N", help="keep training labels of only N subjects")
+    pr.add_argument("--force", "--overwrite", dest="force", action="store_true",
+                    help="replace a dataset prepared with other sources, plan or folds (the old snapshot stays "
+                         "readable until the new one commits)")
     pr.add_argument("overrides", nargs="*", metavar="key.path=value", help="config overrides, e.g. data.cmr.crop_size=[224,224]")
     pr.set_defaults(fn=cmd_prepare)
 
     ins = sub.add_parser("inspect", help="summarise a prepared store")
     ins.add_argument("uri", help="store URI (local path, file:// or s3://)")
     ins.add_argument("--cases", action="store_true", help="list every case")
+    ins.add_argument("--verify", action="store_true",
+                     help="read every shard and check its size, SHA-256 and layout against the manifest "
+                          "(default: presence and size only); exit 1 if any disagrees")
     ins.set_defaults(fn=cmd_inspect)
 
     src = sub.add_parser("sources", help="list registered data sources")
@@ -388,12 +513,18 @@ def build_parser() -> argparse.ArgumentParser:
     pd.add_argument("--tracking-uri", help="MLflow tracking URI for models:/ URIs (default $MLFLOW_TRACKING_URI, "
                                            "else robustseg_work/mlflow.db)")
     pd.add_argument("--input", required=True, metavar="PATH", help="a volume or picture file, or a folder of them")
-    pd.add_argument("--output", required=True, metavar="DIR")
+    pd.add_argument("--output", required=True, metavar="DIR", help="folder for the masks (created if missing)")
     pd.add_argument("--device", choices=("cpu", "cuda"))
     pd.add_argument("--no-tta", action="store_true", help="skip mirror test-time augmentation")
     pd.add_argument("--full-fov", action="store_true",
                     help="segment the whole field of view with a sliding window instead of the training crop "
                          "(for models trained on crops that covered the field of view)")
+    pd.add_argument("--force", action="store_true",
+                    help="also segment inputs that look like label maps (named *_gt, *_seg, *_label, *_mask, or "
+                         "holding only the values 0-3); by default they are skipped with a notice")
+    pd.add_argument("--fail-fast", action="store_true",
+                    help="stop at the first input that fails (default: write every good mask, list the failures "
+                         "at the end and exit with status 2)")
     pd.set_defaults(fn=cmd_predict)
 
     from robustseg.ensemble_cli import add_parsers
@@ -437,7 +568,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     ev = sub.add_parser("evaluate", help="Dice/HD95 of predicted masks against ground truth",
                         description="Pairs <stem>_seg.nii.gz predictions with <stem>_gt / -label / _label / <stem> "
-                                    "ground truth (NIfTI or ACDC h5), checks grids, writes metrics.csv, summary.json, dice.png.")
+                                    "ground truth (NIfTI or ACDC h5), checks grids, writes metrics.csv, summary.json, dice.png. "
+                                    "Every ground-truth case needs a prediction (see --allow-missing).")
     ev.add_argument("--pred", required=True, metavar="DIR")
     ev.add_argument("--gt", required=True, metavar="DIR")
     ev.add_argument("--convention", default="auto",
@@ -445,6 +577,9 @@ def build_parser() -> argparse.ArgumentParser:
                          "auto: acdc for .h5, canonical otherwise")
     ev.add_argument("--task", default="cardiac", choices=("cardiac", "lung_binary", "lung_multiclass"))
     ev.add_argument("--out", metavar="DIR", help="where the CSV/JSON/plot go (default: the prediction folder)")
+    ev.add_argument("--allow-missing", action="store_true",
+                    help="score ground-truth cases that have no prediction as empty masks (Dice 0) instead of "
+                         "failing; the summary lists them")
     ev.set_defaults(fn=cmd_evaluate)
 
     de = sub.add_parser("demo", help="end-to-end demo on synthetic data")
@@ -465,7 +600,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         print(f"robustseg {args.command}: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print(f"robustseg {args.command}: interrupted (complete shards are kept; re-run to resume)", file=sys.stderr)
+        print(f"robustseg {args.command}: interrupted", file=sys.stderr)
         return 130
 
 

@@ -11,16 +11,19 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import re
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple, Type, TypeVar, Union
+from urllib.parse import urlparse
 
 import yaml
 
 from robustseg.errors import ConfigError
 
 T = TypeVar("T")
+_URI_SCHEME = re.compile(r"^([A-Za-z][A-Za-z0-9+.\-]*)://")
 
 
 def doc(default: Any = dataclasses.MISSING, text: str = "", *, factory: Any = None) -> Any:
@@ -46,6 +49,15 @@ class SourceSpec:
     def __post_init__(self) -> None:
         if not self.name:
             raise ConfigError("data.sources[].name: a source name is required")
+        scheme = _URI_SCHEME.match(self.path)
+        if scheme and scheme.group(1).lower() != "file":
+            # Sources are read with local file APIs (h5py, SimpleITK, PIL); an s3:// path would be
+            # taken for a relative folder "s3:/bucket/..." and reported as missing.
+            raise ConfigError(f"data.sources[] {self.name}:{self.path}: sources are local paths (a file or folder "
+                              f"on this machine), not {scheme.group(1)}:// URIs; copy the data here first "
+                              "(only the prepared store, data.shards_uri / --out, may be s3://)")
+        if scheme:  # file:///abs/path is the local path /abs/path
+            self.path = urlparse(self.path).path
 
 
 @dataclass

@@ -13,12 +13,14 @@ import os
 import tempfile
 import warnings
 from pathlib import Path
-from typing import Any, Dict, Iterator, List, Mapping, Optional, Tuple
+from typing import TYPE_CHECKING, Any, Dict, Iterator, List, Mapping, Optional, Tuple
 
-import torch
-
-from robustseg.ensemble import SPEC_FILE, Ensemble
 from robustseg.errors import RobustsegError
+
+if TYPE_CHECKING:  # torch and the ensemble (monai) load per call: `robustseg --help` reads DEFAULT_NAME
+    import torch
+
+    from robustseg.ensemble import Ensemble
 
 DEFAULT_NAME = "robustseg-cmr"
 DEFAULT_ALIAS = "champion"
@@ -63,6 +65,19 @@ def _client(tracking_uri: Optional[str]) -> Any:
     from mlflow import MlflowClient
 
     return MlflowClient(tracking_uri=tracking_uri)
+
+
+def _existing_store(tracking_uri: Optional[str]) -> str:
+    """The store a lookup reads (MLflow's own default when None, as before), which must exist.
+
+    Looking a model up must not create a store: MLflow would make an empty one at a mistyped
+    path, or ``mlflow.db`` in whatever folder the command ran in.
+    """
+    import mlflow
+
+    from robustseg.tracking import require_store
+
+    return require_store(tracking_uri or mlflow.get_tracking_uri())
 
 
 def _requirements() -> List[str]:
@@ -171,11 +186,12 @@ def _check_version(client: Any, name: str, version: str) -> None:
     try:
         client.get_model_version(name, str(version))
     except MlflowException:
-        raise RegistryError(f"model {name!r} has no version {version}") from None
+        raise RegistryError(f"model {name!r} has no version {version} in {client.tracking_uri}") from None
 
 
 def promote(name: str, version: str, *, alias: str = DEFAULT_ALIAS, tracking_uri: Optional[str] = None) -> Optional[str]:
     """Point ``alias`` at ``version``; returns the version that held it before (or None)."""
+    tracking_uri = _existing_store(tracking_uri)
     client = _client(tracking_uri)
     _check_version(client, name, version)
     previous = alias_version(name, alias, tracking_uri)
@@ -193,7 +209,9 @@ def rollback(name: str, *, alias: str = DEFAULT_ALIAS, tracking_uri: Optional[st
 
     Raises:
         RegistryError: no earlier holder is recorded.
+        TrackingStoreError: no store at a local ``tracking_uri``.
     """
+    tracking_uri = _existing_store(tracking_uri)
     client = _client(tracking_uri)
     hist = _history(client, name, alias)
     if not hist:
@@ -209,7 +227,7 @@ def alias_version(name: str, alias: str, tracking_uri: Optional[str] = None) -> 
     """The version ``alias`` points at, or None."""
     from mlflow.exceptions import MlflowException
 
-    client = _client(tracking_uri)
+    client = _client(_existing_store(tracking_uri))
     try:
         return str(client.get_model_version_by_alias(name, alias).version)
     except MlflowException:
@@ -221,17 +239,19 @@ def list_versions(name: str, tracking_uri: Optional[str] = None) -> List[Dict[st
 
     Raises:
         RegistryError: no registered model of that name.
+        TrackingStoreError: no store at a local ``tracking_uri`` (none is created).
     """
     import time
 
     from mlflow.exceptions import MlflowException
 
+    tracking_uri = _existing_store(tracking_uri)
     client = _client(tracking_uri)
     try:
         rm = client.get_registered_model(name)
     except MlflowException:
         names = [m.name for m in client.search_registered_models()]
-        raise RegistryError(f"no registered model {name!r}; registered: {names or 'none'}") from None
+        raise RegistryError(f"no registered model {name!r} in {tracking_uri}; registered: {names or 'none'}") from None
     aliases: Dict[str, List[str]] = {}
     for a, v in (rm.aliases or {}).items():
         aliases.setdefault(str(v), []).append(a)
@@ -274,7 +294,10 @@ def load_ensemble(model_uri: str, tracking_uri: Optional[str] = None,
 
     Raises:
         RegistryError: a URI that is neither an ensemble folder nor a loadable MLflow model.
+        TrackingStoreError: an MLflow URI and no store at a local ``tracking_uri`` (none is created).
     """
+    from robustseg.ensemble import SPEC_FILE, Ensemble
+
     p = Path(model_uri)
     if (p / SPEC_FILE).is_file():
         return Ensemble.load(p, device), {"uri": str(p), "name": "", "version": "", "alias": ""}
@@ -285,6 +308,7 @@ def load_ensemble(model_uri: str, tracking_uri: Optional[str] = None,
 
     from robustseg.ensemble_pyfunc import DEVICE_ENV
 
+    tracking_uri = _existing_store(tracking_uri)
     before = os.environ.get(DEVICE_ENV)
     if device is not None:
         os.environ[DEVICE_ENV] = str(device)
@@ -292,7 +316,7 @@ def load_ensemble(model_uri: str, tracking_uri: Optional[str] = None,
         with mlflow_uri(tracking_uri):
             model = mlflow.pyfunc.load_model(model_uri)
     except MlflowException as e:
-        raise RegistryError(f"{model_uri}: cannot load ({str(e).splitlines()[0]})") from None
+        raise RegistryError(f"{model_uri}: cannot load from {tracking_uri} ({str(e).splitlines()[0]})") from None
     finally:
         if device is not None:
             if before is None:

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import re
+import sys
 import time
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence, Tuple
@@ -202,6 +203,41 @@ def summary_table(summary: Sequence[Dict[str, Any]]) -> List[Dict[str, Any]]:
     return [{k.replace("motion_level", "level"): _fmt(r.get(k, "")) for k in keys} for r in summary]
 
 
+def _model_identity(uri: str) -> Any:
+    """A model URI with its file's size and mtime: a checkpoint retrained in place is another model."""
+    p = Path(uri)
+    f = p / "spec.json" if p.is_dir() else p
+    if f.is_file():
+        st = f.stat()
+        return [uri, st.st_size, st.st_mtime_ns]
+    return uri
+
+
+def open_journal(args: argparse.Namespace, models: Dict[str, str], data_info: Dict[str, Any]) -> Any:
+    """The per-case journal under ``--out``: rows of an interrupted run with the same settings are reused.
+
+    Args:
+        args: Parsed ``robustness`` arguments (seed, phase axis, full FOV, out, restart).
+        models: ``{name: uri}``.
+        data_info: Where the cases came from (`load_eval_cases`).
+
+    Returns:
+        A `robustseg.analysis.robustness.RowJournal`.
+    """
+    from robustseg.analysis import robustness as rb
+
+    settings = {"models": {n: _model_identity(u) for n, u in models.items()}, "seed": args.seed,
+                "phase_axis": args.phase_axis, "full_fov": bool(args.full_fov),
+                "data": {k: v for k, v in data_info.items() if k != "skipped_moving_cases"}}
+    journal = rb.RowJournal(Path(args.out) / rb.JOURNAL, settings, restart=args.restart)
+    if journal.rows:
+        print(f"  resuming: {len(journal.rows)} row(s) already scored in {journal.path}", flush=True)
+    elif journal.discarded:
+        print(f"  {journal.path}: an earlier unfinished run with other settings{' (--restart)' if args.restart else ''}"
+              " is discarded", flush=True)
+    return journal
+
+
 def cmd_robustness(args: argparse.Namespace) -> int:
     """Run `robustseg robustness`."""
     from robustseg.analysis import robustness as rb
@@ -230,7 +266,14 @@ def cmd_robustness(args: argparse.Namespace) -> int:
     if data_info.get("skipped_moving_cases"):
         print(f"  left out {data_info['skipped_moving_cases']} case(s) already graded with motion (level > 0)")
     t0 = time.perf_counter()
-    rows = rb.evaluate_robustness(segmenters, cases, levels, args.seed, phase_axis=phase_axis, progress=_progress)
+    journal = open_journal(args, models, data_info)
+    try:
+        rows = rb.evaluate_robustness(segmenters, cases, levels, args.seed, phase_axis=phase_axis,
+                                      progress=_progress, journal=journal)
+    except KeyboardInterrupt:
+        print(f"robustseg robustness: interrupted; {len(journal.rows)} scored row(s) are saved in {journal.path}: "
+              "re-run the same command to resume", file=sys.stderr)
+        return 130
     summary = rb.summarise(rows)
     params = {"levels": ",".join(map(str, levels)), "seed": args.seed, "phase_axis": args.phase_axis,
               "n_cases": len(cases), **{k: v for k, v in data_info.items() if v is not None},
@@ -238,6 +281,7 @@ def cmd_robustness(args: argparse.Namespace) -> int:
     files = rb.write_outputs(rows, summary, args.out, {"models": models, "levels": levels, "seed": args.seed,
                                                        "phase_axis": args.phase_axis, **data_info,
                                                        "cases": [c.case_id for c in cases]})
+    journal.remove()  # everything is in cases.csv now; a later run scores afresh
     print_table(summary_table(summary))
     unit = summary[0].get("hd95_unit", "")
     print(f"done in {time.perf_counter() - t0:.1f} s (HD95 in {unit}); per-case {files['cases']}, "
@@ -274,7 +318,10 @@ def add_parser(sub: Any) -> None:
     p.add_argument("--seed", type=int, default=0, help="corruption seed (default 0)")
     p.add_argument("--phase-axis", default="y", choices=("y", "x"),
                    help="phase-encoding axis of the volumes (default y)")
-    p.add_argument("--out", default="robustseg_work/robustness", metavar="DIR", help="output folder")
+    p.add_argument("--out", default="robustseg_work/robustness", metavar="DIR",
+                   help="output folder; per-case rows are saved there as they are scored, and a re-run of an "
+                        "interrupted evaluation with the same settings resumes from them")
+    p.add_argument("--restart", action="store_true", help="discard the rows of an interrupted run in --out")
     add_run_arguments(p, experiment="robustseg", run_name="robustness-<models>")
     p.add_argument("--device", choices=("cpu", "cuda"))
     p.add_argument("--full-fov", action="store_true",

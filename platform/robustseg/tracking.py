@@ -39,6 +39,7 @@ from urllib.parse import parse_qsl, urlencode, urlparse, urlunparse
 import yaml
 
 from robustseg.config import ExperimentConfig, absolute_workdir
+from robustseg.errors import RobustsegError
 
 log = logging.getLogger(__name__)
 
@@ -63,6 +64,48 @@ def resolve_tracking_uri(cfg: ExperimentConfig) -> str:
         return uri
     # Absolute path: Ray workers run in other working directories.
     return f"sqlite:///{absolute_workdir(cfg) / 'mlflow.db'}"
+
+
+class TrackingStoreError(RobustsegError, LookupError):
+    """A read-only command pointed at a tracking store that does not exist (none is created)."""
+
+
+def local_store_path(uri: str) -> Optional[Path]:
+    """The file or folder behind a local tracking URI (``sqlite:///...``, ``file:...``, a path); None if remote.
+
+    Args:
+        uri: MLflow tracking URI.
+    """
+    parsed = urlparse(uri)
+    if parsed.scheme == "sqlite":
+        # sqlite:///rel.db is relative to the working folder, sqlite:////abs.db absolute; sqlite:// is in memory.
+        rest = uri[len("sqlite:///"):].split("?", 1)[0] if uri.startswith("sqlite:///") else ""
+        return Path(rest).absolute() if rest else None
+    if parsed.scheme == "file":
+        return Path(parsed.path).absolute()
+    if parsed.scheme == "" and uri and not uri.startswith("databricks"):  # "databricks[-uc]" names a workspace
+        return Path(uri).expanduser().absolute()
+    return None
+
+
+def require_store(uri: str) -> str:
+    """``uri`` itself when its store exists (or is remote); read-only commands call this first.
+
+    MLflow creates an empty SQLite database (or ``mlruns`` folder) the first time any client
+    touches a local URI, so a mistyped path or a default store in the wrong working folder
+    would silently "exist" and hold nothing. Reading must never create a store.
+
+    Args:
+        uri: MLflow tracking URI.
+
+    Raises:
+        TrackingStoreError: a local store that does not exist, named with its absolute path.
+    """
+    path = local_store_path(uri)
+    if path is not None and not path.exists():
+        raise TrackingStoreError(f"MLflow tracking store {uri}: {path} does not exist (nothing was created); pass "
+                                 "--tracking-uri (or set MLFLOW_TRACKING_URI) to the store the runs and models are in")
+    return uri
 
 
 def artifact_location(cfg: ExperimentConfig) -> str:

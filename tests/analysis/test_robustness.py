@@ -207,3 +207,69 @@ def test_cli_errors(tiny):
     with pytest.raises(DataError, match="not found in these sources"):
         _run_cli(["--model", str(ckpts[0]), "--data", str(root / "shards" / "manifest.json"), "--source",
                   "synthetic_cmr:?n_subjects=1", "--no-tracking"])
+
+
+# ---------------------------------------------------------------------------------- save as it goes, resume
+def test_journal_keeps_rows_drops_torn_lines_and_other_settings(tmp_path):
+    path = tmp_path / rb.JOURNAL
+    j = rb.RowJournal(path, {"seed": 0, "models": {"a": "x.pt"}})
+    rows = [{"model": "a", "motion_level": 2, "case_id": f"c{i}", "dice_mean": 0.5 + i, "hd95_mean": float("inf"),
+             "motion_amplitude_mm": float("nan")} for i in range(2)]
+    j.add(rows)
+    with path.open("a") as f:
+        f.write('{"model": "a", "motion_level": 3, "case_')  # killed mid-line
+    again = rb.RowJournal(path, {"seed": 0, "models": {"a": "x.pt"}})
+    assert not again.discarded and set(again.rows) == {("a", 2, "c0"), ("a", 2, "c1")}
+    assert again.get("a", 2, "c1")["dice_mean"] == 1.5 and again.get("a", 2, "c1")["hd95_mean"] == float("inf")
+    assert again.get("a", 3, "c0") is None
+    other = rb.RowJournal(path, {"seed": 1, "models": {"a": "x.pt"}})  # another seed: other images, other rows
+    assert other.discarded and not other.rows
+    assert not rb.RowJournal(path, {"seed": 1, "models": {"a": "x.pt"}}).discarded  # the new run's own journal
+    assert rb.RowJournal(path, {"seed": 1, "models": {"a": "x.pt"}}, restart=True).discarded
+    other.remove()
+    assert not path.exists()
+
+
+def test_cli_saves_rows_as_it_goes_and_resumes(tiny, tmp_path, monkeypatch, capsys):
+    """Interrupted after 4 of 6 batches, a re-run segments only the 2 left and writes the same table."""
+    from robustseg import robustness_cli
+
+    root, ckpts, _ = tiny
+    real = robustness_cli.load_segmenter
+    calls: List[tuple] = []
+
+    def segmenters(stop_after=None):
+        def load(uri, **kw):
+            segment, task = real(uri, **kw)
+
+            def counted(batch):
+                if stop_after is not None and len(calls) == stop_after:
+                    raise KeyboardInterrupt
+                calls.append((uri, batch[0].motion_level, tuple(c.case_id for c in batch)))
+                return segment(batch)
+            return counted, task
+        return load
+
+    def run(out, stop_after=None, extra=()):
+        calls.clear()
+        monkeypatch.setattr(robustness_cli, "load_segmenter", segmenters(stop_after))
+        return _run_cli(["--model", f"a={ckpts[0]}", "--model", f"b={ckpts[1]}", "--data", str(root / "shards"),
+                         "--fold", "0", "--cases", "2", "--levels", "0,2,3", "--out", str(out), "--no-tracking",
+                         "--device", "cpu", *extra])
+
+    assert run(tmp_path / "whole") == 0 and len(calls) == 6  # 3 levels x 2 models, one batch of 2 cases each
+    capsys.readouterr()
+    out = tmp_path / "resumed"
+    assert run(out, stop_after=4) == 130
+    assert f"8 scored row(s) are saved in {out / rb.JOURNAL}" in capsys.readouterr().err
+    assert not (out / "cases.csv").exists() and len((out / rb.JOURNAL).read_text().splitlines()) == 1 + 8
+    assert run(out) == 0
+    assert "resuming: 8 row(s) already scored" in capsys.readouterr().out
+    assert [(u, lv) for u, lv, _ in calls] == [(str(ckpts[0]), 3), (str(ckpts[1]), 3)]  # only what was left
+    assert (out / "cases.csv").read_text() == (tmp_path / "whole" / "cases.csv").read_text()
+    assert (out / "summary.csv").read_text() == (tmp_path / "whole" / "summary.csv").read_text()
+    assert not (out / rb.JOURNAL).exists()  # finished: a later run scores afresh
+    # Rows of an interrupted run with another seed are not mixed in.
+    assert run(out, stop_after=1, extra=["--seed", "5"]) == 130
+    assert run(out) == 0 and len(calls) == 6
+    assert "other settings" in capsys.readouterr().out

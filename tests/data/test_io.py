@@ -24,8 +24,10 @@ from robustseg.data.io import (
     read_picture,
     read_table,
     write_image,
+    write_label_like,
     write_with_geometry,
 )
+from data.oblique_nifti import write_oblique_scanner_nifti
 from robustseg.data.labels import get_convention
 from robustseg.errors import ConfigError, DataError
 
@@ -261,3 +263,42 @@ def test_option_coercion_from_cli_strings() -> None:
     ):
         with pytest.raises(ConfigError, match=r"source option s\."):
             call()
+
+
+def test_label_map_occupies_the_scans_exact_physical_space(tmp_path: Path) -> None:
+    scan = tmp_path / "oblique.nii.gz"
+    write_oblique_scanner_nifti(scan, _volume((5, 12, 10)))
+    image = sitk.ReadImage(str(scan))
+    reference = sitk.Cast(image > 0, sitk.sitkUInt8)  # a label image derived from the scan
+    vol = read_image(scan)
+    write_label_like((vol.array > 0).astype(np.uint8), tmp_path / "mask.nii.gz", scan, vol.geometry())
+    mask = sitk.ReadImage(str(tmp_path / "mask.nii.gz"))
+    assert mask.GetPixelID() == sitk.sitkUInt8
+    overlap = sitk.LabelOverlapMeasuresImageFilter()  # default tolerance: refuses ~1e-5 offsets
+    overlap.Execute(reference, mask)
+    assert overlap.GetDiceCoefficient() == 1.0
+    assert mask.GetDirection() == image.GetDirection() and mask.GetOrigin() == image.GetOrigin()
+    assert read_label(tmp_path / "mask.nii.gz").array.dtype == np.uint8
+
+
+def test_label_like_falls_back_and_checks(tmp_path: Path) -> None:
+    write_image(_volume(), tmp_path / "scan.mha", SPACING, ORIGIN, DIRECTION)
+    vol = read_image(tmp_path / "scan.mha")
+    write_label_like(np.ones((4, 6, 5), np.uint8), tmp_path / "m.nii.gz", tmp_path / "scan.mha", vol.geometry())
+    check_same_geometry(read_label(tmp_path / "m.nii.gz"), vol, "m")  # not NIfTI: written from the geometry
+    write_image(_volume(), tmp_path / "scan.nii.gz", SPACING, ORIGIN, DIRECTION)
+    with pytest.raises(DataError, match="array shape"):  # wrong grid: no header copy, shape checked
+        write_label_like(np.ones((4, 6, 6), np.uint8), tmp_path / "w.nii.gz", tmp_path / "scan.nii.gz", vol.geometry())
+    with pytest.raises(DataError, match="do not fit a uint8"):
+        write_label_like(np.full((4, 6, 5), 300), tmp_path / "x.nii.gz", tmp_path / "scan.nii.gz", vol.geometry())
+
+
+@pytest.mark.realdata
+def test_label_map_on_the_real_mnms_scan_combines_with_it(shared_data, tmp_path: Path) -> None:
+    scan = shared_data("mnms2_sample/001_SA_ED.nii.gz")
+    image = sitk.ReadImage(str(scan))
+    vol = read_image(scan)
+    write_label_like((vol.array > 100).astype(np.uint8), tmp_path / "m.nii.gz", scan, vol.geometry())
+    overlap = sitk.LabelOverlapMeasuresImageFilter()
+    overlap.Execute(sitk.Cast(image > 100, sitk.sitkUInt8), sitk.ReadImage(str(tmp_path / "m.nii.gz")))
+    assert overlap.GetDiceCoefficient() == 1.0

@@ -1,3 +1,5 @@
+import json
+
 import h5py
 import numpy as np
 import pytest
@@ -82,10 +84,45 @@ def test_stem_meta():
 def test_cli_evaluate_and_empty_prediction_exit_code(pairs, capsys, monkeypatch):
     root, _ = pairs
     assert main(["evaluate", "--pred", str(root / "pred"), "--gt", str(root / "gt")]) == 0
-    assert "cardiac function (2 ED/ES pairs)" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "cardiac function (2 ED/ES pairs)" in out and "4 predicted / 4 ground truth" in out
     import robustseg.engine.predict as predict
 
     monkeypatch.setattr(predict, "predict_files", lambda *a, **k: [
         {"input": "/x/blank.nii.gz", "output": "/o/blank_seg.nii.gz", "empty": True, "LV": 0}])
-    assert main(["predict", "--model", "m.pt", "--input", "/x", "--output", "/o"]) == 3
+    inputs = root / "gt"  # any folder of volumes: predict_files is replaced
+    assert main(["predict", "--model", "m.pt", "--input", str(inputs), "--output", str(root / "o")]) == 3
     assert "blank.nii.gz: empty prediction (no structure found)" in capsys.readouterr().err
+
+
+def test_missing_prediction_is_an_error_naming_the_case(pairs, capsys):
+    root, cases = pairs
+    for c in cases:  # scans beside their ground truth (M&Ms layout) are not cases of their own
+        write_with_geometry(c.image, root / "gt" / f"{c.case_id}.nii.gz", c.geometry())
+    gone = cases[1].case_id
+    (root / "pred" / f"{gone}_seg.nii.gz").unlink()
+    with pytest.raises(DataError, match=rf"no prediction for 1 of 4 ground-truth cases in .*: {gone} .*--allow-missing"):
+        evaluate_folder(root / "pred", root / "gt")
+    assert main(["evaluate", "--pred", str(root / "pred"), "--gt", str(root / "gt")]) == 2
+    err = capsys.readouterr().err
+    assert f"robustseg evaluate: error: {root / 'pred'}: no prediction for 1 of 4" in err and gone in err
+    assert not (root / "pred" / "summary.json").exists()  # no partial score left behind
+
+
+def test_allow_missing_scores_an_empty_mask_and_says_so(pairs, capsys):
+    root, cases = pairs
+    gone = cases[1].case_id
+    (root / "pred" / f"{gone}_seg.nii.gz").unlink()
+    res = evaluate_folder(root / "pred", root / "gt", allow_missing=True)
+    rows = {r["case_id"]: r for r in res["rows"]}
+    assert len(rows) == 4 and res["missing"] == [gone]
+    assert rows[gone]["prediction"] == "missing" and rows[gone]["dice_mean"] == 0
+    assert rows[cases[0].case_id]["prediction"] == "found" and rows[cases[0].case_id]["dice_mean"] == 1
+    summary = json.loads(res["json"].read_text())
+    assert (summary["n_predicted"], summary["n_ground_truth"], summary["missing_predictions"]) == (3, 4, [gone])
+    assert summary["overall"]["dice_mean"] == pytest.approx(0.75)  # the missing case counts as Dice 0
+    assert len(res["function"]) == 1  # EF only where both phases were predicted
+    assert main(["evaluate", "--pred", str(root / "pred"), "--gt", str(root / "gt"), "--allow-missing"]) == 0
+    out, err = capsys.readouterr()
+    assert "3 predicted / 4 ground truth" in out
+    assert f"1 case(s) have no prediction and were scored as empty masks (Dice 0, --allow-missing): {gone}" in err

@@ -21,15 +21,21 @@ images, at every level, against the *same* motion-free label:
 Rows (one per model, level and case) come from `robustseg.engine.metrics.evaluate_case`;
 `summarise` averages them per model and level, `plot_dice_vs_level` draws one line per model,
 `log_to_mlflow` records a ``robustseg.role=robustness`` run.
+
+**Nothing lost.** With a `RowJournal`, every (model, level, batch of cases) is appended to a
+JSON-lines file as soon as it is scored; a re-run with the same settings reads it back and
+segments only what is missing. Cases are still corrupted and segmented in the same batches
+as an uninterrupted run, so the final table is the same.
 """
 from __future__ import annotations
 
 import hashlib
 import json
 import math
+import os
 import tempfile
 from pathlib import Path
-from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Union
+from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple, Union
 
 import numpy as np
 
@@ -43,7 +49,78 @@ from robustseg.errors import DataError
 #: A segmenter maps cases (original grid) to uint8 label maps on the same grids.
 Segmenter = Callable[[Sequence[Case]], List[np.ndarray]]
 ROLE = "robustness"
+JOURNAL = "cases.partial.jsonl"
 _META = ("case_id", "subject_id", "dataset", "phase")
+
+
+def _plain(v: Any) -> Any:
+    """numpy scalars as Python numbers (NaN and inf kept), so fresh and journaled rows are alike."""
+    return v.item() if isinstance(v, np.generic) else v
+
+
+class RowJournal:
+    """Scored rows appended to a JSON-lines file as they come, and read back by a re-run.
+
+    The first line records the settings that decide a row's value (models and their URIs,
+    seed, phase axis, ...); a journal written with other settings is discarded, never mixed
+    in. Each batch is flushed and fsynced before the next one starts, so a kill loses at most
+    the batch in flight; a torn last line is ignored.
+
+    Args:
+        path: The journal file (conventionally ``<out>/cases.partial.jsonl``).
+        settings: JSON-serialisable settings the rows depend on.
+        restart: Discard an existing journal even if its settings match.
+    """
+
+    def __init__(self, path: Union[str, Path], settings: Mapping[str, Any], restart: bool = False) -> None:
+        self.path = Path(path)
+        self.settings = json.loads(json.dumps(dict(settings), default=str))
+        self.rows: Dict[Tuple[str, int, str], Dict[str, Any]] = {}
+        self.discarded = False  # an earlier journal existed but did not match (or restart)
+        if self.path.is_file():
+            self._read(restart)
+        if not self.rows:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            self.path.write_text(json.dumps({"robustness_journal": 1, "settings": self.settings}) + "\n")
+
+    def _read(self, restart: bool) -> None:
+        lines = self.path.read_text().splitlines()
+        try:
+            header = json.loads(lines[0]) if lines else {}
+        except ValueError:
+            header = {}
+        if restart or header.get("settings") != self.settings:
+            self.discarded = True
+            return
+        for line in lines[1:]:
+            try:
+                row = json.loads(line)
+            except ValueError:  # the line being written when the run was killed
+                continue
+            self.rows[self.key(row["model"], row["motion_level"], row["case_id"])] = row
+
+    @staticmethod
+    def key(model: str, level: int, case_id: str) -> Tuple[str, int, str]:
+        """The identity of a row."""
+        return str(model), int(level), str(case_id)
+
+    def get(self, model: str, level: int, case_id: str) -> Optional[Dict[str, Any]]:
+        """The journaled row, or None."""
+        return self.rows.get(self.key(model, level, case_id))
+
+    def add(self, rows: Sequence[Mapping[str, Any]]) -> None:
+        """Append rows and make them durable before returning."""
+        text = "".join(json.dumps(dict(r)) + "\n" for r in rows)
+        with self.path.open("a") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        for r in rows:
+            self.rows[self.key(r["model"], r["motion_level"], r["case_id"])] = dict(r)
+
+    def remove(self) -> None:
+        """Delete the journal (the run finished and its outputs are written)."""
+        self.path.unlink(missing_ok=True)
 
 
 def check_levels(levels: Sequence[int]) -> List[int]:
@@ -104,7 +181,8 @@ def _amplitude_mm(case: Case, level: int, phase_axis: int) -> float:
 
 def evaluate_robustness(models: Mapping[str, Segmenter], cases: Sequence[Case], levels: Sequence[int], seed: int = 0,
                         *, phase_axis: int = -2, batch_cases: int = 4,
-                        progress: Optional[Callable[..., Any]] = None) -> List[Dict[str, Any]]:
+                        progress: Optional[Callable[..., Any]] = None,
+                        journal: Optional[RowJournal] = None) -> List[Dict[str, Any]]:
     """Segment every case at every motion level with every model and score it.
 
     Args:
@@ -116,6 +194,7 @@ def evaluate_robustness(models: Mapping[str, Segmenter], cases: Sequence[Case], 
         phase_axis: Phase-encoding axis, -2 (Y) or -1 (X).
         batch_cases: Cases corrupted and segmented together (an ensemble batches their slices).
         progress: tqdm-like factory over (level, batch) steps.
+        journal: Rows already scored (skipped) and where new ones are saved as they come.
 
     Returns:
         One row per (model, level, case): ``model``, ``motion_level``, ``motion_amplitude_px``,
@@ -139,19 +218,35 @@ def evaluate_robustness(models: Mapping[str, Segmenter], cases: Sequence[Case], 
     steps = [(lv, ch) for lv in levels for ch in chunks]
     rows: List[Dict[str, Any]] = []
     for level, chunk in (progress(steps, desc="robustness", unit="batch") if progress else steps):
-        corrupted = [corrupt_case(c, level, seed, phase_axis) for c in chunk]
+        corrupted: Optional[List[Case]] = None  # made only when some model still has to see this batch
         for model, segment in models.items():
-            preds = segment(corrupted)
-            if len(preds) != len(corrupted):
-                raise DataError(model, f"returned {len(preds)} label maps for {len(corrupted)} cases")
-            for c, pred in zip(corrupted, preds):
-                if np.shape(pred) != c.label.shape:  # type: ignore[union-attr]
-                    raise DataError(c.case_id, f"{model} predicted shape {np.shape(pred)}, label is {c.label.shape}")
-                meta = {"model": model, "motion_level": level, "motion_amplitude_px": motion_amplitude(level),
-                        "motion_amplitude_mm": _amplitude_mm(c, level, phase_axis),
-                        **{k: getattr(c, k) for k in _META}}
-                rows.append(evaluate_case(pred, c.label, c.spacing, c.spacing_known, names,  # type: ignore[arg-type]
-                                          meta))
+            done = [journal.get(model, level, c.case_id) for c in chunk] if journal else []
+            if done and all(r is not None for r in done):
+                rows += done  # type: ignore[arg-type]
+                continue
+            # The whole batch again (not only its missing cases): the same batches as an uninterrupted run.
+            corrupted = corrupted or [corrupt_case(c, level, seed, phase_axis) for c in chunk]
+            scored = _score_batch(model, segment, corrupted, level, phase_axis, names)
+            if journal is not None:
+                journal.add(scored)
+            rows += scored
+    return rows
+
+
+def _score_batch(model: str, segment: Segmenter, corrupted: Sequence[Case], level: int, phase_axis: int,
+                 names: Mapping[int, str]) -> List[Dict[str, Any]]:
+    """Segment one batch of corrupted cases with one model and score each against its label."""
+    preds = segment(corrupted)
+    if len(preds) != len(corrupted):
+        raise DataError(model, f"returned {len(preds)} label maps for {len(corrupted)} cases")
+    rows = []
+    for c, pred in zip(corrupted, preds):
+        if np.shape(pred) != c.label.shape:  # type: ignore[union-attr]
+            raise DataError(c.case_id, f"{model} predicted shape {np.shape(pred)}, label is {c.label.shape}")
+        meta = {"model": model, "motion_level": level, "motion_amplitude_px": motion_amplitude(level),
+                "motion_amplitude_mm": _amplitude_mm(c, level, phase_axis), **{k: getattr(c, k) for k in _META}}
+        row = evaluate_case(pred, c.label, c.spacing, c.spacing_known, names, meta)  # type: ignore[arg-type]
+        rows.append({k: _plain(v) for k, v in row.items()})
     return rows
 
 
@@ -275,5 +370,5 @@ def log_to_mlflow(rows: Sequence[Mapping[str, Any]], summary: Sequence[Mapping[s
     return run_id
 
 
-__all__ = ["ROLE", "Segmenter", "case_rng", "check_levels", "corrupt_case", "evaluate_robustness", "log_to_mlflow",
+__all__ = ["JOURNAL", "ROLE", "RowJournal", "Segmenter", "case_rng", "check_levels", "corrupt_case", "evaluate_robustness", "log_to_mlflow",
            "metric_name", "plot_dice_vs_level", "structures", "summarise", "write_outputs"]

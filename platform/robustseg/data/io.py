@@ -228,6 +228,52 @@ def write_with_geometry(array: np.ndarray, path: PathLike, geometry: Any, *, com
     write_image(array, path, geom["spacing"], geom["origin"], geom["direction"], compress=compress)
 
 
+def write_label_like(array: np.ndarray, path: PathLike, reference: PathLike, geometry: Any) -> None:
+    """Write a uint8 label map that occupies exactly the physical space of ``reference``.
+
+    ITK turns a NIfTI sform into orthonormal direction cosines on reading and writes new
+    sform/qform from them, so a mask written from the read geometry differs from its scan by
+    ~1e-5 and ITK then refuses to combine the two (its default tolerance is 1e-6). When both
+    files are single-file NIfTI-1, the scan's own header (sform, qform, pixdim, units) is
+    copied instead, with only the data type, scaling and dimensions changed, so any reader
+    derives bit-identical geometry for both. Otherwise this is `write_with_geometry`.
+
+    Args:
+        array: ``(Z, Y, X)`` labels in 0..255 on the reference's voxel grid.
+        path: Output file (``.nii``/``.nii.gz`` to use the header copy).
+        reference: The scan the labels belong to.
+        geometry: Its geometry (`Case.geometry()`), used when the header cannot be copied.
+
+    Raises:
+        DataError: labels outside 0..255, a shape that differs from the reference, or the
+            file could not be written.
+    """
+    arr = np.asarray(array)
+    if arr.size and (arr.min() < 0 or arr.max() > 255):
+        raise DataError(path, f"label values {arr.min()}..{arr.max()} do not fit a uint8 label map")
+    nifti = (".nii", ".nii.gz")
+    header = None
+    if str(path).lower().endswith(nifti) and str(reference).lower().endswith(nifti) and arr.ndim == 3:
+        header = _nifti1_label_header(str(reference), arr.shape)
+    if header is None:
+        write_with_geometry(arr.astype(np.uint8), path, geometry)
+        return
+    target = Path(path)
+    tmp = target.with_name(f".tmp{os.getpid()}_{target.name}")
+    payload = header + np.ascontiguousarray(arr, dtype=np.uint8).tobytes()  # C order: x varies fastest
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        if target.name.lower().endswith(".gz"):
+            with gzip.open(tmp, "wb", compresslevel=6) as fh:
+                fh.write(payload)
+        else:
+            tmp.write_bytes(payload)
+        os.replace(tmp, target)  # atomic: never half a mask under the real name
+    except OSError as exc:
+        tmp.unlink(missing_ok=True)
+        raise DataError(path, f"cannot write label map: {exc.strerror or exc}") from None
+
+
 def count_volumes(path: PathLike) -> int:
     """Number of 3D volumes in a file (the 4th dimension of a 4D cine; 1 for a 3D file)."""
     reader = _info_reader(str(path))
@@ -576,6 +622,36 @@ def _nifti_layout(head: bytes) -> Optional[_NiftiLayout]:
     floats = {16: "f4", 64: "f8"}  # NIfTI datatype codes of float32 / float64
     dtype = np.dtype(endian + floats[code]) if code in floats else None
     return _NiftiLayout(offset, offset + n_voxels * (bitpix // 8), dtype)
+
+
+def _nifti1_label_header(where: str, shape_zyx: Tuple[int, ...]) -> Optional[bytes]:
+    """The 352 bytes heading a uint8 label map on the grid of the NIfTI-1 file ``where``.
+
+    None when ``where`` is not a single-file NIfTI-1 (NIfTI-2, .hdr/.img pairs) or its grid is
+    not ``shape_zyx``: the caller then falls back to writing from the read geometry.
+    """
+    try:
+        with (gzip.open if where.lower().endswith(".gz") else open)(where, "rb") as fh:
+            head = bytearray(fh.read(348))
+    except (EOFError, OSError, zlib.error):
+        return None
+    endian = next((e for e in "<>" if len(head) == 348 and struct.unpack(e + "i", head[:4])[0] == 348), None)
+    if endian is None or bytes(head[344:348]) != b"n+1\0":
+        return None
+    dims = struct.unpack(endian + "8h", head[40:56])
+    if not 3 <= dims[0] <= 7 or tuple(dims[1:4]) != tuple(shape_zyx[::-1]) or any(d > 1 for d in dims[4:dims[0] + 1]):
+        return None
+    # Field offsets of the NIfTI-1 header (nifti1.h); geometry fields (pixdim 76, qform/sform
+    # 252-328, xyzt_units 123) are left exactly as the scan has them.
+    struct.pack_into(endian + "8h", head, 40, 3, *dims[1:4], 1, 1, 1, 1)
+    struct.pack_into(endian + "3fh", head, 56, 0.0, 0.0, 0.0, 0)  # intent_p1..3, intent_code: none
+    struct.pack_into(endian + "2h", head, 70, 2, 8)  # datatype DT_UINT8, bitpix 8
+    struct.pack_into(endian + "3f", head, 108, 352.0, 1.0, 0.0)  # vox_offset, scl_slope, scl_inter
+    struct.pack_into(endian + "2f", head, 124, 0.0, 0.0)  # cal_max, cal_min: no display window
+    struct.pack_into(endian + "2i", head, 140, 0, 0)  # glmax, glmin (unused)
+    head[148:228] = b"robustseg label map".ljust(80, b"\0")  # descrip
+    head[228:252] = bytes(24)  # aux_file
+    return bytes(head) + bytes(4)  # extension flag 0: no extensions, voxels start at 352
 
 
 def _as_geometry(obj: Any) -> Mapping[str, Any]:

@@ -116,43 +116,84 @@ def cardiac_function_rows(labels: Dict[str, Dict[str, Any]]) -> List[Dict[str, A
     return rows
 
 
+def ground_truth_cases(gt_dir: Union[str, Path]) -> Dict[str, Path]:
+    """Case stem -> ground-truth file of every labelled case in ``gt_dir``.
+
+    Files named with a label tail (``_gt``, ``-label``, ``_label``, ``_seg``) are the ground
+    truth; when there are any, the untailed files beside them are the scans (M&Ms, ACDC NIfTI
+    folders) and are not cases. A folder with no tailed file holds labels named like their
+    cases. ACDC-style ``.h5`` files hold image and label, so each is a case.
+    """
+    folder = Path(gt_dir)
+    if not folder.is_dir():
+        raise DataError(folder, "ground-truth folder not found")
+    tails = tuple(pat.format(s="") for pat in _GT_PATTERNS if pat != "{s}")
+    tailed, bare = set(), set()
+    for f in folder.iterdir():
+        if f.name.endswith(".h5"):
+            tailed.add(f.name[:-3])
+        elif f.name.endswith(_SUFFIXES) and not f.name.startswith("."):
+            name = f.name[: -len(next(suf for suf in _SUFFIXES if f.name.endswith(suf)))]
+            tail = next((t for t in tails if name.endswith(t)), None)
+            (tailed if tail else bare).add(name[: -len(tail)] if tail else name)
+    stems = tailed or bare
+    return {stem: path for stem in sorted(stems) if (path := find_ground_truth(folder, stem)) is not None}
+
+
 def evaluate_folder(pred_dir: Union[str, Path], gt_dir: Union[str, Path], *, convention: str = "auto",
-                    task: str = "cardiac", out_dir: Optional[Union[str, Path]] = None) -> Dict[str, Any]:
+                    task: str = "cardiac", out_dir: Optional[Union[str, Path]] = None,
+                    allow_missing: bool = False) -> Dict[str, Any]:
     """Score every prediction in ``pred_dir`` against ``gt_dir``.
 
+    Every ground-truth case must have a prediction: scoring only the predicted ones would
+    report a mean over a subset as if it were the whole set.
+
+    Args:
+        pred_dir: Folder of ``<stem>_seg.nii.gz`` masks.
+        gt_dir: Folder of ground truth (see `ground_truth_cases`).
+        convention: Ground-truth label convention (``auto``: ACDC for h5, canonical otherwise).
+        task: Label set (``cardiac``, ``lung_binary``, ``lung_multiclass``).
+        out_dir: Where the CSV/JSON/plot go (default ``pred_dir``).
+        allow_missing: Score a ground-truth case without a prediction as an empty mask
+            (Dice 0) instead of failing; such rows read ``prediction: missing``.
+
     Returns:
-        ``{"rows": [...], "summary": aggregate(...), "csv": path, "json": path, "plot": path}``.
+        ``{"rows", "summary", "csv", "json", "plot", "function", "function_csv", "missing"}``;
+        ``summary`` holds ``n_predicted`` and ``n_ground_truth``.
 
     Raises:
-        DataError: no predictions, a prediction without ground truth, or mismatched grids.
+        DataError: no predictions, a prediction without ground truth, a ground-truth case
+            without prediction (unless ``allow_missing``), or mismatched grids.
     """
     pred_dir, gt_dir = Path(pred_dir), Path(gt_dir)
     preds = sorted(p for p in pred_dir.iterdir() if p.name.endswith(tuple("_seg" + s for s in _SUFFIXES))) \
         if pred_dir.is_dir() else []
     if not preds:
         raise DataError(pred_dir, "no predicted masks (*_seg.nii.gz) found")
+    by_stem = {_stem(p.name): p for p in preds}
+    for stem, p in by_stem.items():
+        if find_ground_truth(gt_dir, stem) is None:
+            raise DataError(p, f"no ground truth for case {stem!r} in {gt_dir} (tried {', '.join(_GT_PATTERNS)})")
+    gt_stems = sorted(set(ground_truth_cases(gt_dir)) | set(by_stem))
+    missing = [s for s in gt_stems if s not in by_stem]
+    if missing and not allow_missing:
+        raise DataError(pred_dir, f"no prediction for {len(missing)} of {len(gt_stems)} ground-truth cases in "
+                        f"{gt_dir}: {_names(missing)} (expected <case>_seg.nii.gz); pass --allow-missing to score "
+                        "them as empty masks (Dice 0)")
     names = TASK_CLASS_NAMES[task]
     rows: List[Dict[str, Any]] = []
     kept: Dict[str, Dict[str, Any]] = {}
-    for p in preds:
-        stem = _stem(p.name)
-        gt_path = find_ground_truth(gt_dir, stem)
-        if gt_path is None:
-            raise DataError(p, f"no ground truth for case {stem!r} in {gt_dir} (tried {', '.join(_GT_PATTERNS)})")
-        gt, spacing, known, gt_vol = _read_gt(gt_path, convention)
-        pred_vol = read_label(p)
-        if gt_vol is not None:
-            check_same_geometry(pred_vol, gt_vol, p, what=f"prediction and ground truth {gt_path}")
-        elif pred_vol.array.shape != gt.shape:
-            raise DataError(p, f"prediction shape {pred_vol.array.shape} differs from ground truth {gt_path} {gt.shape}")
-        pred = pred_vol.array.astype(np.int64)
-        meta = stem_meta(stem)
+    for stem in gt_stems:
+        pred, gt, spacing, known = _pair(by_stem.get(stem), gt_dir, stem, convention)
+        meta = dict(stem_meta(stem), prediction="found" if stem in by_stem else "missing")
         rows.append(evaluate_case(pred, gt, spacing, known, names, meta={k: v for k, v in meta.items() if k != "subject"}))
-        if task == "cardiac":
+        if task == "cardiac" and stem in by_stem:  # an empty stand-in has no volumes to compare
             kept[stem] = {"meta": meta, "pred": pred, "gt": gt, "spacing": spacing, "known": known}
     out = Path(out_dir) if out_dir else pred_dir
     out.mkdir(parents=True, exist_ok=True)
     summary = aggregate(rows, by=("motion_level", "phase"))
+    summary.update(n_predicted=len(by_stem), n_ground_truth=len(gt_stems), missing_predictions=missing,
+                   missing_scored_as="empty mask (Dice 0)" if missing else None)
     csv_path = to_csv(rows, out / "metrics.csv")
     function = cardiac_function_rows(kept)
     function_csv = to_csv(function, out / "cardiac_function.csv") if function else None
@@ -163,7 +204,28 @@ def evaluate_folder(pred_dir: Union[str, Path], gt_dir: Union[str, Path], *, con
     json_path.write_text(json.dumps(summary, indent=1, default=float))
     plot = _plot_dice(rows, names, out / "dice.png")
     return {"rows": rows, "summary": summary, "csv": csv_path, "json": json_path, "plot": plot,
-            "function": function, "function_csv": function_csv}
+            "function": function, "function_csv": function_csv, "missing": missing}
+
+
+def _pair(pred_path: Optional[Path], gt_dir: Path, stem: str,
+          convention: str) -> Tuple[np.ndarray, np.ndarray, Tuple[float, ...], bool]:
+    """Prediction and ground truth of one case on one grid; no prediction: an empty mask."""
+    gt_path = find_ground_truth(gt_dir, stem)
+    assert gt_path is not None  # the stems come from the ground-truth folder or were checked
+    gt, spacing, known, gt_vol = _read_gt(gt_path, convention)
+    if pred_path is None:
+        return np.zeros(gt.shape, np.int64), gt, spacing, known
+    pred_vol = read_label(pred_path)
+    if gt_vol is not None:
+        check_same_geometry(pred_vol, gt_vol, pred_path, what=f"prediction and ground truth {gt_path}")
+    elif pred_vol.array.shape != gt.shape:
+        raise DataError(pred_path, f"prediction shape {pred_vol.array.shape} differs from ground truth {gt_path} {gt.shape}")
+    return pred_vol.array.astype(np.int64), gt, spacing, known
+
+
+def _names(stems: List[str], limit: int = 20) -> str:
+    shown = ", ".join(stems[:limit])
+    return shown + (f" and {len(stems) - limit} more" if len(stems) > limit else "")
 
 
 def _plot_dice(rows: List[Dict[str, Any]], names: Dict[int, str], path: Path) -> Path:

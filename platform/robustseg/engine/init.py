@@ -52,10 +52,11 @@ def _from_checkpoint(path: Path) -> InitState:
                      ckpt.get("optimizer"))
 
 
-def _from_ensemble(uri: str, backbone: str, member: str) -> InitState:
+def _from_ensemble(uri: str, backbone: str, member: str, tracking_uri: Optional[str]) -> InitState:
     from robustseg.model_registry import load_ensemble
 
-    ens, _ = load_ensemble(uri, device=torch.device("cpu"))
+    # The config's own store: MLflow's default would be (and create) ./mlflow.db.
+    ens, _ = load_ensemble(uri, tracking_uri=tracking_uri, device=torch.device("cpu"))
     names = [m.name for m in ens.spec.members]
     for spec, pred in zip(ens.spec.members, ens.predictors):
         if (member and spec.name == member) or (not member and spec.backbone == backbone):
@@ -68,7 +69,11 @@ def _from_run(uri: str, tracking_uri: Optional[str]) -> InitState:
     from mlflow import MlflowClient
     from mlflow.exceptions import MlflowException
 
+    from robustseg.tracking import require_store
+
     run_id = uri[len("runs:/"):].strip("/").split("/", 1)[0]
+    if tracking_uri:
+        require_store(tracking_uri)  # reading must never create an empty store
     try:
         tags = MlflowClient(tracking_uri).get_run(run_id).data.tags
     except MlflowException as e:
@@ -92,8 +97,12 @@ def resolve_init(cfg: ExperimentConfig) -> Optional[InitState]:
         from robustseg.tracking import resolve_tracking_uri
 
         return _from_run(spec, resolve_tracking_uri(cfg))
-    if spec.startswith("models:/") or (Path(spec) / "spec.json").is_file():
-        return _from_ensemble(spec, cfg.model.name, cfg.regime.init_member)
+    if spec.startswith("models:/"):
+        from robustseg.tracking import resolve_tracking_uri
+
+        return _from_ensemble(spec, cfg.model.name, cfg.regime.init_member, resolve_tracking_uri(cfg))
+    if (Path(spec) / "spec.json").is_file():
+        return _from_ensemble(spec, cfg.model.name, cfg.regime.init_member, None)
     return _from_checkpoint(Path(spec))
 
 

@@ -6,6 +6,7 @@ other file. Masks are written in the input's geometry (spacing, origin, directio
 from __future__ import annotations
 
 import dataclasses
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Union
@@ -15,12 +16,13 @@ import torch
 
 from robustseg.config import ExperimentConfig
 from robustseg.data.cases import Case, validate_case
-from robustseg.data.io import PICTURE_SUFFIXES, picture_case, read_image, read_picture, write_with_geometry
+from robustseg.data.guards import label_map_reason
+from robustseg.data.io import PICTURE_SUFFIXES, picture_case, read_image, read_picture, write_label_like
 from robustseg.data.preprocess import Plan, plan_from_dict
 from robustseg.engine.checkpoint import CheckpointError, load_checkpoint, load_model_state
 from robustseg.engine.inference import predict_volume
 from robustseg.engine.postprocess import postprocess
-from robustseg.errors import DataError
+from robustseg.errors import DataError, RobustsegError
 from robustseg.models import build_model, size_multiple, spatial_dims
 
 VOLUME_SUFFIXES = (".nii.gz", ".nii", ".mha", ".mhd", ".nrrd", ".h5") + PICTURE_SUFFIXES
@@ -210,24 +212,87 @@ def volume_stem(p: Path) -> str:
     return p.stem
 
 
+class PredictionRows(list):
+    """One row per written mask (a plain list of dicts), plus what was not segmented.
+
+    Attributes:
+        skipped: ``{"input", "reason"}`` per input skipped as a label map.
+        failed: ``{"input", "reason"}`` per input that failed (only when not failing fast).
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.skipped: List[Dict[str, str]] = []
+        self.failed: List[Dict[str, str]] = []
+
+
+#: Per-file errors a batch survives (bad data, unreadable files, a failed forward pass);
+#: anything else is a bug and stops the batch.
+FILE_ERRORS = (RobustsegError, OSError, ValueError, RuntimeError, MemoryError)
+
+
+def check_output_dir(path: Union[str, Path]) -> Path:
+    """Fail early, naming ``path``, unless the masks can be written into this folder.
+
+    Called before a model is loaded, so a typo costs nothing. The folder itself is not
+    created here: a run that fails later leaves no empty folder behind.
+
+    Raises:
+        DataError: ``path`` is an existing file, lies under a file, or is not writable.
+    """
+    out = Path(path)
+    if out.exists() and not out.is_dir():
+        raise DataError(out, "--output is an existing file; it must name a folder for the masks")
+    probe = out
+    while not probe.exists() and probe != probe.parent:
+        probe = probe.parent
+    if not probe.is_dir():
+        raise DataError(out, f"cannot create the output folder: {probe} is a file, not a folder")
+    if not os.access(probe, os.W_OK | os.X_OK):
+        what = "the output folder is not writable" if probe == out else f"cannot create it: {probe} is not writable"
+        raise DataError(out, what)
+    return out
+
+
 def predict_files(checkpoint: Union[str, Path], inputs: Union[str, Path], output_dir: Union[str, Path], *,
                   device: Optional[torch.device] = None, tta: Optional[bool] = None,
-                  progress: Optional[Any] = None, full_fov: bool = False) -> List[Dict[str, Any]]:
+                  progress: Optional[Any] = None, full_fov: bool = False, force: bool = False,
+                  fail_fast: bool = True) -> PredictionRows:
     """Predict every input and write ``<stem>_seg.nii.gz`` masks in the input geometry.
 
+    The output folder and the inputs are checked before the model is loaded.
+
+    Args:
+        checkpoint: ``best.pt``/``last.pt`` of a trained model.
+        inputs: A volume file or a folder of them.
+        output_dir: Where the masks go.
+        device: Inference device (default CUDA if available).
+        tta: Mirror TTA (default: the model's inference config).
+        progress: tqdm-like factory.
+        full_fov: As in `predict_case`.
+        force: Segment inputs that look like label maps too (see `segment_files`).
+        fail_fast: Raise at the first bad input instead of recording it in ``failed``.
+
     Returns:
-        One dict per input: input, output, voxels per structure, and ``empty`` (no foreground).
+        `PredictionRows`: one dict per mask (input, output, voxels per structure, ``empty``),
+        with the skipped and failed inputs.
     """
+    check_output_dir(output_dir)
+    list_inputs(inputs)
     pred = load_predictor(checkpoint, device)
     return segment_files(lambda case: predict_case(pred, case, tta=tta, full_fov=full_fov), pred.task,
-                         pred.class_names, inputs, output_dir, progress=progress)
+                         pred.class_names, inputs, output_dir, progress=progress, force=force, fail_fast=fail_fast)
 
 
 def segment_files(segment: Callable[[Case], np.ndarray], task: str, class_names: Dict[int, str],
                   inputs: Union[str, Path], output_dir: Union[str, Path], *,
-                  progress: Optional[Any] = None) -> List[Dict[str, Any]]:
+                  progress: Optional[Any] = None, force: bool = False, fail_fast: bool = True) -> PredictionRows:
     """Read every input, segment it with ``segment`` and write ``<stem>_seg.nii.gz`` in its geometry
     (``<stem>_seg.png`` for a picture input, 0/255 for binary tasks).
+
+    Ground-truth label maps often sit beside the scans (and an earlier run's masks beside
+    their inputs); segmenting them gives nonsense, so an input whose name marks a label map
+    is skipped before it is read, and one whose voxels hold only label values after.
 
     Args:
         segment: Case (original grid) -> uint8 label map on that grid (a checkpoint or an ensemble).
@@ -236,23 +301,51 @@ def segment_files(segment: Callable[[Case], np.ndarray], task: str, class_names:
         inputs: A volume file or a folder of them.
         output_dir: Where the masks go.
         progress: tqdm-like factory.
+        force: Segment inputs that look like label maps instead of skipping them.
+        fail_fast: Raise at the first input that fails; otherwise record it in ``failed`` and
+            go on, so one bad file does not cost the masks of all the others.
 
     Returns:
-        One dict per input: input, output, voxels per structure, and ``empty`` (no foreground).
+        `PredictionRows`: one dict per mask (input, output, voxels per structure, ``empty``),
+        with the skipped and failed inputs.
     """
     files = list_inputs(inputs)
-    out_dir = Path(output_dir)
-    rows = []
+    out_dir = check_output_dir(output_dir)
+    rows = PredictionRows()
     for f in (progress(files, desc="predict", unit="vol") if progress else files):
-        case = read_input(f, task)
-        label = segment(case)
-        if is_picture(f):
-            out = out_dir / f"{volume_stem(f)}_seg.png"
-            write_picture_mask(label, out, task)
+        try:
+            row = _segment_file(segment, task, class_names, f, out_dir, force)
+        except FILE_ERRORS as exc:
+            if fail_fast:
+                raise
+            reason = exc.problem if isinstance(exc, DataError) and exc.where == str(f) else str(exc)
+            rows.failed.append({"input": str(f), "reason": reason or type(exc).__name__})
+            continue
+        if isinstance(row, str):
+            rows.skipped.append({"input": str(f), "reason": row})
         else:
-            out = out_dir / f"{volume_stem(f)}_seg.nii.gz"
-            write_with_geometry(label, out, case.geometry())
-        counts = np.bincount(label.ravel(), minlength=len(class_names) or 2)
-        rows.append({"input": str(f), "output": str(out), "empty": bool(counts[1:].sum() == 0),
-                     **{class_names.get(i, str(i)): int(c) for i, c in enumerate(counts) if i > 0}})
+            rows.append(row)
     return rows
+
+
+def _segment_file(segment: Callable[[Case], np.ndarray], task: str, class_names: Dict[int, str], f: Path,
+                  out_dir: Path, force: bool) -> Union[Dict[str, Any], str]:
+    """Segment one input and write its mask: its row, or why it was skipped as a label map."""
+    reason = None if force else label_map_reason(f.name)  # by name: not even read
+    if reason:
+        return reason
+    case = read_input(f, task)
+    reason = None if force else label_map_reason(None, case.image)
+    if reason:
+        return reason
+    label = segment(case)
+    if is_picture(f):
+        out = out_dir / f"{volume_stem(f)}_seg.png"
+        write_picture_mask(label, out, task)
+    else:
+        out = out_dir / f"{volume_stem(f)}_seg.nii.gz"
+        # The scan's own NIfTI header, so the mask lies exactly in its physical space.
+        write_label_like(label, out, f, case.geometry())
+    counts = np.bincount(label.ravel(), minlength=len(class_names) or 2)
+    return {"input": str(f), "output": str(out), "empty": bool(counts[1:].sum() == 0),
+            **{class_names.get(i, str(i)): int(c) for i, c in enumerate(counts) if i > 0}}
