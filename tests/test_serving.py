@@ -225,8 +225,186 @@ def test_serve_parser():
     p = argparse.ArgumentParser(prog="robustseg")
     add_serve_parser(p.add_subparsers(dest="command"))
     a = p.parse_args(["serve", "--model", "models:/m@champion", "--port", "9001", "--gpus", "0.25",
-                      "--max-upload-mb", "8"])
+                      "--max-upload-mb", "8", "--max-decoded-mb", "100", "--max-inflight-mb", "300",
+                      "--admission-wait-s", "2"])
     assert a.fn is cmd_serve and (a.model, a.port, a.gpus, a.max_upload_mb, a.host) == \
         ("models:/m@champion", 9001, 0.25, 8.0, "127.0.0.1")
+    assert (a.max_decoded_mb, a.max_inflight_mb, a.admission_wait_s) == (100.0, 300.0, 2.0)
     with pytest.raises(SystemExit):
         p.parse_args(["serve", "--device", "tpu"])
+
+
+# ---------------------------------------------------------------------------------- issue 12
+def nifti1_header(dims, datatype, bitpix, vox_offset=352.0):
+    """A bare little-endian NIfTI-1 header (+ 4 extension bytes) declaring ``dims`` of ``datatype``."""
+    import struct
+
+    h = bytearray(352)
+    struct.pack_into("<i", h, 0, 348)
+    struct.pack_into("<8h", h, 40, len(dims), *dims, *([1] * (7 - len(dims))))
+    struct.pack_into("<hh", h, 70, datatype, bitpix)
+    struct.pack_into("<8f", h, 76, 1, 1, 1, 1, 1, 1, 1, 1)
+    struct.pack_into("<ff", h, 108, vox_offset, 1.0)
+    h[344:348] = b"n+1\0"
+    return bytes(h)
+
+
+def gzip_bomb(dims, datatype, bitpix, zero_bytes):
+    """Multi-member gzip: the header, then ``zero_bytes`` of zeros in 8 MiB members (cheap to build)."""
+    member = gzip.compress(bytes(8 << 20), compresslevel=9)
+    return gzip.compress(nifti1_header(dims, datatype, bitpix)) + member * (zero_bytes // (8 << 20))
+
+
+def test_settings_memory_limits_env_and_validation():
+    env = {"ROBUSTSEG_MODEL_URI": "m", "ROBUSTSEG_MAX_DECODED_MB": "32", "ROBUSTSEG_MAX_INFLIGHT_MB": "100"}
+    s = settings_from({"admission_wait_s": "0.5"}, environ=env)
+    assert (s.max_decoded_mb, s.max_inflight_mb, s.admission_wait_s) == (32.0, 100.0, 0.5)
+    assert s.max_decoded_bytes == 32 * 2**20 and s.max_inflight_bytes == 100 * 2**20
+    d = ServeSettings(model_uri="m")
+    assert (d.max_decoded_mb, d.max_inflight_mb, d.admission_wait_s) == (512.0, 2048.0, 5.0)
+    with pytest.raises(ConfigError, match=r"max_inflight_mb \(8\) must be at least max_upload_mb \(64\)"):
+        ServeSettings(model_uri="m", max_inflight_mb=8)
+    with pytest.raises(ConfigError, match="admission_wait_s must be at least 0"):
+        ServeSettings(model_uri="m", admission_wait_s=-1)
+
+
+def test_nifti_header_prices_the_decode_from_the_header_only():
+    from robustseg.serving import decode_cost, nifti_header
+
+    vol = np.zeros((2, 5, 7), np.int16)
+    vol[0, 0, 0] = 1
+    h = nifti_header(nifti_bytes(vol), "x")
+    assert (h.dims, h.datatype, h.itemsize) == ((7, 5, 2), 4, 2) and h.decoded_bytes == 140
+    assert h.file_bytes == h.vox_offset + 140 and h.vox_offset >= 352
+    bomb = gzip_bomb((512, 512, 512), 64, 64, 64 << 20)  # declares 1 GiB, holds 64 MiB: never inflated here
+    h = nifti_header(bomb, "b")
+    assert (h.voxels, h.itemsize, h.decoded_bytes) == (512**3, 8, 2**30)
+    assert decode_cost(h, 100) == 100 + 2 * 2**30 + 4 * 512**3
+    with pytest.raises(RequestError, match="unsupported NIfTI datatype code 99"):
+        nifti_header(nifti1_header((4, 4, 4), 99, 8), "d")
+    with pytest.raises(RequestError, match="vox_offset"):
+        nifti_header(nifti1_header((4, 4, 4), 16, 32, vox_offset=1e12), "v")
+
+
+def test_issue_bomb_is_refused_with_413_naming_the_limit():
+    from robustseg.serving import inspect_upload
+
+    bomb = gzip_bomb((512, 512, 512), 64, 64, 2**30)  # the issue's case: ~1 MB declaring 512^3 float64
+    assert len(bomb) < 2 * 2**20
+    with pytest.raises(RequestError) as e:
+        case_from_upload(bomb, "bomb.nii.gz", "cardiac")  # default limits
+    assert e.value.status == 413
+    assert "decodes to 1024.0 MB" in e.value.message and "512 MB limit on a decoded volume (max_decoded_mb)" in \
+        e.value.message
+    with pytest.raises(RequestError, match=r"over the 0\.5 MB limit on a decoded volume") as e:
+        inspect_upload(nifti_bytes(np.ones((9, 128, 128), np.float32)), "v.nii.gz", max_decoded_mb=0.5)
+    assert e.value.status == 413
+
+
+def test_gunzip_bounded_never_inflates_past_the_limit(tmp_path):
+    import io
+
+    from robustseg.serving import gunzip_bounded
+
+    liar = gzip_bomb((8, 8, 4), 16, 32, 256 << 20)  # declares 1 KB of voxels, holds 256 MiB of zeros
+    out = io.BytesIO()
+    assert gunzip_bounded(liar, out, 352 + 1024, "liar") == 352 + 1024
+    assert len(out.getvalue()) == 352 + 1024
+    members = gzip.compress(b"abc") + gzip.compress(b"def")  # multi-member (bgzip, pigz) is followed
+    out = io.BytesIO()
+    assert gunzip_bounded(members + b"trailing junk", out, 100, "m") == 6 and out.getvalue() == b"abcdef"
+    full = gzip.compress(os.urandom(50_000))
+    for cut in (12, len(full) // 2, len(full) - 3):  # cut in the header, the data, the trailer
+        with pytest.raises(RequestError, match="corrupt or truncated gzip data") as e:
+            gunzip_bounded(full[:cut], io.BytesIO(), 10**9, "cut")
+        assert e.value.status == 400
+    # Through case_from_upload: the liar decodes its declared 1 KB (all zeros: a constant volume).
+    with pytest.raises(RequestError, match="constant"):
+        case_from_upload(liar, "liar.nii.gz", "cardiac")
+
+
+def test_label_maps_are_refused_unless_forced(subject):
+    ed = subject[0]
+    scan = nifti_bytes(ed.image)
+    with pytest.raises(RequestError, match=r"upload '001_ED_gt.nii.gz': looks like a ground-truth label map.*"
+                                           r"\?force=true") as e:
+        case_from_upload(scan, "001_ED_gt.nii.gz", "cardiac")
+    assert e.value.status == 400 and "--force" not in e.value.message
+    assert case_from_upload(scan, "001_ED_gt.nii.gz", "cardiac", force=True).shape == ed.shape
+    label = nifti_bytes(ed.label.astype(np.uint8))  # an innocent name, label values only
+    with pytest.raises(RequestError, match=r"upload 'ed.nii.gz': .*label values \[0, 1, 2, 3\]") as e:
+        case_from_upload(label, "ed.nii.gz", "cardiac")
+    assert e.value.status == 400
+    assert case_from_upload(label, "ed.nii.gz", "cardiac", force=True).shape == ed.shape
+    assert case_from_upload(scan, "ed.nii.gz", "cardiac").shape == ed.shape
+
+
+def test_byte_budget_admission():
+    import asyncio
+
+    from robustseg.serving import ByteBudget
+
+    async def scenario():
+        budget = ByteBudget(100, wait_s=0.2)
+        first = budget.reservation()
+        await first.grow(60, "a")
+        second = budget.reservation()
+        with pytest.raises(RequestError) as e:  # no room within wait_s: 503 + Retry-After
+            await second.grow(50, "upload 'b'")
+        assert e.value.status == 503 and e.value.retry_after_s == 1 and "upload 'b'" in e.value.message
+        assert budget.used == 60 and second.held == 0
+        with pytest.raises(RequestError) as e:  # could never fit: 413 at once, naming the budget
+            await budget.reservation().grow(101, "upload 'c'")
+        assert e.value.status == 413 and "max_inflight_mb" in e.value.message
+
+        async def release_soon():
+            await asyncio.sleep(0.05)
+            await first.release()
+
+        waiter = budget.reservation()
+        await asyncio.gather(release_soon(), waiter.grow(90, "d"))  # waits, then is admitted
+        assert budget.used == 90 and budget.peak == 90
+        async with waiter:
+            pass
+        assert budget.used == 0
+
+    asyncio.run(scenario())
+
+
+def test_public_model_info_hides_server_paths():
+    from robustseg.serving import public_model_info, public_path
+
+    root = "/srv/models/ens"
+    assert public_path("/srv/models/ens", root) == "ens"
+    assert public_path("/srv/models/ens/members/a.pt", root) == "members/a.pt"
+    assert public_path("/home/alice/runs/best.pt", root) == "best.pt"
+    assert public_path("file:///data/manifest.json") == "manifest.json"
+    assert public_path("sqlite:////home/alice/mlflow.db") == "sqlite:///mlflow.db"
+    assert public_path("C:\\Users\\bob\\m.pt") == "m.pt"
+    for kept in ("models:/robustseg-cmr@champion", "s3://bucket/shards", "unet2d_fold0", "runs:/abc/model"):
+        assert public_path(kept, root) == kept
+    info = public_model_info({"uri": root, "members": [{"source": "/x/y/best.pt", "fold": 0}], "n": 1.5}, root)
+    assert info == {"uri": "ens", "members": [{"source": "best.pt", "fold": 0}], "n": 1.5}
+
+
+def test_check_port_free_names_a_busy_port():
+    import socket
+
+    from robustseg.serving import ServeStartError, check_port_free
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        s.listen()
+        port = s.getsockname()[1]
+        with pytest.raises(ServeStartError, match=f"port {port} on 127.0.0.1 is already in use.*--port"):
+            check_port_free("127.0.0.1", port)
+    check_port_free("127.0.0.1", free_port())
+
+
+def test_model_load_error_names_the_model():
+    from robustseg.serving import ModelLoadError
+
+    e = ModelLoadError.wrap("/srv/ens", ValueError("bad checkpoint"))
+    assert str(e) == "cannot load the model /srv/ens: ValueError: bad checkpoint"
+    e = ModelLoadError.wrap("/srv/ens", DataError("/srv/ens/spec.json", "invalid ensemble spec"))
+    assert str(e) == "cannot load the model: /srv/ens/spec.json: invalid ensemble spec"

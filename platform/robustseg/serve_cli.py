@@ -3,6 +3,11 @@
 `add_serve_parser` and `cmd_serve` plug into `robustseg.cli`; `predict_endpoint` is what
 ``robustseg predict --endpoint URL`` runs instead of loading a checkpoint. Ray and the Serve
 application are imported only when a command runs, so ``robustseg --help`` stays fast.
+
+Start-up failures are one-line errors (exit 2): a busy port is found before Ray starts, a
+model that cannot load shows its loading error. Ctrl-C during start-up shuts down whatever
+was started (Serve, the local Ray) and exits 130 without a traceback; Ctrl-C while serving
+is the normal way to stop (exit 0).
 """
 from __future__ import annotations
 
@@ -10,15 +15,21 @@ import argparse
 import signal
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Union
 
-from robustseg.serving import ENV_MAX_UPLOAD_MB, ENV_MODEL_URI, ENV_TRACKING_URI, post_volumes, settings_from
+# The light module only: building the parser must not import numpy, SimpleITK or torch.
+from robustseg.serve_settings import (DEFAULT_ADMISSION_WAIT_S, DEFAULT_MAX_DECODED_MB, DEFAULT_MAX_INFLIGHT_MB,
+                                      ENV_MAX_DECODED_MB, ENV_MAX_INFLIGHT_MB, ENV_MAX_UPLOAD_MB, ENV_MODEL_URI,
+                                      ENV_TRACKING_URI, ServeSettings, ServeStartError, check_port_free,
+                                      settings_from)
 
 ENDPOINTS = (
     ("GET ", "/v1/health", ""),
     ("GET ", "/v1/model", "name, version, alias, members, metrics"),
-    ("POST", "/v1/segment", "NIfTI body or multipart 'file' -> mask .nii.gz in the input geometry"),
+    ("POST", "/v1/segment", "NIfTI body or multipart 'file' -> mask .nii.gz in the input geometry "
+                            "(label maps refused unless ?force=true)"),
     ("POST", "/v1/cardiac-function", "multipart 'ed' + 'es' -> volumes, EF, mass, flags (JSON)"),
 )
 
@@ -50,6 +61,14 @@ def add_serve_parser(subparsers: Any) -> argparse.ArgumentParser:
     sp.add_argument("--port", type=int, default=8000, help="HTTP port (default 8000)")
     sp.add_argument("--max-upload-mb", type=float, metavar="MB",
                     help=f"largest accepted volume file (default ${ENV_MAX_UPLOAD_MB} or 64)")
+    sp.add_argument("--max-decoded-mb", type=float, metavar="MB",
+                    help="largest decoded volume, dtype size x voxels from the NIfTI header, refused with 413 "
+                         f"before decoding (default ${ENV_MAX_DECODED_MB} or {DEFAULT_MAX_DECODED_MB:g})")
+    sp.add_argument("--max-inflight-mb", type=float, metavar="MB",
+                    help="memory budget per replica: estimated decode memory of all requests at once; a request "
+                         f"over it waits, then gets 503 (default ${ENV_MAX_INFLIGHT_MB} or {DEFAULT_MAX_INFLIGHT_MB:g})")
+    sp.add_argument("--admission-wait-s", type=float, metavar="S",
+                    help=f"how long a request waits for room in that budget (default {DEFAULT_ADMISSION_WAIT_S:g})")
     sp.add_argument("--replicas", type=int, default=1, help="replicas of the model (default 1)")
     sp.add_argument("--device", choices=("cpu", "cuda"), help="inference device (default: CUDA when available)")
     sp.add_argument("--gpus", type=float, metavar="FRACTION",
@@ -60,6 +79,15 @@ def add_serve_parser(subparsers: Any) -> argparse.ArgumentParser:
     return sp
 
 
+@dataclass
+class _Started:
+    """What `cmd_serve` has started so far, so that an interrupted start-up stops exactly that."""
+
+    ray: bool = False
+    serve: bool = False
+    serving: bool = False
+
+
 def cmd_serve(args: argparse.Namespace) -> int:
     """Run ``robustseg serve``: deploy, print the URL and endpoints, serve until Ctrl-C.
 
@@ -67,35 +95,86 @@ def cmd_serve(args: argparse.Namespace) -> int:
         args: Parsed ``serve`` arguments.
 
     Returns:
-        0 after a clean shutdown.
+        0 after a clean shutdown; 130 when interrupted during start-up.
 
     Raises:
         ConfigError: no model URI or invalid settings.
+        ServeStartError: the port is in use, the model folder does not exist or the model
+            cannot load (its loading error).
     """
     settings = settings_from({"model_uri": args.model, "tracking_uri": args.tracking_uri,
-                              "max_upload_mb": args.max_upload_mb, "device": args.device,
-                              "max_batch_size": args.max_batch_size})
-    gpus = args.gpus if args.gpus is not None else (1.0 if args.device == "cuda" else 0.0)
-    from deploy.serve_app import start_local, stop
-    from robustseg.cli import init_ray
-
-    init_ray(args.num_cpus)
-    print(f"starting the segmentation service: model {settings.model_uri}, {args.replicas} replica(s), "
-          f"{gpus:g} GPU each, upload limit {settings.max_upload_mb:g} MB ...", flush=True)
+                              "max_upload_mb": args.max_upload_mb, "max_decoded_mb": args.max_decoded_mb,
+                              "max_inflight_mb": args.max_inflight_mb, "admission_wait_s": args.admission_wait_s,
+                              "device": args.device, "max_batch_size": args.max_batch_size})
+    # Both checks take milliseconds; finding either problem after Ray has started takes many seconds.
+    check_port_free(args.host, args.port)
+    _check_model_location(settings.model_uri)
+    started = _Started()
+    _stop_on_signals()
     try:
-        url = start_local(settings, args.host, args.port, num_replicas=args.replicas, num_gpus=gpus)
-        print(f"serving at {url}  (docs: {url}/docs)")
-        for method, path, what in ENDPOINTS:
-            print(f"  {method} {url}{path}" + (f"  {what}" if what else ""))
-        print("Ctrl-C to stop", flush=True)
-        _stop_on_signals()
-        while True:
-            time.sleep(3600)
+        _run_service(args, settings, started)
     except KeyboardInterrupt:
+        if not started.serving:
+            print("robustseg serve: interrupted during start-up; stopping what was started", file=sys.stderr)
+            return 130
         print("shutting down", file=sys.stderr)
     finally:
-        stop()
+        _shutdown(started)
     return 0
+
+
+def _run_service(args: argparse.Namespace, settings: ServeSettings, started: _Started) -> None:
+    """Start Ray and Serve, print where the service listens, then block until interrupted."""
+    import ray
+
+    from deploy.serve_app import start_local
+    from robustseg.cli import init_ray
+
+    gpus = args.gpus if args.gpus is not None else (1.0 if args.device == "cuda" else 0.0)
+    started.ray = not ray.is_initialized()
+    init_ray(args.num_cpus)
+    _stop_on_signals()  # ray.init replaces the SIGTERM handler with its own sys.exit
+    print(f"starting the segmentation service: model {settings.model_uri}, {args.replicas} replica(s), "
+          f"{gpus:g} GPU each, upload limit {settings.max_upload_mb:g} MB, decoded volume limit "
+          f"{settings.max_decoded_mb:g} MB, in-flight budget {settings.max_inflight_mb:g} MB per replica ...",
+          flush=True)
+    started.serve = True
+    url = start_local(settings, args.host, args.port, num_replicas=args.replicas, num_gpus=gpus)
+    started.serving = True
+    print(f"serving at {url}  (docs: {url}/docs)")
+    for method, path, what in ENDPOINTS:
+        print(f"  {method} {url}{path}" + (f"  {what}" if what else ""))
+    print("Ctrl-C to stop", flush=True)
+    while True:
+        time.sleep(3600)
+
+
+def _check_model_location(model_uri: str) -> None:
+    """A local model path that does not exist fails here, before Ray starts."""
+    if not model_uri.startswith(("models:/", "runs:/")) and "://" not in model_uri \
+            and not Path(model_uri).exists():
+        raise ServeStartError(f"cannot load the model {model_uri}: no such folder (give an ensemble folder "
+                              "or a models:/name@alias URI)")
+
+
+def _shutdown(started: _Started) -> None:
+    """Stop Serve and the local Ray this command started; a second Ctrl-C cannot interrupt it."""
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        try:
+            signal.signal(sig, signal.SIG_IGN)
+        except ValueError:  # not the main thread
+            pass
+    if started.serve:
+        try:
+            from deploy.serve_app import stop
+
+            stop()
+        except Exception as exc:  # noqa: BLE001 - Ray's shutdown below still ends the replicas
+            print(f"robustseg serve: stopping Serve failed ({type(exc).__name__}: {exc})", file=sys.stderr)
+    if started.ray:
+        import ray
+
+        ray.shutdown()
 
 
 def _stop_on_signals() -> None:
@@ -132,6 +211,7 @@ def predict_endpoint(endpoint: str, inputs: Union[str, Path], out_dir: Union[str
         DataError: missing or non-NIfTI inputs.
     """
     from robustseg.cli import report_masks
+    from robustseg.serving import post_volumes
 
     rows = post_volumes(endpoint, inputs, out_dir, timeout=timeout)
     return report_masks(rows, f"{len(rows)} masks from {endpoint} written to {out_dir}")

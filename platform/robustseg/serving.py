@@ -3,26 +3,25 @@
 `deploy/serve_app.py` wraps these functions in a Ray Serve deployment; everything here runs
 in a plain process, so it is unit-tested without starting Ray:
 
-* `ServeSettings` / `settings_from`: what the service loads and the limits it enforces, from
-  explicit arguments (the ``args:`` of ``serve_config.yaml``) falling back to environment
-  variables;
 * `case_from_upload`: request bytes -> a validated `Case`, or a `RequestError` carrying the
-  HTTP status (413 over a limit, 400 otherwise) and a message naming the upload;
-* `mask_to_nifti_bytes` and `cardiac_json`: predictions -> response bodies;
+  HTTP status (413 over a limit, 400 otherwise) and a message naming the upload; its memory
+  is bounded by `robustseg.serve_limits` (header-priced decode, bounded gunzip) and label
+  maps are refused unless forced;
+* `mask_to_nifti_bytes`, `cardiac_json` and `public_model_info`: predictions and model
+  metadata -> response bodies (no server paths);
 * `post_volumes`: the client behind ``robustseg predict --endpoint URL``.
+
+Settings and errors live in `robustseg.serve_settings` (light: the CLI parser imports them),
+memory limits in `robustseg.serve_limits`; both are re-exported here.
 """
 from __future__ import annotations
 
-import dataclasses
 import json
 import math
 import os
 import re
-import struct
 import tempfile
-import zlib
-from dataclasses import dataclass
-from pathlib import Path
+from pathlib import Path, PurePosixPath, PureWindowsPath
 from typing import Any, Dict, List, Mapping, Optional, Tuple, Union
 
 import numpy as np
@@ -31,118 +30,22 @@ from scipy import ndimage
 
 from robustseg.analysis.clinical import cardiac_function, structure_volumes_ml
 from robustseg.data.cases import Case
+from robustseg.data.guards import label_map_reason
 from robustseg.data.labels import CARDIAC_NAMES, LV, MYO, RV
 from robustseg.engine.postprocess import STRUCTURE_3D
-from robustseg.errors import ConfigError, DataError, RobustsegError
+from robustseg.errors import DataError, RobustsegError
+from robustseg.serve_limits import (GZIP_MAGIC, ByteBudget, NiftiHeader, Reservation, decode_cost,  # noqa: F401
+                                    HTTP_FORCE_HINT, gunzip_bounded, inspect_upload, nifti_dims, nifti_header,
+                                    release_free_memory)
+from robustseg.serve_settings import (DEFAULT_ADMISSION_WAIT_S, DEFAULT_MAX_DECODED_MB,  # noqa: F401
+                                      DEFAULT_MAX_INFLIGHT_MB, DEFAULT_MAX_UPLOAD_MB, DEFAULT_MAX_VOXELS,
+                                      ENV_MAX_DECODED_MB, ENV_MAX_INFLIGHT_MB, ENV_MAX_UPLOAD_MB, ENV_MODEL_URI,
+                                      ENV_TRACKING_URI, ModelLoadError, RequestError, ServeSettings,
+                                      ServeStartError, check_port_free, port_error, settings_from)
 
-ENV_MODEL_URI = "ROBUSTSEG_MODEL_URI"
-ENV_TRACKING_URI = "MLFLOW_TRACKING_URI"
-ENV_MAX_UPLOAD_MB = "ROBUSTSEG_MAX_UPLOAD_MB"
-DEFAULT_MAX_UPLOAD_MB = 64.0
-#: 2**27 voxels = 512 MB of float32: a 512 x 512 x 512 CT still fits, a gzip bomb does not.
-DEFAULT_MAX_VOXELS = 2**27
-GZIP_MAGIC = b"\x1f\x8b"
 #: Header keys that describe the stored intensities, not the grid: they must not be copied
 #: from an image onto its uint8 mask.
 _INTENSITY_KEYS = {"bitpix", "datatype", "scl_slope", "scl_inter", "cal_min", "cal_max", "vox_offset"}
-
-
-@dataclass
-class ServeSettings:
-    """What the service loads and the limits it enforces.
-
-    Attributes:
-        model_uri: Ensemble folder or MLflow URI (``models:/name@alias``).
-        tracking_uri: MLflow tracking URI for ``models:/`` URIs (None: MLflow's default).
-        max_upload_mb: Largest accepted volume file, in MB (a larger one gets HTTP 413).
-        max_voxels: Largest accepted voxel count, read from the NIfTI header before decoding.
-        device: "cpu", "cuda" or None (CUDA when the replica sees one).
-        max_batch_size: Most volumes batched into one ensemble call.
-        batch_wait_timeout_s: How long a batch waits for more requests.
-    """
-
-    model_uri: str
-    tracking_uri: Optional[str] = None
-    max_upload_mb: float = DEFAULT_MAX_UPLOAD_MB
-    max_voxels: int = DEFAULT_MAX_VOXELS
-    device: Optional[str] = None
-    max_batch_size: int = 4
-    batch_wait_timeout_s: float = 0.05
-
-    def __post_init__(self) -> None:
-        if not self.model_uri:
-            raise ConfigError(f"no model to serve: set model_uri (or ${ENV_MODEL_URI}) to an ensemble folder "
-                              "or a models:/name@alias URI")
-        for name, least in (("max_upload_mb", 1e-9), ("max_voxels", 1), ("max_batch_size", 1),
-                            ("batch_wait_timeout_s", 0.0)):
-            if not (math.isfinite(getattr(self, name)) and getattr(self, name) >= least):
-                raise ConfigError(f"serve setting {name} must be at least {least:g}, got {getattr(self, name)!r}")
-        if self.device not in (None, "cpu", "cuda") and not str(self.device).startswith("cuda:"):
-            raise ConfigError(f"serve setting device must be cpu, cuda, cuda:N or unset, got {self.device!r}")
-
-    @property
-    def max_upload_bytes(self) -> int:
-        """The upload limit in bytes (1 MB = 2**20 bytes)."""
-        return int(self.max_upload_mb * 2**20)
-
-    def to_dict(self) -> Dict[str, Any]:
-        """Plain dict (what a Serve deployment receives)."""
-        return dataclasses.asdict(self)
-
-
-_CASTS = {"model_uri": str, "tracking_uri": str, "max_upload_mb": float, "max_voxels": int, "device": str,
-          "max_batch_size": int, "batch_wait_timeout_s": float}
-
-
-def settings_from(args: Optional[Mapping[str, Any]] = None,
-                  environ: Optional[Mapping[str, str]] = None) -> ServeSettings:
-    """Settings from explicit arguments, falling back to environment variables.
-
-    A key given (not None or "") in ``args`` wins; else ``$ROBUSTSEG_MODEL_URI``,
-    ``$MLFLOW_TRACKING_URI``, ``$ROBUSTSEG_MAX_UPLOAD_MB``; else the default. Strings are
-    converted (``serve run deploy.serve_app:build_app key=value`` passes strings).
-
-    Args:
-        args: Setting values by `ServeSettings` field name.
-        environ: Environment to read (default ``os.environ``).
-
-    Raises:
-        ConfigError: unknown keys (listing the valid ones), unconvertible or invalid values,
-            or no model URI anywhere.
-    """
-    env = os.environ if environ is None else environ
-    given = {k: v for k, v in dict(args or {}).items() if v is not None and v != ""}
-    unknown = sorted(set(given) - set(_CASTS))
-    if unknown:
-        raise ConfigError(f"unknown serve settings {unknown}; valid: {sorted(_CASTS)}")
-    for key, var in (("model_uri", ENV_MODEL_URI), ("tracking_uri", ENV_TRACKING_URI),
-                     ("max_upload_mb", ENV_MAX_UPLOAD_MB)):
-        if key not in given and env.get(var):
-            given[key] = env[var]
-    values: Dict[str, Any] = {}
-    for key, value in given.items():
-        try:
-            values[key] = _CASTS[key](value)
-        except (TypeError, ValueError):
-            raise ConfigError(f"serve setting {key}: cannot read {value!r} as {_CASTS[key].__name__}") from None
-    if values.get("device") == "auto":
-        values["device"] = None
-    values.setdefault("model_uri", "")
-    return ServeSettings(**values)
-
-
-class RequestError(RobustsegError):
-    """A request the service refuses, with the HTTP status to answer.
-
-    Args:
-        status: HTTP status code (4xx).
-        message: What is wrong, naming the upload.
-    """
-
-    def __init__(self, status: int, message: str) -> None:
-        self.status = int(status)
-        self.message = message
-        super().__init__(message)
 
 
 class EndpointError(RobustsegError):
@@ -177,44 +80,10 @@ def safe_stem(filename: str) -> str:
     return re.sub(r"[^A-Za-z0-9._-]+", "_", name).strip("._")[:100] or "upload"
 
 
-def nifti_dims(data: bytes, where: str) -> Tuple[int, ...]:
-    """The dimensions a (possibly gzipped) single-file NIfTI-1/2 header declares.
-
-    Only the header is decompressed, so a gzip bomb is caught before it is inflated.
-
-    Args:
-        data: File bytes.
-        where: Name for error messages.
-
-    Raises:
-        RequestError: 400 when the bytes are not a NIfTI file or the gzip stream is broken
-            before the end of the header.
-    """
-    head = data[:544]
-    if data[:2] == GZIP_MAGIC:
-        try:
-            head = zlib.decompressobj(wbits=31).decompress(data, 544)
-        except zlib.error as e:
-            raise RequestError(400, f"{where}: corrupt gzip data ({e})") from None
-        if len(head) < 348:
-            raise RequestError(400, f"{where}: truncated gzip data: only {len(head)} bytes of NIfTI header")
-    dims: Tuple[int, ...] = ()
-    for endian in "<>":
-        size = struct.unpack(endian + "i", head[:4])[0] if len(head) >= 4 else 0
-        if size == 348 and len(head) >= 348 and head[344:348] == b"n+1\0":
-            dims = struct.unpack(endian + "8h", head[40:56])
-        elif size == 540 and len(head) >= 540 and head[4:8] == b"n+2\0":
-            dims = struct.unpack(endian + "8q", head[16:80])
-    if not dims:
-        raise RequestError(400, f"{where}: not a NIfTI volume (no single-file NIfTI-1/2 header); send .nii or .nii.gz")
-    if not 1 <= dims[0] <= 7:
-        raise RequestError(400, f"{where}: invalid NIfTI header (dim[0] = {dims[0]})")
-    return tuple(int(d) for d in dims[1 : dims[0] + 1])
-
-
 def case_from_upload(data: bytes, filename: str, task: str, *, max_upload_mb: float = DEFAULT_MAX_UPLOAD_MB,
-                     max_voxels: int = DEFAULT_MAX_VOXELS) -> Case:
-    """Read and validate an uploaded NIfTI volume.
+                     max_voxels: int = DEFAULT_MAX_VOXELS, max_decoded_mb: float = DEFAULT_MAX_DECODED_MB,
+                     force: bool = False) -> Case:
+    """Read and validate an uploaded NIfTI volume, its memory bounded by the header's limits.
 
     Args:
         data: The file's bytes (``.nii`` or ``.nii.gz``; gzip is recognised by its magic
@@ -223,29 +92,31 @@ def case_from_upload(data: bytes, filename: str, task: str, *, max_upload_mb: fl
         task: The model's task (sets the case's modality).
         max_upload_mb: Size limit of ``data``.
         max_voxels: Voxel-count limit from the header.
+        max_decoded_mb: Decoded-bytes limit from the header (dtype itemsize x voxels).
+        force: Segment a ground-truth label map anyway (by name or by its values).
 
     Returns:
         The case (original geometry; the header's metadata in ``meta["nifti_header"]``).
 
     Raises:
         RequestError: 413 over a limit; 400 for an empty upload, not a NIfTI, a truncated
-            or corrupt file, wrong dimensionality, NaN/inf voxels or a constant volume.
+            or corrupt file, wrong dimensionality, NaN/inf voxels, a constant volume, or a
+            label map (its name, or voxels that hold only label values) unless ``force``.
     """
     from robustseg.engine.predict import read_input  # torch-heavy: only when serving
 
+    header = inspect_upload(data, filename, max_upload_mb=max_upload_mb, max_voxels=max_voxels,
+                            max_decoded_mb=max_decoded_mb, force=force)
     where = f"upload {filename!r}"
-    if len(data) > int(max_upload_mb * 2**20):
-        raise RequestError(413, f"{where}: {len(data) / 2**20:.1f} MB is over the {max_upload_mb:g} MB upload limit")
-    if not data:
-        raise RequestError(400, f"{where}: empty upload")
-    dims = nifti_dims(data, where)
-    n_voxels = int(np.prod([max(d, 1) for d in dims], dtype=np.int64))
-    if n_voxels > max_voxels:
-        raise RequestError(413, f"{where}: {n_voxels} voxels (dims {dims}) is over the {max_voxels} voxel limit")
-    suffix = ".nii.gz" if data[:2] == GZIP_MAGIC else ".nii"
     with tempfile.TemporaryDirectory(prefix="robustseg_upload_") as tmp:
-        path = Path(tmp) / (safe_stem(filename) + suffix)
-        path.write_bytes(data)
+        # Always an uncompressed .nii on disk: gzip is inflated here, within the header's bound,
+        # instead of by the reader, which would inflate whatever the stream holds.
+        path = Path(tmp) / (safe_stem(filename) + ".nii")
+        with open(path, "wb") as fh:
+            if data[:2] == GZIP_MAGIC:
+                gunzip_bounded(data, fh, header.file_bytes, where)
+            else:
+                fh.write(data)
         try:
             case = read_input(path, task)
         except DataError as e:
@@ -253,6 +124,9 @@ def case_from_upload(data: bytes, filename: str, task: str, *, max_upload_mb: fl
             problem = e.problem.replace(str(path), filename).replace(tmp, "")
             raise RequestError(400, f"{where}: {problem}") from None
         case.meta["nifti_header"] = _header_metadata(path)
+    reason = None if force else label_map_reason(None, case.image, hint=HTTP_FORCE_HINT)
+    if reason:
+        raise RequestError(400, f"{where}: looks like a ground-truth label map, not a scan: {reason}")
     case.source_path = where
     case.case_id = case.subject_id = safe_stem(filename)
     return case
@@ -357,6 +231,51 @@ def cardiac_json(ed_label: np.ndarray, es_label: np.ndarray, ed_case: Case, es_c
     for phase, (_, case) in pairs.items():
         out[phase] = {"name": case.case_id, "shape_zyx": list(case.shape), "spacing": [float(v) for v in case.spacing]}
     return json_safe(out)
+
+
+_SQLITE = re.compile(r"^(sqlite:/{2,3})(/.*)$")
+
+
+def public_path(value: str, root: Optional[str] = None) -> str:
+    """A path or URI as it may be shown to clients: no absolute server path.
+
+    A local absolute path (or ``file://``/``sqlite:///`` URI) becomes its path relative to
+    ``root`` when under it, else its file name; other strings (``models:/``, ``s3://``,
+    names) are kept.
+
+    Args:
+        value: The string.
+        root: The served model's folder, if it is one.
+    """
+    match = _SQLITE.match(value)
+    if match:
+        return match.group(1) + public_path(match.group(2), root)
+    path = value[len("file://"):] if value.startswith("file://") else value
+    for flavour in (PurePosixPath, PureWindowsPath):
+        p = flavour(path)
+        if p.is_absolute() and (flavour is PurePosixPath or p.drive):
+            if root:
+                try:
+                    rel = p.relative_to(flavour(root)).as_posix()
+                    return flavour(root).name if rel == "." else rel  # the folder itself: its name
+                except ValueError:
+                    pass
+            return p.name or "."
+    return value
+
+
+def public_model_info(obj: Any, root: Optional[str] = None) -> Any:
+    """A copy of model metadata (``/v1/model``) with every path made public by `public_path`.
+
+    Args:
+        obj: Nested dicts/lists of metadata.
+        root: The served model's folder, if it is one.
+    """
+    if isinstance(obj, Mapping):
+        return {k: public_model_info(v, root) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [public_model_info(v, root) for v in obj]
+    return public_path(obj, root) if isinstance(obj, str) else obj
 
 
 # ----------------------------------------------------------------------------- client

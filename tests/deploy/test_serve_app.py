@@ -60,14 +60,20 @@ def volumes():
 
 
 @pytest.fixture(scope="module")
-def url(tmp_path_factory):
+def model_dir(tmp_path_factory):
+    from tiny_ensemble import tiny_ensemble_folder
+
+    return tiny_ensemble_folder(tmp_path_factory.mktemp("serve_model"))
+
+
+@pytest.fixture(scope="module")
+def url(model_dir):
     import ray
 
     from deploy.serve_app import start_local, stop
-    from tiny_ensemble import tiny_ensemble_folder
 
     os.environ["RAY_DATA_DISABLE_PROGRESS_BARS"] = "1"
-    model = tiny_ensemble_folder(tmp_path_factory.mktemp("serve_model"))
+    model = model_dir
     ray.init(address="local", num_cpus=4, include_dashboard=False)
     try:
         settings = ServeSettings(model_uri=str(model), max_upload_mb=1, max_voxels=MAX_VOXELS, device="cpu",
@@ -266,3 +272,47 @@ def test_still_serving_after_bad_requests(client, volumes):
         assert client.post(path, **kwargs).status_code == status
     assert client.get("/v1/health").json()["errors"] >= len(BAD_IDS)
     check_mask(client.post("/v1/segment", content=volumes["ed_gz"]), volumes["ed"].shape)
+
+
+# ---------------------------------------------------------------------------------- issue 12
+def test_label_maps_refused_with_400_unless_forced(client, volumes):
+    """Ground truth sent as a scan: refused by its name or by its label-only voxels; ?force=true overrides."""
+    ed = make_cardiac_subject(0, 11, n_slices=6, size=(64, 64))[0]
+    label_gz = nifti_bytes(ed.label.astype(np.uint8))
+    refused = [
+        client.post("/v1/segment?filename=001_ED_gt.nii.gz", content=volumes["ed_gz"]),
+        client.post("/v1/segment", files={"file": ("case_seg.nii.gz", volumes["ed_gz"])}),
+        client.post("/v1/segment?filename=ed.nii.gz", content=label_gz),
+        client.post("/v1/cardiac-function", files={"ed": ("ed.nii.gz", label_gz), "es": ("es.nii.gz", volumes["es_gz"])}),
+    ]
+    for r, name in zip(refused, ("001_ED_gt.nii.gz", "case_seg.nii.gz", "ed.nii.gz", "ed.nii.gz")):
+        assert r.status_code == 400, r.text
+        msg = r.json()["error"]
+        assert msg.startswith(f"upload '{name}': looks like a ground-truth label map, not a scan: ") and "?force=true" in msg
+    assert "label values [0, 1, 2, 3]" in refused[2].json()["error"]
+    check_mask(client.post("/v1/segment?filename=001_ED_gt.nii.gz&force=true", content=volumes["ed_gz"]),
+               volumes["ed"].shape)
+    forced = client.post("/v1/segment?force=true", files={"file": ("ed.nii.gz", label_gz)})
+    assert forced.status_code == 200, forced.text
+
+
+def test_model_info_exposes_no_server_paths(client, model_dir):
+    r = client.get("/v1/model")
+    assert r.status_code == 200
+    assert str(model_dir) not in r.text and str(model_dir.parent) not in r.text and tempfile.gettempdir() not in r.text
+    info = r.json()
+    assert info["uri"] == model_dir.name  # the folder's name, not where it lives
+
+    def strings(obj):
+        if isinstance(obj, dict):
+            for v in obj.values():
+                yield from strings(v)
+        elif isinstance(obj, list):
+            for v in obj:
+                yield from strings(v)
+        elif isinstance(obj, str):
+            yield obj
+
+    absolute = [v for v in strings(info) if v.startswith("/") or v.startswith("file:") or re.match(r"^[A-Za-z]:\\", v)]
+    assert absolute == []
+    assert [m["source"] for m in info["members"]] == ["best.pt", "best.pt"]  # checkpoints outside the folder

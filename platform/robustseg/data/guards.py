@@ -29,22 +29,27 @@ def _stem(name: str) -> str:
     return base
 
 
-def label_map_reason(name: Optional[str], array: Optional[np.ndarray] = None) -> Optional[str]:
+#: How a command-line user overrides the guard (Serve passes its own: ``?force=true``).
+CLI_HINT = "pass --force to segment it anyway"
+
+
+def label_map_reason(name: Optional[str], array: Optional[np.ndarray] = None, *,
+                     hint: str = CLI_HINT) -> Optional[str]:
     """Why ``name``/``array`` looks like a label map rather than a scan, or None if it does not.
 
     Args:
         name: File name (or path) as given by the user; None to check the values only.
         array: The decoded voxels, when already read; None to check the name only.
+        hint: How the caller's user overrides the check, appended to the reason.
 
     Returns:
         A short reason a user can act on (it names the rule that matched), or None.
     """
     if name and LABEL_NAME.search(_stem(name)):
-        return f"its name marks a label map ('{_stem(name)}'); pass --force to segment it anyway"
+        return f"its name marks a label map ('{_stem(name)}'); {hint}"
     if array is not None and array.size and _only_label_values(array):
         values = sorted(int(v) for v in np.unique(array))
-        return (f"its voxels hold only the label values {values}, as a segmentation does, not a scan; "
-                "pass --force to segment it anyway")
+        return f"its voxels hold only the label values {values}, as a segmentation does, not a scan; {hint}"
     return None
 
 
