@@ -4,8 +4,10 @@ Both members train for seconds on the tiny synthetic config (`tiny.tiny_cfg`), s
 are rough, but every code path (grouping, two-stage centring, inversion to the input grid)
 runs on real checkpoints.
 """
+import contextlib
+import os
 from pathlib import Path
-from typing import List
+from typing import Any, Iterator, List
 
 import torch
 
@@ -34,3 +36,22 @@ def tiny_ensemble_folder(root: Path, **spec_kwargs) -> Path:
     ens = Ensemble.from_checkpoints(tiny_member_checkpoints(root), name="tiny", device=torch.device("cpu"),
                                     **spec_kwargs)
     return ens.save(root / "ensemble")
+
+
+@contextlib.contextmanager
+def local_serve(settings: Any) -> Iterator[str]:
+    """A real local Ray + Serve app for one test module: yields its base URL, stops what it started."""
+    import ray
+
+    from conftest import free_port
+    from deploy.serve_app import start_local, stop
+
+    os.environ["RAY_DATA_DISABLE_PROGRESS_BARS"] = "1"
+    ray.init(address="local", num_cpus=4, include_dashboard=False)
+    try:
+        yield start_local(settings, "127.0.0.1", free_port())
+    finally:
+        try:
+            stop()
+        finally:
+            ray.shutdown()

@@ -18,7 +18,6 @@ import pytest
 import SimpleITK as sitk
 import yaml
 
-from conftest import free_port
 from robustseg.data.synthetic import make_cardiac_subject
 from robustseg.serve_cli import predict_endpoint
 from robustseg.serving import EndpointError, ServeSettings, post_volumes, settings_from
@@ -68,23 +67,12 @@ def model_dir(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def url(model_dir):
-    import ray
+    from tiny_ensemble import local_serve
 
-    from deploy.serve_app import start_local, stop
-
-    os.environ["RAY_DATA_DISABLE_PROGRESS_BARS"] = "1"
-    model = model_dir
-    ray.init(address="local", num_cpus=4, include_dashboard=False)
-    try:
-        settings = ServeSettings(model_uri=str(model), max_upload_mb=1, max_voxels=MAX_VOXELS, device="cpu",
-                                 max_batch_size=4, batch_wait_timeout_s=0.1)
-        base = start_local(settings, "127.0.0.1", free_port())
+    settings = ServeSettings(model_uri=str(model_dir), max_upload_mb=1, max_voxels=MAX_VOXELS, device="cpu",
+                             max_batch_size=4, batch_wait_timeout_s=0.1)
+    with local_serve(settings) as base:
         yield base
-    finally:
-        try:
-            stop()
-        finally:
-            ray.shutdown()
 
 
 @pytest.fixture(scope="module")

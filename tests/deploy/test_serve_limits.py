@@ -144,21 +144,12 @@ def model_dir(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def service(model_dir):
-    import ray
+    from tiny_ensemble import local_serve
 
-    from deploy.serve_app import start_local, stop
-
-    ray.init(address="local", num_cpus=4, include_dashboard=False)
-    try:
-        settings = ServeSettings(model_uri=str(model_dir), device="cpu", max_batch_size=4, batch_wait_timeout_s=0.05,
-                                 **LIMITS)
-        url = start_local(settings, "127.0.0.1", free_port())
+    settings = ServeSettings(model_uri=str(model_dir), device="cpu", max_batch_size=4, batch_wait_timeout_s=0.05,
+                             **LIMITS)
+    with local_serve(settings) as url:
         yield url, replica_pid()
-    finally:
-        try:
-            stop()
-        finally:
-            ray.shutdown()
 
 
 @pytest.fixture(scope="module")
