@@ -88,9 +88,7 @@ def test_console_script_help():
 
 
 # ------------------------------------------------------------------------------ start-up (issue 12)
-HEAVY = ("torch", "monai", "ray", "mlflow", "optuna")
-# SimpleITK is still imported through robustseg.serve_cli -> robustseg.serving (its parser reads
-# the ENV_* names there); add it here once serve_cli imports serving lazily.
+HEAVY = ("torch", "monai", "ray", "mlflow", "optuna", "SimpleITK")
 _HELP_PROBE = """
 import argparse, contextlib, io, sys
 from robustseg.cli import build_parser, main
@@ -147,6 +145,21 @@ def test_config_validate_lists_every_problem(tmp_path, capsys):
     assert "3 problems" in err and all(message in err for _, message in BAD_CONFIGS.values())
 
 
+def test_tune_rejects_what_train_rejects_before_starting_ray(tmp_path, capsys, monkeypatch):
+    import robustseg.cli as cli
+
+    def no_ray(*_, **__):
+        raise AssertionError("tune started Ray for a config that train rejects")
+
+    monkeypatch.setattr(cli, "init_ray", no_ray)
+    body, message = BAD_CONFIGS["regime"]
+    path = tmp_path / "bad_regime.yaml"
+    path.write_text(f"data: {{shards_uri: {tmp_path / 'shards'}}}\ntracking: {{workdir: {tmp_path}}}\n{body}\n")
+    assert main(["tune", "--config", str(path), "--space", "unet2d", "--trials", "1"]) == 2
+    assert f"{path}: {message}" in capsys.readouterr().err
+    assert not (tmp_path / "shards").exists() and not (tmp_path / "ray_results").exists()
+
+
 @pytest.mark.parametrize("name", sorted(str(p.relative_to(REPO / "configs")) for p in (REPO / "configs").rglob("*.yaml")))
 def test_every_shipped_config_validates(capsys, name):
     assert main(["config", "validate", "--config", str(REPO / "configs" / name)]) == 0
@@ -183,6 +196,44 @@ def test_read_only_commands_create_no_tracking_store(tmp_path, capsys, monkeypat
         assert f"{store} does not exist (nothing was created)" in err and "Traceback" not in err, (argv, err)
     assert not typo.parent.exists() and not (tmp_path / "robustseg_work").exists()
     assert not [p for p in tmp_path.rglob("*") if p.suffix == ".db" or p.name == "mlruns"]
+
+
+# ------------------------------------------------------------------------------ ensemble predict: one path
+def test_ensemble_predict_honours_force_and_fail_fast(tmp_path, capsys, monkeypatch):
+    from types import SimpleNamespace
+
+    import numpy as np
+
+    import robustseg.model_registry as registry
+    from robustseg.data.io import write_with_geometry
+    from robustseg.data.synthetic import make_cardiac_dataset
+    from robustseg.ensemble import SPEC_FILE
+
+    loaded = []
+    spec = SimpleNamespace(task="cardiac", class_names={0: "background", 1: "LV", 2: "MYO", 3: "RV"}, tta=True)
+    ens = SimpleNamespace(spec=spec, predict_cases=lambda cases: [(c.image > 0).astype(np.uint8) for c in cases])
+
+    def load_ensemble(model, tracking_uri, device):
+        loaded.append((model, tracking_uri))
+        return ens, None
+
+    monkeypatch.setattr(registry, "load_ensemble", load_ensemble)
+    model = tmp_path / "ens"
+    model.mkdir()
+    (model / SPEC_FILE).write_text("{}")
+    case = make_cardiac_dataset(1, seed=3)[0]
+    (tmp_path / "in").mkdir()
+    (tmp_path / "in" / "b_broken.nii.gz").write_bytes(b"\x1f\x8b not really gzip")
+    write_with_geometry(case.label, tmp_path / "in" / "d_volume.nii.gz", case.geometry())  # a label map
+    base = ["predict", "--model", str(model), "--input", str(tmp_path / "in"), "--tracking-uri", "sqlite:///x.db",
+            "--no-tta", "--device", "cpu", "--output"]
+    assert main([*base, str(tmp_path / "forced"), "--force"]) == 2  # b fails, the label map is segmented
+    assert [p.name for p in (tmp_path / "forced").iterdir()] == ["d_volume_seg.nii.gz"]
+    assert "1 of 2 inputs failed" in capsys.readouterr().err
+    assert main([*base, str(tmp_path / "fast"), "--force", "--fail-fast"]) == 2  # stops at b
+    assert not list(tmp_path.glob("fast/*"))
+    assert "b_broken.nii.gz: corrupt or truncated gzip data" in capsys.readouterr().err
+    assert loaded == [(str(model), "sqlite:///x.db")] * 2 and spec.tta is False
 
 
 # ------------------------------------------------------------------------------ sources are local paths

@@ -279,33 +279,28 @@ def cmd_predict(args: argparse.Namespace) -> int:
     the failures are listed at the end and the exit status is 2. Inputs that look like label
     maps are skipped with a notice unless ``--force``.
     """
-    from robustseg.engine.predict import check_output_dir, list_inputs, predict_files, segment_files
-    from robustseg.ensemble_cli import _tracking_uri, is_ensemble_uri
+    from robustseg.engine.predict import check_output_dir, list_inputs, predict_files
+    from robustseg.ensemble_cli import is_ensemble_uri, predict_with_ensemble, tracking_uri_from_args
 
     # Before any model is loaded or request sent: a bad --output or --input costs nothing.
     check_output_dir(args.output)
     if args.endpoint:
         from robustseg.serve_cli import predict_endpoint
 
-        return predict_endpoint(args.endpoint, args.input, args.output)
+        return predict_endpoint(args.endpoint, args.input, args.output, force=args.force, fail_fast=args.fail_fast)
     if not args.model:
         raise ConfigError("predict needs --model (checkpoint, ensemble folder or models:/ URI) or --endpoint URL")
     list_inputs(args.input)
     tta = False if args.no_tta else None
-    options = {"progress": _progress, "force": args.force, "fail_fast": args.fail_fast}
+    options = {"device": _device(args.device), "tta": tta, "progress": _progress, "force": args.force,
+               "fail_fast": args.fail_fast}
     if is_ensemble_uri(args.model):
-        from robustseg.model_registry import load_ensemble
-
         # The same default store as `ensemble`/`registry` ($MLFLOW_TRACKING_URI, else the workdir's
         # SQLite), so a model registered with the defaults is found with the defaults.
-        ens, _ = load_ensemble(args.model, _tracking_uri(args), _device(args.device))
-        if tta is not None:
-            ens.spec.tta = tta
-        rows = segment_files(lambda case: ens.predict_cases([case])[0], ens.spec.task, ens.spec.class_names,
-                             args.input, args.output, **options)
+        rows = predict_with_ensemble(args.model, args.input, args.output, tracking_uri=tracking_uri_from_args(args),
+                                     **options)
     else:
-        rows = predict_files(args.model, args.input, args.output, device=_device(args.device), tta=tta,
-                             full_fov=args.full_fov, **options)
+        rows = predict_files(args.model, args.input, args.output, full_fov=args.full_fov, **options)
     return report_masks(rows, f"{len(rows)} masks written to {args.output}")
 
 
@@ -403,6 +398,7 @@ def cmd_tune(args: argparse.Namespace) -> int:
     from trainables.tune_driver import run_sweep
 
     cfg = load_config(args.config, args.overrides)
+    check_config(cfg, args.config)  # as `train` does: a misspelt name fails here, not in every trial's worker
     init_ray(args.num_cpus)
     print(f"sweep {args.name or '(auto name)'}: space {args.space}, {args.trials} trials x {cfg.data.folds} folds, "
           f"concurrency {args.concurrency}{', ASHA' if args.scheduler else ''}{', resuming' if args.resume else ''}")

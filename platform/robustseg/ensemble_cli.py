@@ -18,7 +18,8 @@ def _base_config(path: Optional[str]) -> ExperimentConfig:
     return ExperimentConfig.from_yaml(path) if path else ExperimentConfig(name="robustseg")
 
 
-def _tracking_uri(args: argparse.Namespace) -> str:
+def tracking_uri_from_args(args: argparse.Namespace) -> str:
+    """``--tracking-uri``, else the store of ``--config`` (if the command has one), else the default."""
     from robustseg.tracking import resolve_tracking_uri
 
     return args.tracking_uri or resolve_tracking_uri(_base_config(getattr(args, "config", None)))
@@ -45,11 +46,24 @@ def is_ensemble_uri(model: str) -> bool:
 
 
 def predict_with_ensemble(model: str, inputs: str, output: str, *, tracking_uri: Optional[str] = None,
-                          device: Any = None, tta: Optional[bool] = None, progress: Any = None) -> List[Dict[str, Any]]:
+                          device: Any = None, tta: Optional[bool] = None, progress: Any = None,
+                          force: bool = False, fail_fast: bool = True) -> List[Dict[str, Any]]:
     """Segment every input with an ensemble; masks as ``<stem>_seg.nii.gz`` in each input's geometry.
 
+    Args:
+        model: Ensemble folder or MLflow model URI (``models:/name@alias``, ``runs:/...``).
+        inputs: A volume or picture file, or a folder of them.
+        output: Folder for the masks.
+        tracking_uri: MLflow store that resolves a ``models:/`` or ``runs:/`` URI.
+        device: Torch device for the members (None: CUDA when available).
+        tta: Override the ensemble's mirror TTA setting (None keeps it).
+        progress: tqdm-like factory.
+        force: Segment inputs that look like label maps instead of skipping them.
+        fail_fast: Raise at the first input that fails instead of recording it and going on.
+
     Returns:
-        One row per input: input, output, ``empty``, voxels per structure.
+        `robustseg.engine.predict.PredictionRows`: one row per mask (input, output, ``empty``,
+        voxels per structure), with the skipped and failed inputs.
     """
     from robustseg.engine.predict import segment_files
     from robustseg.model_registry import load_ensemble
@@ -58,7 +72,7 @@ def predict_with_ensemble(model: str, inputs: str, output: str, *, tracking_uri:
     if tta is not None:
         ens.spec.tta = tta
     return segment_files(lambda case: ens.predict_cases([case])[0], ens.spec.task, ens.spec.class_names, inputs,
-                         output, progress=progress)
+                         output, progress=progress, force=force, fail_fast=fail_fast)
 
 
 def ensemble_from_checkpoints(args: argparse.Namespace) -> int:
@@ -83,7 +97,7 @@ def ensemble_from_checkpoints(args: argparse.Namespace) -> int:
     from robustseg import model_registry as reg
     from robustseg.tracking import analysis_run
 
-    uri = _tracking_uri(args)
+    uri = tracking_uri_from_args(args)
     members = {f"member.{m.name}": m.source for m in ens.spec.members}
     with analysis_run(uri, "ensembles", f"{args.name}-from-checkpoints", "ensemble", params=members) as (_, run_id):
         model_uri = reg.log_ensemble(ens, tracking_uri=uri, run_id=run_id)
@@ -110,7 +124,7 @@ def cmd_ensemble(args: argparse.Namespace) -> int:
         backbones=backbones, folds=args.folds, combine=args.combine, weights=_weights(args.weights),
         tta=args.tta, centring=args.centring, locators=locators, select=args.select,
         register=None if args.no_register else args.name, alias=args.alias, tracking=not args.no_tracking,
-        tracking_uri=_tracking_uri(args), device=_device(args.device), max_oof_cases=args.max_oof_cases,
+        tracking_uri=tracking_uri_from_args(args), device=_device(args.device), max_oof_cases=args.max_oof_cases,
         progress=_progress)
     print_ensemble_summary(build)
     return 0
@@ -144,7 +158,7 @@ def cmd_registry(args: argparse.Namespace) -> int:
     from robustseg import model_registry as reg
     from robustseg.cli import print_table
 
-    uri = _tracking_uri(args)
+    uri = tracking_uri_from_args(args)
     if args.action == "list":
         rows = reg.list_versions(args.name, uri)
         print_table(rows)
@@ -210,4 +224,5 @@ def add_parsers(sub: Any) -> None:
     rg.set_defaults(fn=cmd_registry)
 
 
-__all__ = ["add_parsers", "cmd_ensemble", "cmd_registry", "is_ensemble_uri", "predict_with_ensemble"]
+__all__ = ["add_parsers", "cmd_ensemble", "cmd_registry", "is_ensemble_uri", "predict_with_ensemble",
+           "tracking_uri_from_args"]

@@ -194,7 +194,7 @@ def _stop_on_signals() -> None:
 
 
 def predict_endpoint(endpoint: str, inputs: Union[str, Path], out_dir: Union[str, Path],
-                     timeout: float = 300.0) -> int:
+                     timeout: float = 300.0, *, force: bool = False, fail_fast: bool = False) -> int:
     """Run ``robustseg predict --endpoint URL``: segment on a running service.
 
     Args:
@@ -202,9 +202,12 @@ def predict_endpoint(endpoint: str, inputs: Union[str, Path], out_dir: Union[str
         inputs: A NIfTI file or a folder of them.
         out_dir: Where ``<stem>_seg.nii.gz`` masks go.
         timeout: Seconds per request.
+        force: Send inputs that look like label maps too.
+        fail_fast: Stop at the first input the service refuses.
 
     Returns:
-        0, or 3 when a mask is empty (as `robustseg predict` with a checkpoint).
+        As `robustseg predict` with a model: 2 when an input failed (or all were skipped), 3
+        when a mask is empty, else 0.
 
     Raises:
         EndpointError: unreachable service or an error answer (its message quoted).
@@ -213,5 +216,5 @@ def predict_endpoint(endpoint: str, inputs: Union[str, Path], out_dir: Union[str
     from robustseg.cli import report_masks
     from robustseg.serving import post_volumes
 
-    rows = post_volumes(endpoint, inputs, out_dir, timeout=timeout)
+    rows = post_volumes(endpoint, inputs, out_dir, timeout=timeout, force=force, fail_fast=fail_fast)
     return report_masks(rows, f"{len(rows)} masks from {endpoint} written to {out_dir}")

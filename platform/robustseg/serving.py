@@ -280,26 +280,31 @@ def public_model_info(obj: Any, root: Optional[str] = None) -> Any:
 
 # ----------------------------------------------------------------------------- client
 def post_volumes(endpoint: str, inputs: Union[str, Path], out_dir: Union[str, Path],
-                 timeout: float = 300.0) -> List[Dict[str, Any]]:
+                 timeout: float = 300.0, *, force: bool = False, fail_fast: bool = False) -> List[Dict[str, Any]]:
     """Segment volumes on a running service: POST each to ``/v1/segment``, write the masks.
+
+    Behaves as ``robustseg predict`` with a model: label maps are skipped (by name before
+    sending; by values when the service refuses them), and one bad file does not stop the batch.
 
     Args:
         endpoint: Base URL of the service (``http://127.0.0.1:8000``).
         inputs: A ``.nii``/``.nii.gz`` file or a folder of them.
         out_dir: Where ``<stem>_seg.nii.gz`` masks are written.
         timeout: Seconds per request.
+        force: Send label maps too (``?force=true``).
+        fail_fast: Raise at the first input the service refuses (default: record and go on).
 
     Returns:
-        One row per input: ``input``, ``output``, ``empty`` and voxels per structure.
+        A `robustseg.engine.predict.PredictionRows`: one row per mask (``input``, ``output``,
+        ``empty``, voxels per structure) with ``skipped`` and ``failed`` inputs.
 
     Raises:
         DataError: missing inputs or a file that is not NIfTI.
-        EndpointError: the server is unreachable or answered an error (its message quoted).
+        EndpointError: the server is unreachable, or (``fail_fast``) refused an input.
     """
     import httpx
 
-    from robustseg.data.io import split_suffix
-    from robustseg.engine.predict import list_inputs
+    from robustseg.engine.predict import PredictionRows, list_inputs
 
     files = list_inputs(inputs)
     for f in files:
@@ -308,23 +313,42 @@ def post_volumes(endpoint: str, inputs: Union[str, Path], out_dir: Union[str, Pa
     url = endpoint.rstrip("/") + "/v1/segment"
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    rows = []
+    rows = PredictionRows()
     with httpx.Client(timeout=timeout) as client:
         for f in files:
+            reason = None if force else label_map_reason(f.name)
+            if reason:
+                rows.skipped.append({"input": str(f), "reason": reason})
+                continue
             try:
-                resp = client.post(url, files={"file": (f.name, f.read_bytes(), "application/octet-stream")})
+                resp = client.post(url, params={"force": "true"} if force else None,
+                                   files={"file": (f.name, f.read_bytes(), "application/octet-stream")})
             except httpx.HTTPError as e:
                 raise EndpointError(f"{url}: cannot reach the service ({type(e).__name__}: {e}); "
                                     "is `robustseg serve` running there?") from None
             if resp.status_code >= 400:
-                raise EndpointError(f"{url}: HTTP {resp.status_code} for {f}: {_server_message(resp)}")
-            target = out / f"{split_suffix(f.name)[0]}_seg.nii.gz"  # the input's own stem, as `predict`
-            tmp = target.with_name(f".tmp{os.getpid()}_{target.name}")
-            tmp.write_bytes(resp.content)
-            os.replace(tmp, target)  # never half a mask under the real name
-            voxels = json.loads(resp.headers.get("x-robustseg-voxels", "{}"))
-            rows.append({"input": str(f), "output": str(target), "empty": not any(voxels.values()), **voxels})
+                message = _server_message(resp)
+                if resp.status_code == 400 and "label map" in message and not fail_fast:
+                    rows.skipped.append({"input": str(f), "reason": message})
+                    continue
+                if fail_fast:
+                    raise EndpointError(f"{url}: HTTP {resp.status_code} for {f}: {message}")
+                rows.failed.append({"input": str(f), "reason": f"HTTP {resp.status_code}: {message}"})
+                continue
+            rows.append(_write_mask(resp, f, out))
     return rows
+
+
+def _write_mask(resp: Any, source: Path, out: Path) -> Dict[str, Any]:
+    """Write one answered mask atomically under the input's own stem (as `predict`)."""
+    from robustseg.data.io import split_suffix
+
+    target = out / f"{split_suffix(source.name)[0]}_seg.nii.gz"
+    tmp = target.with_name(f".tmp{os.getpid()}_{target.name}")
+    tmp.write_bytes(resp.content)
+    os.replace(tmp, target)  # never half a mask under the real name
+    voxels = json.loads(resp.headers.get("x-robustseg-voxels", "{}"))
+    return {"input": str(source), "output": str(target), "empty": not any(voxels.values()), **voxels}
 
 
 def _server_message(resp: Any) -> str:

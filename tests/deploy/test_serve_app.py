@@ -190,7 +190,27 @@ def test_client_post_volumes(url, volumes, tmp_path, capsys):
         assert r["LV"] == int((arr == 1).sum()) and r["empty"] == (not arr.any())
     (tmp_path / "in" / "zz_nan.nii.gz").write_bytes(nifti_bytes(np.full((4, 8, 8), np.nan, np.float32)))
     with pytest.raises(EndpointError, match=r"HTTP 400 for .*zz_nan.nii.gz: upload 'zz_nan.nii.gz': .*NaN"):
-        post_volumes(url, tmp_path / "in", tmp_path / "out")
+        post_volumes(url, tmp_path / "in", tmp_path / "out", fail_fast=True)
+
+
+def test_client_skips_label_maps_and_keeps_going_past_refused_files(url, volumes, tmp_path, capsys):
+    """`predict --endpoint` behaves as `predict` with a model: skip label maps, list failures, exit 2."""
+    src = tmp_path / "in"
+    src.mkdir()
+    (src / "a_ed.nii.gz").write_bytes(volumes["ed_gz"])
+    (src / "b_ed_gt.nii.gz").write_bytes(b"not even read: skipped by its name")
+    lbl = np.zeros(volumes["es"].shape, np.uint8)
+    lbl[:, 10:20, 10:20] = 3
+    (src / "c_labels_by_value.nii.gz").write_bytes(nifti_bytes(lbl))  # refused by the service, by its values
+    (src / "d_nan.nii.gz").write_bytes(nifti_bytes(np.full((4, 8, 8), np.nan, np.float32)))
+    (src / "e_es.nii.gz").write_bytes(nifti_bytes(volumes["es"]))
+    rows = post_volumes(url, src, tmp_path / "out")
+    assert [Path(r["output"]).name for r in rows] == ["a_ed_seg.nii.gz", "e_es_seg.nii.gz"]
+    assert [Path(s["input"]).name for s in rows.skipped] == ["b_ed_gt.nii.gz", "c_labels_by_value.nii.gz"]
+    assert [Path(f["input"]).name for f in rows.failed] == ["d_nan.nii.gz"] and "NaN" in rows.failed[0]["reason"]
+    assert predict_endpoint(url, src, tmp_path / "cli") == 2
+    out = capsys.readouterr()
+    assert "skipped 2 input(s) that look like label maps" in out.out and "d_nan.nii.gz" in out.err
 
 
 # ---------------------------------------------------------------------------------- bad

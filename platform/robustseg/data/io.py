@@ -4,20 +4,15 @@ Arrays are ``(Z, Y, X)``; geometry is SimpleITK order (spacing and origin ``(x, 
 direction a row-major 3x3 tuple), as in `robustseg.data.cases`. Every failure is a
 `DataError` naming the file: a source never lets a raw ``RuntimeError`` out of ITK.
 
-ITK reads a truncated ``.nii`` or ``.nii.gz`` without complaint (the missing voxels come back
-as zeros or garbage) and silently turns NaN/inf voxels into 0, so NIfTI files are streamed
-once here: size checked against the header, float voxels checked for NaN/inf, gzip CRC
-verified.
+Every gzip or NIfTI file is checked by `robustseg.data.nifti.check_complete` before ITK reads
+it (ITK silently zero-fills truncated data and reads NaN/inf voxels as 0); masks that must
+share a scan's exact NIfTI header are written by `robustseg.data.nifti.write_label_like`.
 """
 from __future__ import annotations
 
 import csv
-import gzip
-import itertools
 import os
 import re
-import struct
-import zlib
 from pathlib import Path
 from typing import Any, Dict, Iterable, List, Mapping, NamedTuple, Optional, Sequence, Tuple, Union
 
@@ -26,6 +21,7 @@ import SimpleITK as sitk
 
 from robustseg.data.cases import IDENTITY_DIRECTION, Case
 from robustseg.data.labels import LabelConvention
+from robustseg.data.nifti import check_complete
 from robustseg.errors import ConfigError, DataError
 
 PathLike = Union[str, "os.PathLike[str]"]
@@ -226,52 +222,6 @@ def write_with_geometry(array: np.ndarray, path: PathLike, geometry: Any, *, com
     if "shape_zyx" in geom and tuple(geom["shape_zyx"]) != shape:
         raise DataError(path, f"array shape {shape} differs from the geometry's {tuple(geom['shape_zyx'])}")
     write_image(array, path, geom["spacing"], geom["origin"], geom["direction"], compress=compress)
-
-
-def write_label_like(array: np.ndarray, path: PathLike, reference: PathLike, geometry: Any) -> None:
-    """Write a uint8 label map that occupies exactly the physical space of ``reference``.
-
-    ITK turns a NIfTI sform into orthonormal direction cosines on reading and writes new
-    sform/qform from them, so a mask written from the read geometry differs from its scan by
-    ~1e-5 and ITK then refuses to combine the two (its default tolerance is 1e-6). When both
-    files are single-file NIfTI-1, the scan's own header (sform, qform, pixdim, units) is
-    copied instead, with only the data type, scaling and dimensions changed, so any reader
-    derives bit-identical geometry for both. Otherwise this is `write_with_geometry`.
-
-    Args:
-        array: ``(Z, Y, X)`` labels in 0..255 on the reference's voxel grid.
-        path: Output file (``.nii``/``.nii.gz`` to use the header copy).
-        reference: The scan the labels belong to.
-        geometry: Its geometry (`Case.geometry()`), used when the header cannot be copied.
-
-    Raises:
-        DataError: labels outside 0..255, a shape that differs from the reference, or the
-            file could not be written.
-    """
-    arr = np.asarray(array)
-    if arr.size and (arr.min() < 0 or arr.max() > 255):
-        raise DataError(path, f"label values {arr.min()}..{arr.max()} do not fit a uint8 label map")
-    nifti = (".nii", ".nii.gz")
-    header = None
-    if str(path).lower().endswith(nifti) and str(reference).lower().endswith(nifti) and arr.ndim == 3:
-        header = _nifti1_label_header(str(reference), arr.shape)
-    if header is None:
-        write_with_geometry(arr.astype(np.uint8), path, geometry)
-        return
-    target = Path(path)
-    tmp = target.with_name(f".tmp{os.getpid()}_{target.name}")
-    payload = header + np.ascontiguousarray(arr, dtype=np.uint8).tobytes()  # C order: x varies fastest
-    try:
-        target.parent.mkdir(parents=True, exist_ok=True)
-        if target.name.lower().endswith(".gz"):
-            with gzip.open(tmp, "wb", compresslevel=6) as fh:
-                fh.write(payload)
-        else:
-            tmp.write_bytes(payload)
-        os.replace(tmp, target)  # atomic: never half a mask under the real name
-    except OSError as exc:
-        tmp.unlink(missing_ok=True)
-        raise DataError(path, f"cannot write label map: {exc.strerror or exc}") from None
 
 
 def count_volumes(path: PathLike) -> int:
@@ -509,7 +459,7 @@ def reject_unknown(source: str, options: Mapping[str, Any], valid: Sequence[str]
 def _info_reader(where: str) -> sitk.ImageFileReader:
     if not os.path.isfile(where):
         raise DataError(where, "file not found")
-    _check_complete(where)
+    check_complete(where)
     reader = sitk.ImageFileReader()
     reader.SetFileName(where)
     try:
@@ -558,100 +508,6 @@ def _geometry3(image: sitk.Image) -> Tuple[Tuple[float, ...], Tuple[float, ...],
         d = direction
         return spacing + (1.0,), origin + (0.0,), (d[0], d[1], 0.0, d[2], d[3], 0.0, 0.0, 0.0, 1.0)
     return spacing, origin, direction
-
-
-class _NiftiLayout(NamedTuple):
-    start: int  # first voxel byte
-    end: int  # one past the last voxel byte
-    dtype: Optional[np.dtype]  # set for float data, whose NaN/inf must be counted
-
-
-def _check_complete(where: str) -> None:
-    """Stream a gzip or NIfTI file once, failing where ITK would read it without error.
-
-    ITK zero-fills truncated NIfTI data, replaces NaN/inf voxels by 0 and ignores gzip CRC
-    errors; each of those would silently change the data, so each is a `DataError` here.
-    """
-    lower = where.lower()
-    is_nifti = lower.endswith((".nii", ".nii.gz"))
-    if not (is_nifti or lower.endswith(".gz")):
-        return
-    opener: Any = gzip.open if lower.endswith(".gz") else open
-    total, bad, carry = 0, 0, b""
-    layout: Optional[_NiftiLayout] = None
-    try:
-        with opener(where, "rb") as fh:
-            head = fh.read(544)
-            layout = _nifti_layout(head) if is_nifti else None
-            for chunk in itertools.chain([head], iter(lambda: fh.read(1 << 20), b"")):
-                if layout is not None and layout.dtype is not None:
-                    lo, hi = max(layout.start - total, 0), min(layout.end - total, len(chunk))
-                    if hi > lo:
-                        carry += chunk[lo:hi]
-                        n = len(carry) - len(carry) % layout.dtype.itemsize
-                        bad += int(np.count_nonzero(~np.isfinite(np.frombuffer(carry[:n], layout.dtype))))
-                        carry = carry[n:]
-                total += len(chunk)
-    except (EOFError, OSError, zlib.error) as exc:
-        kind = "corrupt or truncated gzip data" if lower.endswith(".gz") else "cannot read file"
-        raise DataError(where, f"{kind} ({exc})") from None
-    if layout is not None and total < layout.end:
-        raise DataError(where, f"truncated NIfTI file: {total} bytes of data, the header needs {layout.end}")
-    if bad:
-        raise DataError(where, f"contains {bad} NaN or infinite voxel values (ITK would read them as 0)")
-
-
-def _nifti_layout(head: bytes) -> Optional[_NiftiLayout]:
-    """Where a single-file NIfTI-1/2's voxel data lies, from its header; None if not NIfTI."""
-    for endian in "<>":
-        if len(head) >= 348 and struct.unpack(endian + "i", head[:4])[0] == 348:
-            dims = struct.unpack(endian + "8h", head[40:56])
-            code, bitpix = struct.unpack(endian + "2h", head[70:74])
-            offset = int(struct.unpack(endian + "f", head[108:112])[0])
-            break
-        if len(head) >= 540 and struct.unpack(endian + "i", head[:4])[0] == 540:
-            code, bitpix = struct.unpack(endian + "2h", head[12:16])
-            dims = struct.unpack(endian + "8q", head[16:80])
-            offset = int(struct.unpack(endian + "q", head[168:176])[0])
-            break
-    else:
-        return None
-    if not 1 <= dims[0] <= 7 or bitpix <= 0:
-        return None
-    n_voxels = int(np.prod([max(int(d), 1) for d in dims[1 : dims[0] + 1]], dtype=np.int64))
-    floats = {16: "f4", 64: "f8"}  # NIfTI datatype codes of float32 / float64
-    dtype = np.dtype(endian + floats[code]) if code in floats else None
-    return _NiftiLayout(offset, offset + n_voxels * (bitpix // 8), dtype)
-
-
-def _nifti1_label_header(where: str, shape_zyx: Tuple[int, ...]) -> Optional[bytes]:
-    """The 352 bytes heading a uint8 label map on the grid of the NIfTI-1 file ``where``.
-
-    None when ``where`` is not a single-file NIfTI-1 (NIfTI-2, .hdr/.img pairs) or its grid is
-    not ``shape_zyx``: the caller then falls back to writing from the read geometry.
-    """
-    try:
-        with (gzip.open if where.lower().endswith(".gz") else open)(where, "rb") as fh:
-            head = bytearray(fh.read(348))
-    except (EOFError, OSError, zlib.error):
-        return None
-    endian = next((e for e in "<>" if len(head) == 348 and struct.unpack(e + "i", head[:4])[0] == 348), None)
-    if endian is None or bytes(head[344:348]) != b"n+1\0":
-        return None
-    dims = struct.unpack(endian + "8h", head[40:56])
-    if not 3 <= dims[0] <= 7 or tuple(dims[1:4]) != tuple(shape_zyx[::-1]) or any(d > 1 for d in dims[4:dims[0] + 1]):
-        return None
-    # Field offsets of the NIfTI-1 header (nifti1.h); geometry fields (pixdim 76, qform/sform
-    # 252-328, xyzt_units 123) are left exactly as the scan has them.
-    struct.pack_into(endian + "8h", head, 40, 3, *dims[1:4], 1, 1, 1, 1)
-    struct.pack_into(endian + "3fh", head, 56, 0.0, 0.0, 0.0, 0)  # intent_p1..3, intent_code: none
-    struct.pack_into(endian + "2h", head, 70, 2, 8)  # datatype DT_UINT8, bitpix 8
-    struct.pack_into(endian + "3f", head, 108, 352.0, 1.0, 0.0)  # vox_offset, scl_slope, scl_inter
-    struct.pack_into(endian + "2f", head, 124, 0.0, 0.0)  # cal_max, cal_min: no display window
-    struct.pack_into(endian + "2i", head, 140, 0, 0)  # glmax, glmin (unused)
-    head[148:228] = b"robustseg label map".ljust(80, b"\0")  # descrip
-    head[228:252] = bytes(24)  # aux_file
-    return bytes(head) + bytes(4)  # extension flag 0: no extensions, voxels start at 352
 
 
 def _as_geometry(obj: Any) -> Mapping[str, Any]:
