@@ -14,6 +14,10 @@ from typing import Any, Callable
 
 import pytest
 
+# Float32 on every CPU, so tests that compare two inference paths bit for bit hold on machines
+# with AMX too (where bf16 autocast is the default); tests/engine/test_precision.py covers bf16.
+os.environ.setdefault("ROBUSTSEG_CPU_BF16", "0")
+
 REPO = Path(__file__).resolve().parents[1]
 SHARED_DATA = Path(os.environ.get("ROBUSTSEG_SHARED_DATA", REPO.parent / "shared" / "data"))
 

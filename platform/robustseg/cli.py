@@ -219,7 +219,7 @@ def check_config(cfg: ExperimentConfig, where: str = "") -> None:
         except ConfigError as e:
             problems.append(str(e))
     try:
-        build_augmenter(cfg.augment, dims)
+        build_augmenter(cfg.augment, dims, cfg.data.plan)
     except ConfigError as e:
         problems.append(str(e))
     if len(problems) > 1:
@@ -512,9 +512,10 @@ def build_parser() -> argparse.ArgumentParser:
     pd.add_argument("--output", required=True, metavar="DIR", help="folder for the masks (created if missing)")
     pd.add_argument("--device", choices=("cpu", "cuda"))
     pd.add_argument("--no-tta", action="store_true", help="skip mirror test-time augmentation")
-    pd.add_argument("--full-fov", action="store_true",
-                    help="segment the whole field of view with a sliding window instead of the training crop "
-                         "(for models trained on crops that covered the field of view)")
+    pd.add_argument("--full-fov", action="store_true", default=None,
+                    help="one sliding window over the whole field of view. Default: the checkpoint decides "
+                         "(patch-trained models locate the heart and segment a box around it; crop-trained "
+                         "models crop around the heart, re-centring if the prediction touches the crop's edge)")
     pd.add_argument("--force", action="store_true",
                     help="also segment inputs that look like label maps (named *_gt, *_seg, *_label, *_mask, or "
                          "holding only the values 0-3); by default they are skipped with a notice")

@@ -238,7 +238,7 @@ class OptimConfig:
     iters_per_epoch: int = doc(250, "Iterations per epoch.")
     batch_size: int = doc(24, "Batch size per worker.")
     patience: Optional[int] = doc(None, "Early-stopping patience in epochs (null: off).")
-    amp: str = doc("auto", "auto (bf16 on CUDA), bf16, or off.")
+    amp: str = doc("auto", "auto (bf16 on CUDA and on CPUs with AMX, see robustseg.engine.precision), bf16, or off.")
     compile: bool = doc(False, "torch.compile the model.")
     snapshot_every: int = doc(0, "Also keep the weights of every N-th epoch under snapshots/ (SVCCA analyses); 0: off.")
     seed: int = doc(0, "Training seed.")
@@ -264,6 +264,9 @@ class LossConfig:
     deep_supervision: bool = doc(True, "Use the backbone's deep-supervision heads when it has them.")
     ds_decay: float = doc(0.5, "Weight of head i is ds_decay**i (normalised; the lowest-resolution head gets 0, as in nnU-Net).")
     include_background_dice: bool = doc(False, "Count background in the Dice term.")
+    batch_dice: bool = doc(True, "Soft Dice over the whole batch (nnU-Net's 2D default, MONAI's batch=True) instead of "
+                           "per sample: a structure absent from one patch then costs nothing by itself, so patches "
+                           "without RV or heart do not pull its Dice to 0.")
 
     def __post_init__(self) -> None:
         if self.dice_weight < 0 or self.ce_weight < 0 or self.dice_weight + self.ce_weight == 0:
@@ -296,7 +299,8 @@ class InferenceConfig:
 class AugmentConfig:
     """GPU batch augmentation preset and overrides."""
 
-    preset: str = doc("nnunet", "nnunet, light (thesis) or none.")
+    preset: str = doc("auto", "auto (cardiac for the cmr plan, else nnunet), nnunet, cardiac (nnunet + respiratory "
+                      "motion p 0.3, levels 1-3), light (thesis) or none.")
     params: Dict[str, Any] = doc(text="Per-transform overrides of the preset.", factory=dict)
     mixup: float = doc(0.0, "Mixup probability per batch (0 disables).")
     mixup_alpha: float = doc(0.4, "Beta(alpha, alpha) parameter of the mixup ratio.")

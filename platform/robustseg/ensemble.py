@@ -38,6 +38,7 @@ from robustseg.engine.checkpoint import CheckpointError, load_checkpoint, save_c
 from robustseg.engine.inference import predict_volume
 from robustseg.engine.postprocess import postprocess
 from robustseg.engine.predict import Predictor, check_modality, inference_plan, load_predictor
+from robustseg.engine.precision import inference_amp
 from robustseg.models import size_multiple
 
 SPEC_FILE = "spec.json"
@@ -298,7 +299,7 @@ class Ensemble:
             preps.append((plan, pre.image, record))
         kwargs = dict(spatial_dims=p0.spatial_dims, num_classes=self.num_classes, patch_size=p0.patch_size,
                       overlap=inf.overlap, gaussian=inf.gaussian, tta=self.spec.tta, batch_size=inf.batch_size,
-                      divisible_by=group.divisible_by(), amp=self.device.type == "cuda")
+                      divisible_by=group.divisible_by(), amp=inference_amp(self.device))
         # 2D members see slices independently: stack every volume of the call into one batch.
         stacks: List[List[int]] = []
         if p0.spatial_dims == 2:

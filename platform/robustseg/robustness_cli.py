@@ -74,14 +74,14 @@ def parse_models(args: Sequence[str]) -> Dict[str, str]:
 
 
 def load_segmenter(uri: str, *, device: Any = None, tracking_uri: Optional[str] = None,
-                   full_fov: bool = False) -> Tuple[Any, str]:
+                   full_fov: Optional[bool] = None) -> Tuple[Any, str]:
     """A segmenter (cases -> label maps on their grids) for a checkpoint, ensemble folder or MLflow URI.
 
     Args:
         uri: ``best.pt``, an ensemble folder, or ``models:/`` / ``runs:/`` URI.
         device: Inference device (default CUDA if available).
         tracking_uri: MLflow tracking URI for MLflow URIs.
-        full_fov: Checkpoints only: segment the whole field of view (as ``predict --full-fov``).
+        full_fov: Checkpoints only: as `predict_case` (None: the checkpoint decides; True: ``--full-fov``).
 
     Returns:
         ``(segmenter, task)``.
@@ -324,8 +324,9 @@ def add_parser(sub: Any) -> None:
     p.add_argument("--restart", action="store_true", help="discard the rows of an interrupted run in --out")
     add_run_arguments(p, experiment="robustseg", run_name="robustness-<models>")
     p.add_argument("--device", choices=("cpu", "cuda"))
-    p.add_argument("--full-fov", action="store_true",
-                   help="checkpoints: segment the whole field of view instead of the training crop (as predict)")
+    p.add_argument("--full-fov", action="store_true", default=None,
+                   help="checkpoints: one sliding window over the whole field of view (as predict --full-fov; "
+                        "default: the checkpoint decides, as predict)")
     p.set_defaults(fn=cmd_robustness)
 
 

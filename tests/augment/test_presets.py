@@ -59,12 +59,28 @@ def test_overrides_merge_and_normalise():
     assert resolve_params("nnunet")["rotation"]["p"] == 0.2  # presets are not mutated
 
 
+def test_auto_preset_is_cardiac_for_cardiac_mr_and_nnunet_otherwise():
+    from robustseg.augment.presets import CARDIAC, NNUNET
+
+    assert AugmentConfig().preset == "auto"
+    cardiac = build_augmenter(AugmentConfig(), 2, "cmr")
+    assert cardiac.preset == "cardiac" and cardiac.params["motion"] == {"p": 0.3, "levels": [1, 2, 3],
+                                                                        "phase_axis": "random"}
+    assert {k: v for k, v in CARDIAC.items() if k != "motion"} == {k: v for k, v in NNUNET.items() if k != "motion"}
+    for plan in ("ct", "slices2d", None):
+        aug = build_augmenter(AugmentConfig(), 2, plan)
+        assert aug.preset == "nnunet" and aug.params["motion"]["p"] == 0.0
+    # An explicit preset is kept whatever the plan; overrides apply on top of auto's choice.
+    assert build_augmenter(AugmentConfig(preset="nnunet"), 2, "cmr").params["motion"]["p"] == 0.0
+    assert build_augmenter(AugmentConfig(params={"motion": {"p": 0.5}}), 2, "cmr").params["motion"]["p"] == 0.5
+
+
 def test_unknown_transform_or_key_lists_valid_ones():
     with pytest.raises(ConfigError, match=r"unknown transform 'rotate'.*'rotation'.*'mirror'"):
         resolve_params("nnunet", {"rotate": {"p": 1}})
     with pytest.raises(ConfigError, match=r"rotation: unknown key\(s\) \['angle'\]; valid keys: \['p', 'degrees'"):
         resolve_params("nnunet", {"rotation": {"angle": 3}})
-    with pytest.raises(ConfigError, match=r"unknown preset 'heavy'.*'light'"):
+    with pytest.raises(ConfigError, match=r"unknown preset 'heavy'.*'light'.*'auto'"):
         build_augmenter(AugmentConfig(preset="heavy"), 2)
 
 

@@ -27,6 +27,22 @@ def test_perfect_prediction_has_low_loss_and_wrong_high():
     assert set(parts) == {"ce", "dice_loss"} and parts["ce"].requires_grad is False
 
 
+def test_batch_dice_ignores_a_structure_missing_from_one_sample():
+    # Sample 0 holds class 1, sample 1 does not; the model puts a little class-1 mass on sample 1.
+    target = torch.zeros(2, 1, 8, 8, dtype=torch.long)
+    target[0, :, 2:6, 2:6] = 1
+    logits = to_soft(target, 2) * 20 - 10
+    logits[1, 1] = -2.0  # ~2 % class 1 everywhere on the empty sample
+    per_sample = DiceCELoss(LossConfig(batch_dice=False, ce_weight=0), 2)(logits, target)[1]["dice_loss"]
+    batch = DiceCELoss(LossConfig(ce_weight=0), 2)(logits, target)[1]["dice_loss"]
+    assert LossConfig().batch_dice  # the default, as nnU-Net 2D and MONAI's batch=True
+    assert float(per_sample) > 0.45  # the empty sample's Dice is ~0 and weighs half
+    assert float(batch) < 0.1  # over the batch the stray mass is a small false positive
+    p1 = torch.softmax(logits, 1)[:, 1]
+    expected = 1 - 2 * float((p1 * (target[:, 0] == 1)).sum()) / (float(p1.sum()) + 16)
+    assert float(batch) == pytest.approx(expected, abs=1e-4)
+
+
 def test_soft_targets_equal_hard_for_one_hot():
     target = torch.randint(0, 4, (2, 1, 6, 6))
     logits = torch.randn(2, 4, 6, 6)

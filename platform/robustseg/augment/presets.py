@@ -13,9 +13,11 @@ Presets:
   random gamma (scanner differences) and Gaussian noise. No flips: a patient lies on the
   table face up, so a flipped or strongly rotated lung is an image the network never meets.
 * ``none``: identity (every probability 0); overrides can still switch single transforms on.
+* ``cardiac``: ``nnunet`` plus respiratory motion on 30 % of the samples (levels 1-3).
+* ``auto`` (the default): ``cardiac`` for the cardiac MR plan (``cmr``), else ``nnunet``.
 
 ``motion`` (k-space respiratory motion, `robustseg.augment.motion`) is not an nnU-Net
-transform and is off in every preset; CMRxMotion-style training switches it on with e.g.
+transform and is off in every preset but ``cardiac``; other presets switch it on with e.g.
 ``{"motion": {"p": 0.3, "levels": [1, 2, 3]}}``. It runs first: the artefact happens at
 acquisition, before the pose and intensity variation the other transforms stand for.
 
@@ -87,7 +89,22 @@ LIGHT["elastic"].update(p=0.3, max_displacement=[0.0, 3.0])  # "small elastic": 
 LIGHT["gamma"].update(p=0.3)  # "random gamma correction" (nnU-Net's range)
 LIGHT["noise"].update(p=0.2)  # "random gaussian noise", std U(0, 0.1)
 
-PRESETS: Dict[str, Params] = {"nnunet": NNUNET, "light": LIGHT, "none": _OFF}
+# nnU-Net plus the CMRxMotion paper's respiratory-motion augmentation: a third of the samples
+# get k-space motion at level 1-3 (mild to severe). Cheap (~5 ms per 16 x 128 x 128 batch on one
+# CPU core) and the reason a cardiac model keeps its Dice under breathing motion.
+CARDIAC: Params = copy.deepcopy(NNUNET)
+CARDIAC["motion"].update(p=0.3)
+
+PRESETS: Dict[str, Params] = {"nnunet": NNUNET, "cardiac": CARDIAC, "light": LIGHT, "none": _OFF}
+#: ``augment.preset: auto`` (the default) picks by preprocessing plan: cardiac MR gets motion.
+AUTO_PRESET_BY_PLAN: Dict[str, str] = {"cmr": "cardiac"}
+
+
+def resolve_preset(preset: str, plan: Optional[str] = None) -> str:
+    """The preset ``auto`` stands for under ``plan`` (``cardiac`` for cmr, else ``nnunet``); others unchanged."""
+    if preset != "auto":
+        return preset
+    return AUTO_PRESET_BY_PLAN.get(plan or "", "nnunet")
 
 
 # --------------------------------------------------------------------------- validation
@@ -200,8 +217,9 @@ def resolve_params(preset: str, overrides: Optional[Mapping[str, Any]] = None) -
         ConfigError: unknown preset, transform name or key (listing the valid ones), or a
             value of the wrong type or out of range.
     """
+    preset = resolve_preset(preset)
     if preset not in PRESETS:
-        raise ConfigError(f"augment.preset: unknown preset {preset!r}; valid: {sorted(PRESETS)}")
+        raise ConfigError(f"augment.preset: unknown preset {preset!r}; valid: {sorted(PRESETS) + ['auto']}")
     merged = copy.deepcopy(PRESETS[preset])
     for name, keys in (overrides or {}).items():
         if name not in _CHECKS:
@@ -292,12 +310,13 @@ class Augmenter:
                 "mixup_alpha": self.mixup_alpha, "transforms": copy.deepcopy(self.params)}
 
 
-def build_augmenter(cfg: AugmentConfig, spatial_dims: int) -> Augmenter:
+def build_augmenter(cfg: AugmentConfig, spatial_dims: int, plan: Optional[str] = None) -> Augmenter:
     """Resolve ``cfg`` into an `Augmenter` for 2D or 3D batches.
 
     Args:
         cfg: The ``augment`` section of the experiment config.
         spatial_dims: 2 for ``(B, C, H, W)`` batches, 3 for ``(B, C, D, H, W)`` (D = slices).
+        plan: The data's preprocessing plan (``data.plan``): what preset ``auto`` means.
 
     Raises:
         ConfigError: unknown preset/transform/key, bad values, mirror axes beyond
@@ -305,7 +324,8 @@ def build_augmenter(cfg: AugmentConfig, spatial_dims: int) -> Augmenter:
     """
     if spatial_dims not in (2, 3):
         raise ConfigError(f"augment: spatial_dims must be 2 or 3, got {spatial_dims!r}")
-    params = resolve_params(cfg.preset, cfg.params)
+    preset = resolve_preset(cfg.preset, plan)
+    params = resolve_params(preset, cfg.params)
     axes = params["mirror"]["axes"]
     if axes is None:
         params["mirror"]["axes"] = list(range(spatial_dims))
@@ -316,5 +336,5 @@ def build_augmenter(cfg: AugmentConfig, spatial_dims: int) -> Augmenter:
     mixup_alpha = _number("augment.mixup_alpha", cfg.mixup_alpha)
     if mixup_alpha < 0 or (mixup_p > 0 and mixup_alpha == 0):
         raise ConfigError(f"augment.mixup_alpha must be > 0 when mixup is on, got {cfg.mixup_alpha!r}")
-    return Augmenter(preset=cfg.preset, spatial_dims=spatial_dims, params=params, mixup_p=mixup_p,
+    return Augmenter(preset=preset, spatial_dims=spatial_dims, params=params, mixup_p=mixup_p,
                      mixup_alpha=mixup_alpha)

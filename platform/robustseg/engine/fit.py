@@ -18,6 +18,7 @@ from typing import Any, Callable, Dict, Iterator, List, Mapping, Optional, Seque
 import torch
 
 from robustseg.augment import build_augmenter
+from robustseg.engine.precision import autocast_dtype
 from robustseg.config import ExperimentConfig, from_dict
 from robustseg.engine.checkpoint import (CheckpointError, load_checkpoint, load_model_state, restore_rng,
                                          rng_state, save_checkpoint, unwrap)
@@ -49,10 +50,8 @@ class FitResult:
 
 
 def amp_dtype(cfg: ExperimentConfig, device: torch.device) -> Optional[torch.dtype]:
-    """bf16 on CUDA for ``auto``; forced bf16 anywhere for ``bf16``; None for ``off``."""
-    if cfg.optim.amp == "off" or (cfg.optim.amp == "auto" and device.type != "cuda"):
-        return None
-    return torch.bfloat16
+    """``optim.amp`` on ``device`` (`robustseg.engine.precision.autocast_dtype`): bf16 or None."""
+    return autocast_dtype(cfg.optim.amp, device)
 
 
 def _agree(stop: bool, device: torch.device) -> bool:
@@ -152,7 +151,7 @@ def fit(cfg: ExperimentConfig, train_batches: Iterator[Dict[str, torch.Tensor]],
     amp = amp_dtype(cfg, device)
     run_model = torch.compile(model) if cfg.optim.compile else model
     ctx = StepContext(model=run_model, optimizer=optimizer, loss_fn=DiceCELoss(cfg.loss, cfg.model.num_classes),
-                      augmenter=build_augmenter(cfg.augment, dims), generator=generator, device=device,
+                      augmenter=build_augmenter(cfg.augment, dims, cfg.data.plan), generator=generator, device=device,
                       amp_dtype=amp, num_classes=cfg.model.num_classes, mixup_p=cfg.augment.mixup,
                       mixup_alpha=cfg.augment.mixup_alpha, unlabelled=unlabelled)
     regime.setup(ctx, regime_params)

@@ -16,7 +16,8 @@ weight 0 is not run. With one window per image (whole slices) the Gaussian weigh
 normaliser cancel and are skipped.
 
 Everything runs on the device of the input tensor under ``torch.inference_mode()``; bf16
-autocast is used only on CUDA and only when asked (``amp=True``). The returned probabilities
+autocast only when asked (``amp=True``: callers ask on CUDA and on CPUs with native bf16,
+`robustseg.engine.precision.inference_amp`). The returned probabilities
 are float32 ``(C, Z, Y, X)`` in the input's grid; plans invert them to the original geometry
 with ``plan.invert_probabilities``.
 """
@@ -102,7 +103,7 @@ def _flip_combos(spatial_dims: int, tta: bool) -> List[Tuple[int, ...]]:
 
 def _forward_probs(model: nn.Module, x: Tensor, num_classes: int, amp: bool) -> Tensor:
     """Softmax of one forward pass, float32; takes the full-resolution head of list outputs."""
-    with torch.autocast(device_type=x.device.type, dtype=torch.bfloat16, enabled=amp and x.device.type == "cuda"):
+    with torch.autocast(device_type=x.device.type, dtype=torch.bfloat16, enabled=amp):
         out = model(x)
     if isinstance(out, (list, tuple)):
         out = out[0]  # deep supervision: element 0 is the full-resolution output
@@ -307,7 +308,7 @@ def sliding_window_2d(
             copies go in the same pass whenever they fit.
         divisible_by: Pad slices (with the image minimum) and round windows up to a multiple
             of this, for networks that downsample; the result is cropped back.
-        amp: bf16 autocast on CUDA (ignored on the CPU).
+        amp: bf16 autocast (callers decide where it pays: `robustseg.engine.precision`).
         tta: Mirror each window along x, y and both, averaging the probabilities.
         weights: Per-model weights of an ensemble (normalised to sum 1); None: plain mean.
 
@@ -345,7 +346,7 @@ def sliding_window_3d(
         gaussian: Gaussian importance weighting instead of uniform.
         batch_size: Most windows (TTA copies included) per forward pass.
         divisible_by: Pad and round windows up to a multiple of this on every axis.
-        amp: bf16 autocast on CUDA.
+        amp: bf16 autocast (see `robustseg.engine.precision`).
         tta: Mirror each window along all 3 axes (8 combinations).
         weights: Per-model weights of an ensemble (normalised to sum 1); None: plain mean.
 
@@ -386,7 +387,7 @@ def predict_volume(
         tta: Mirror TTA over the in-plane axes (4 copies) and, for 3D, the slice axis (8).
         batch_size: Most windows (TTA copies included) per forward pass.
         divisible_by: Size multiple the network needs (e.g. 2 ** number of poolings).
-        amp: bf16 autocast on CUDA.
+        amp: bf16 autocast (see `robustseg.engine.precision`).
         weights: Per-model weights when ``model`` is a list (normalised); None: plain mean.
 
     Returns:
@@ -400,6 +401,93 @@ def predict_volume(
         raise ValueError(f"spatial_dims must be 2 or 3, got {spatial_dims}")
     return fn(model, image_zyx, num_classes, patch_size=patch_size, overlap=overlap, gaussian=gaussian,
               batch_size=batch_size, divisible_by=divisible_by, amp=amp, tta=tta, weights=weights)
+
+
+def heart_box(labels_zyx: Tensor, patch_yx: Sequence[int], margin: int,
+              keep_fraction: float = 0.1) -> Optional[Tuple[slice, slice]]:
+    """In-plane box around the foreground of a coarse label map.
+
+    The box covers every 3D foreground component (26-connectivity) holding at least
+    ``keep_fraction`` of the largest one's voxels, on every slice, plus ``margin`` voxels:
+    a coarse pass may find a false blob as large as the heart, and the box must not drop the
+    heart for it (the final post-processing decides between them, as over the whole field).
+    It is at least the window size (so a window sees real image, not padding) and stays
+    inside the image. None when nothing was found.
+
+    Args:
+        labels_zyx: Coarse labels ``(Z, Y, X)`` (any integer dtype; > 0 is foreground).
+        patch_yx: Window size ``(Y, X)``.
+        margin: Voxels added on each side.
+        keep_fraction: Components smaller than this share of the largest are speckle: ignored.
+    """
+    from scipy import ndimage
+
+    fg = labels_zyx.cpu().numpy() > 0
+    if not fg.any():
+        return None
+    comp, n = ndimage.label(fg, structure=np.ones((3, 3, 3), dtype=bool))
+    if n > 1:
+        sizes = np.bincount(comp.ravel())
+        sizes[0] = 0
+        fg = np.isin(comp, np.flatnonzero(sizes >= keep_fraction * sizes.max()))
+    box = []
+    for axis, (size, patch) in enumerate(zip(fg.shape[1:], patch_yx)):
+        hit = np.flatnonzero(fg.any(axis=(0, 2 - axis)))
+        lo, hi = int(hit[0]) - margin, int(hit[-1]) + 1 + margin
+        if hi - lo < patch:  # grow to one window, centred on the structure
+            extra = patch - (hi - lo)
+            lo, hi = lo - extra // 2, hi + extra - extra // 2
+        shift = max(0, -lo) - max(0, hi - size)  # slide back inside the image
+        lo, hi = max(0, lo + shift), min(size, hi + shift)
+        box.append(slice(lo, hi))
+    return box[0], box[1]
+
+
+def locate_then_segment(
+    model: ModelOrModels,
+    image_zyx: Union[Tensor, np.ndarray],
+    *,
+    num_classes: int,
+    patch_size: Sequence[int],
+    overlap: float = 0.5,
+    gaussian: bool = True,
+    tta: bool = True,
+    batch_size: int = 32,
+    divisible_by: Union[int, Sequence[int]] = 1,
+    amp: bool = False,
+    weights: Optional[Sequence[float]] = None,
+    margin: int = 16,
+) -> Tuple[Tensor, Optional[Tuple[slice, slice]]]:
+    """Two-stage 2D prediction with a patch-trained model as its own locator.
+
+    Stage 1 tiles the whole field with non-overlapping windows, without TTA (a quarter or
+    less of the full sliding-window cost); the box around its foreground components
+    (`heart_box`) is the only place stage 2 runs the full sliding window with TTA;
+    outside it the probabilities are background. Nothing is cut: the box
+    holds all of stage 1's structure plus ``margin``, and when stage 1 finds nothing, stage
+    2 covers the whole field.
+
+    Args:
+        model, image_zyx, num_classes, patch_size, overlap, gaussian, tta, batch_size,
+        divisible_by, amp, weights: As in `sliding_window_2d` (``patch_size`` is required).
+        margin: Voxels of context kept around the located structure.
+
+    Returns:
+        ``(probabilities (C, Z, Y, X) float32, box or None)``; None: stage 1 found nothing
+        and the whole field was segmented.
+    """
+    img = _check_volume(image_zyx)
+    common = dict(patch_size=patch_size, gaussian=gaussian, batch_size=batch_size, divisible_by=divisible_by,
+                  amp=amp, weights=weights)
+    coarse = sliding_window_2d(model, img, num_classes, overlap=0.0, tta=False, **common)
+    box = heart_box(coarse.argmax(0), patch_size, margin)
+    if box is None:
+        return sliding_window_2d(model, img, num_classes, overlap=overlap, tta=tta, **common), None
+    fine = sliding_window_2d(model, img[:, box[0], box[1]], num_classes, overlap=overlap, tta=tta, **common)
+    out = torch.zeros((num_classes,) + tuple(img.shape), dtype=torch.float32, device=img.device)
+    out[0] = 1.0
+    out[:, :, box[0], box[1]] = fine
+    return out, box
 
 
 def predict_ensemble(models: Sequence[nn.Module], image_zyx: Union[Tensor, np.ndarray], **kwargs) -> Tensor:

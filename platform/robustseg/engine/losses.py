@@ -66,12 +66,13 @@ class DiceCELoss:
             ce = F.cross_entropy(logits, target[:, 0].long())
             onehot = to_soft(target, self.num_classes)
         probs = torch.softmax(logits, dim=1)
-        dims = tuple(range(2, logits.ndim))
+        # Batch Dice sums over the batch too: (K,); per-sample Dice: (B, K).
+        dims = ((0,) if self.cfg.batch_dice else ()) + tuple(range(2, logits.ndim))
         inter = (probs * onehot).sum(dims)
         denom = probs.sum(dims) + onehot.sum(dims)
-        dice = (2 * inter + 1e-5) / (denom + 1e-5)  # (B, K); smooth keeps empty classes at ~1
+        dice = (2 * inter + 1e-5) / (denom + 1e-5)  # smooth keeps empty classes at ~1
         if not self.cfg.include_background_dice:
-            dice = dice[:, 1:]
+            dice = dice[..., 1:]
         dice_loss = 1 - dice.mean()
         total = self.cfg.ce_weight * ce + self.cfg.dice_weight * dice_loss
         return total, {"ce": ce.detach(), "dice_loss": dice_loss.detach()}

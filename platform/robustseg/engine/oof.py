@@ -23,6 +23,7 @@ from robustseg.engine.data import load_slice_set
 from robustseg.engine.inference import predict_volume
 from robustseg.engine.metrics import aggregate, evaluate_case
 from robustseg.engine.predict import Predictor
+from robustseg.engine.precision import inference_amp
 from robustseg.models import size_multiple
 
 ENSEMBLE_PREFIX = "ensemble"
@@ -50,7 +51,7 @@ def _probs(pred: Predictor, image: torch.Tensor, tta: bool) -> torch.Tensor:
     return predict_volume(pred.model, image, spatial_dims=pred.spatial_dims, num_classes=pred.cfg.model.num_classes,
                           patch_size=pred.patch_size, overlap=inf.overlap, gaussian=inf.gaussian, tta=tta,
                           batch_size=inf.batch_size, divisible_by=size_multiple(pred.model),
-                          amp=pred.device.type == "cuda")
+                          amp=inference_amp(pred.device))
 
 
 def oof_evaluate(models: Mapping[str, Mapping[int, Predictor]], store: ObjectStore, manifest: Manifest, *,

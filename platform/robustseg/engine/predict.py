@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Union
@@ -21,8 +22,9 @@ from robustseg.data.io import PICTURE_SUFFIXES, picture_case, read_image, read_p
 from robustseg.data.nifti import write_label_like
 from robustseg.data.preprocess import Plan, plan_from_dict
 from robustseg.engine.checkpoint import CheckpointError, load_checkpoint, load_model_state
-from robustseg.engine.inference import predict_volume
+from robustseg.engine.inference import locate_then_segment, predict_volume
 from robustseg.engine.postprocess import postprocess
+from robustseg.engine.precision import inference_amp
 from robustseg.errors import DataError, RobustsegError
 from robustseg.models import build_model, size_multiple, spatial_dims
 
@@ -42,6 +44,25 @@ class Predictor:
     spatial_dims: int
     device: torch.device
     source: str
+    trained_on: str = "crop"
+
+    @property
+    def patch_trained(self) -> bool:
+        """Trained on windows smaller than the plan's field (`training_field`): predict slides over the whole field."""
+        return self.trained_on == "patches"
+
+
+def training_field(plan: Plan, patch: Sequence[int], dims: int) -> str:
+    """How a 2D model saw its data: ``patches`` smaller than the plan's crop, or the whole ``crop``.
+
+    Patch-trained models saw the whole preprocessed field (periphery included), so they can
+    slide over any field of view and locate the structure themselves; crop-trained models
+    (e.g. 128 x 128 heart crops) only ever saw the crop and need it centred on the heart.
+    """
+    crop = getattr(plan.params, "crop_size", None)
+    if dims != 2 or not crop:
+        return "crop"
+    return "patches" if any(int(p) < int(c) for p, c in zip(patch, crop)) else "crop"
 
 
 def load_predictor(checkpoint: Union[str, Path], device: Optional[torch.device] = None,
@@ -73,8 +94,9 @@ def load_predictor(checkpoint: Union[str, Path], device: Optional[torch.device] 
     load_model_state(model, ckpt["model"], where)
     model.to(device).eval()
     names = {int(k): v for k, v in ckpt.get("class_names", {}).items()}
-    return Predictor(model, cfg, plan_from_dict(stored_plan), ckpt.get("task", "cardiac"), names, patch,
-                     spatial_dims(cfg.model.name), device, where)
+    plan_obj, dims = plan_from_dict(stored_plan), spatial_dims(cfg.model.name)
+    return Predictor(model, cfg, plan_obj, ckpt.get("task", "cardiac"), names, patch, dims, device, where,
+                     training_field(plan_obj, patch, dims))
 
 
 def is_picture(path: Path) -> bool:
@@ -138,53 +160,119 @@ def check_modality(case: Case, plan: Plan) -> None:
 def inference_plan(plan: Plan, case: Case) -> Plan:
     """The plan without its crop: pad only, so the whole field of view is segmented.
 
-    Right for models whose training crops covered the field of view (the ACDC reference at
-    256 x 256): the training-size window slides over the whole resampled image, as in
-    nnU-Net. A model trained on small heart-centred crops has never seen the periphery and
-    must be used with the crop instead (the default), centred by ``centre_yx``.
+    Right for models whose training windows were smaller than the field they were cut from
+    (`training_field` ``patches``): the training-size window slides over the whole resampled
+    image, as in nnU-Net. The crop is exactly the resampled field (padded to the plan's
+    size when smaller); 2 voxels of slack are added only when resampling may round the
+    centre, because every extra voxel past a multiple of the network's stride costs a row
+    of windows.
     """
+    from robustseg.data.preprocess._common import choose_grid
+
     params = dataclasses.asdict(plan.params)
     if "crop_size" not in params:
         return plan
-    _, h, w = case.image.shape
-    target = params.get("target_spacing")
-    scale_y = scale_x = 1.0
-    if target and case.spacing_known:
-        scale_x, scale_y = case.spacing[0] / target[0], case.spacing[1] / target[1]
-    need = (int(np.ceil(h * scale_y)) + 2, int(np.ceil(w * scale_x)) + 2)
+    grid = choose_grid(case, params.get("target_spacing"))
+    slack = 2 if grid.applied else 0
+    need = [int(n) + slack for n in grid.out_shape_yx]
     params["crop_size"] = [max(int(c), n) for c, n in zip(params["crop_size"], need)]
     return plan_from_dict({"name": plan.name, "version": plan.version, "params": params})
 
 
+def touches_border(label_zyx: np.ndarray, record: Dict[str, Any]) -> bool:
+    """Whether preprocessed-space foreground reaches an edge of the crop that lies inside the
+    resampled image (edges in the padding cut nothing): the crop may have cut the structure."""
+    fg = label_zyx > 0
+    if not fg.any():
+        return False
+    sy, sx = record["crop"]["start_yx"]
+    hy, hx = record["crop"]["size_yx"]
+    ry, rx = record["resampled"]["shape_zyx"][1:]
+    edges = []
+    if sy > 0:
+        edges.append(fg[:, 0, :])
+    if sy + hy < ry:
+        edges.append(fg[:, -1, :])
+    if sx > 0:
+        edges.append(fg[:, :, 0])
+    if sx + hx < rx:
+        edges.append(fg[:, :, -1])
+    return any(bool(e.any()) for e in edges)
+
+
+def _centroid_yx(label_zyx: np.ndarray) -> Optional[Tuple[float, float]]:
+    idx = np.nonzero(label_zyx > 0)
+    return None if not idx[0].size else (float(idx[1].mean()), float(idx[2].mean()))
+
+
 def predict_case(pred: Predictor, case: Case, *, tta: Optional[bool] = None, post: Optional[bool] = None,
-                 centre_yx: Optional[Sequence[float]] = None, full_fov: bool = False) -> np.ndarray:
+                 centre_yx: Optional[Sequence[float]] = None, full_fov: Optional[bool] = None) -> np.ndarray:
     """Label map of ``case`` on its original grid (uint8, canonical labels).
+
+    The checkpoint says how the model was trained (`Predictor.trained_on`), and the field
+    is chosen from it, so the heart is never cut without a flag:
+
+    - ``patches`` (windows smaller than the training field): the whole field of view is
+      preprocessed; the model locates the structure with one cheap tiling pass and segments
+      a box around it with the full sliding window and TTA (`locate_then_segment`).
+    - ``crop`` (trained on the whole crop, e.g. heart-centred crops): the crop is centred on
+      ``centre_yx`` (default: the image centre); if the predicted foreground touches the
+      crop's edge, it is re-centred on that foreground once, and if it still touches, the
+      whole field is segmented instead. Each step warns.
 
     Args:
         pred: The restored model and plan.
         case: Input case (original geometry).
         tta: Mirror TTA (default: the model's inference config).
         post: Post-processing (default: the model's inference config).
-        centre_yx: Crop centre in original voxels (e.g. a first-stage prediction's heart
-            centre); default: the image centre, since an input has no label.
-        full_fov: Segment the whole field of view (`inference_plan`) instead of the training
-            crop: only for models trained on crops that covered the field of view.
+        centre_yx: Crop centre in original voxels (crop-trained models).
+        full_fov: True: one sliding window over the whole field of view (no locating pass);
+            False: the training crop at ``centre_yx`` as it is; None (default): chosen as above.
     """
     check_modality(case, pred.plan)
-    inf = pred.cfg.inference
-    plan = inference_plan(pred.plan, case) if full_fov else pred.plan
-    pre, record = plan.preprocess(case, centre_yx=centre_yx)
-    image = torch.from_numpy(pre.image).to(pred.device)
-    probs = predict_volume(pred.model, image, spatial_dims=pred.spatial_dims, num_classes=pred.cfg.model.num_classes,
-                           patch_size=pred.patch_size, overlap=inf.overlap, gaussian=inf.gaussian,
-                           tta=inf.tta if tta is None else tta, batch_size=inf.batch_size,
-                           divisible_by=size_multiple(pred.model),
-                           amp=pred.device.type == "cuda")
-    back = plan.invert_probabilities(probs.float().cpu().numpy(), record)
-    label = back.argmax(0).astype(np.uint8)
-    if inf.postprocess if post is None else post:
+    if full_fov is None and pred.patch_trained and pred.spatial_dims == 2:
+        label, _ = _predict_field(pred, case, inference_plan(pred.plan, case), centre_yx, tta, locate=True)
+    elif full_fov:
+        label, _ = _predict_field(pred, case, inference_plan(pred.plan, case), centre_yx, tta)
+    else:
+        label, record = _predict_field(pred, case, pred.plan, centre_yx, tta)
+        if full_fov is None and "crop" in record and record["touches_border"]:
+            where = case.source_path or case.case_id
+            centre = _centroid_yx(label)
+            warnings.warn(f"{where}: the prediction touches the edge of the {record['crop']['size_yx']} crop; "
+                          f"re-centring on the predicted structure at {tuple(round(c) for c in centre)}",
+                          RuntimeWarning, stacklevel=2)
+            label, record = _predict_field(pred, case, pred.plan, centre, tta)
+            if record["touches_border"]:
+                warnings.warn(f"{where}: still touching the crop's edge; segmenting the whole field of view "
+                              "(this model was trained on crops and may be less accurate there)",
+                              RuntimeWarning, stacklevel=2)
+                label, _ = _predict_field(pred, case, inference_plan(pred.plan, case), None, tta)
+    if pred.cfg.inference.postprocess if post is None else post:
         label = postprocess(label, pred.task)
     return label
+
+
+def _predict_field(pred: Predictor, case: Case, plan: Plan, centre_yx: Optional[Sequence[float]],
+                   tta: Optional[bool], locate: bool = False) -> Tuple[np.ndarray, Dict[str, Any]]:
+    """Preprocess with ``plan``, predict (two-stage when ``locate``), argmax on the original grid.
+
+    The record gains ``touches_border``: the preprocessed-space prediction reaches an edge
+    of the crop that lies inside the image (`touches_border`).
+    """
+    inf = pred.cfg.inference
+    pre, record = plan.preprocess(case, centre_yx=centre_yx)
+    image = torch.from_numpy(pre.image).to(pred.device)
+    kw = dict(num_classes=pred.cfg.model.num_classes, patch_size=pred.patch_size, overlap=inf.overlap,
+              gaussian=inf.gaussian, tta=inf.tta if tta is None else tta, batch_size=inf.batch_size,
+              divisible_by=size_multiple(pred.model), amp=inference_amp(pred.device))
+    if locate:
+        probs, _ = locate_then_segment(pred.model, image, **kw)
+    else:
+        probs = predict_volume(pred.model, image, spatial_dims=pred.spatial_dims, **kw)
+    record["touches_border"] = "crop" in record and touches_border(probs.argmax(0).cpu().numpy(), record)
+    back = plan.invert_probabilities(probs.float().cpu().numpy(), record)
+    return back.argmax(0).astype(np.uint8), record
 
 
 def list_inputs(path: Union[str, Path]) -> List[Path]:
@@ -257,7 +345,7 @@ def check_output_dir(path: Union[str, Path]) -> Path:
 
 def predict_files(checkpoint: Union[str, Path], inputs: Union[str, Path], output_dir: Union[str, Path], *,
                   device: Optional[torch.device] = None, tta: Optional[bool] = None,
-                  progress: Optional[Any] = None, full_fov: bool = False, force: bool = False,
+                  progress: Optional[Any] = None, full_fov: Optional[bool] = None, force: bool = False,
                   fail_fast: bool = True) -> PredictionRows:
     """Predict every input and write ``<stem>_seg.nii.gz`` masks in the input geometry.
 

@@ -40,6 +40,7 @@ import torch.nn.functional as F
 from robustseg.analysis.outputs import jsonable, pyplot, save_figure
 from robustseg.config import doc
 from robustseg.errors import ConfigError, DataError
+from robustseg.engine.precision import inference_amp
 
 #: Keys every pseudo-label file holds (`load_pseudo_labels` checks them).
 REQUIRED_KEYS = ("images", "soft", "similarity", "source", "meta")
@@ -382,7 +383,7 @@ def _predicted_foreground(pred: Any, image_zyx: torch.Tensor, tta: bool) -> torc
         probs = predict_volume(pred.model, image_zyx.float(), spatial_dims=pred.spatial_dims,
                                num_classes=pred.cfg.model.num_classes, patch_size=pred.patch_size,
                                overlap=inf.overlap, gaussian=inf.gaussian, tta=tta, batch_size=inf.batch_size,
-                               divisible_by=size_multiple(pred.model), amp=pred.device.type == "cuda")
+                               divisible_by=size_multiple(pred.model), amp=inference_amp(pred.device))
     return probs.argmax(0) > 0
 
 

@@ -43,7 +43,7 @@ def validate(model: torch.nn.Module, cases: Sequence[Mapping[str, Any]], *, spat
         patch_size: Inference window.
         cfg: Overlap, Gaussian weighting and batch size.
         divisible_by: The backbone's size multiple.
-        amp: bf16 autocast on CUDA.
+        amp: bf16 autocast (as training: `robustseg.engine.precision`).
         tta: Mirror TTA (off during training for speed; on for final evaluation).
         collect: When given, one dict per case is appended: ``row`` (case id, motion level,
             dataset, phase, Dice per structure) and ``pred`` (uint8 labels, Z x H x W).
