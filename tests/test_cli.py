@@ -119,7 +119,7 @@ BAD_CONFIGS = {
               "unknown key(s) ['filterz_base'] in model.params (unet2d); valid keys: ['filters_base'"),
     "regime": ("regime: {name: supervisedd}",
                "regime.name: unknown regime 'supervisedd'; valid: advchain, genesis, mean_teacher, supervised"),
-    "augment": ("augment: {preset: nnunett}", "augment.preset: unknown preset 'nnunett'; valid: ['light', 'nnunet', 'none']"),
+    "augment": ("augment: {preset: nnunett}", "augment.preset: unknown preset 'nnunett'; valid: auto, cardiac, light, nnunet, none"),
 }
 
 

@@ -219,7 +219,7 @@ def resolve_params(preset: str, overrides: Optional[Mapping[str, Any]] = None) -
     """
     preset = resolve_preset(preset)
     if preset not in PRESETS:
-        raise ConfigError(f"augment.preset: unknown preset {preset!r}; valid: {sorted(PRESETS) + ['auto']}")
+        raise ConfigError(f"augment.preset: unknown preset {preset!r}; valid: {', '.join(sorted([*PRESETS, 'auto']))}")
     merged = copy.deepcopy(PRESETS[preset])
     for name, keys in (overrides or {}).items():
         if name not in _CHECKS:
