@@ -100,6 +100,9 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
                    help="robustseg config override for a lever row (e.g. augment.preset=nnunet); repeatable. "
                         "Rows with overrides are not the default behaviour: the JSON records them under settings")
     p.add_argument("--tag", default="", help="suffix of the checkpoint folder (keeps lever rows apart)")
+    p.add_argument("--rescore", action="store_true",
+                   help="robustseg side: do not train; score the checkpoint this budget and --tag already trained "
+                        "(last.pt) with the current predict code (timings of training come from its history.json)")
     args = p.parse_args(argv)
     quick = (2, 5, 4, 1) if args.quick else (24, 40, 16, None)
     args.epochs = args.epochs or quick[0]
@@ -264,14 +267,23 @@ def run_robustseg(args: argparse.Namespace, cfg: Any, test: Sequence[Dict[str, A
         print(f"  robustseg epoch {epoch:3d}/{args.epochs}  loss {m.get('loss', float('nan')):.4f}  lr {m['lr']:.2e}  "
               f"{m['slices_per_s']:.1f} slices/s  {m['epoch_seconds']:.1f} s{val}", flush=True)
 
-    t0 = time.perf_counter()
-    result = train_from_config(cfg, out_dir=out_dir, device=torch.device("cpu"), resume=False, callbacks=[report])
-    train_s = time.perf_counter() - t0
-    loop_s = sum(h["epoch_seconds"] for h in result.history)
+    if args.rescore:
+        history = json.loads((out_dir / "history.json").read_text())
+        history = history if isinstance(history, list) else history["history"]
+        last = out_dir / "last.pt"
+        loop_s = sum(h["epoch_seconds"] for h in history)
+        train_s = loop_s  # the training loop only: the original wall time is in that run's output
+        print(f"robustseg: rescoring {last} (trained earlier; loop {loop_s:.0f} s)", flush=True)
+    else:
+        t0 = time.perf_counter()
+        result = train_from_config(cfg, out_dir=out_dir, device=torch.device("cpu"), resume=False, callbacks=[report])
+        train_s = time.perf_counter() - t0
+        loop_s = sum(h["epoch_seconds"] for h in result.history)
+        last = result.last_checkpoint
     # last.pt: the final weights, as on the MONAI side (with val_every = epochs best.pt is the same model).
-    pred = load_predictor(result.last_checkpoint, torch.device("cpu"))
+    pred = load_predictor(last, torch.device("cpu"))
     full_fov = args.rs_predict == "full-fov"
-    print(f"robustseg: trained in {train_s:.0f} s; predicting with {result.last_checkpoint.name} "
+    print(f"robustseg: trained in {train_s:.0f} s; predicting with {last.name} "
           f"({'--full-fov' if full_fov else 'default: trained on ' + pred.trained_on}, TTA {pred.cfg.inference.tta}, "
           f"post-processing {pred.cfg.inference.postprocess}, bf16 {inference_amp(pred.device)})", flush=True)
     options = {"full_fov": True} if full_fov else {}  # default: exactly what plain `robustseg predict` does
@@ -285,7 +297,7 @@ def run_robustseg(args: argparse.Namespace, cfg: Any, test: Sequence[Dict[str, A
             "settings": {"augment_preset": resolve_preset(cfg.augment.preset, cfg.data.plan),
                          "train_precision": "bf16 autocast" if amp else "float32",
                          "predict": args.rs_predict, "trained_on": pred.trained_on, "overrides": list(args.overrides),
-                         "postprocess": pred.cfg.inference.postprocess}}
+                         "postprocess": pred.cfg.inference.postprocess, "rescored": bool(args.rescore)}}
 
 
 # --------------------------------------------------------------------------- MONAI side
@@ -487,9 +499,14 @@ def budget(args: argparse.Namespace, train: Sequence[Dict[str, Any]], test: Sequ
 
 
 def merge_and_write(path: Path, doc: Dict[str, Any], sides: Dict[str, Dict[str, Any]]) -> Dict[str, Any]:
-    """Write ``doc`` + the sides run now, keeping the other side of an existing file with the same budget."""
+    """Write ``doc`` + the sides run now, keeping the other side of an existing file with the same budget.
+
+    Other top-level keys of the existing file (the ``levers`` rows, ``notes``) are kept.
+    """
+    extra: Dict[str, Any] = {}
     if path.is_file():
         old = json.loads(path.read_text())
+        extra = {k: v for k, v in old.items() if k not in ("machine", "budget", "robustseg", "monai")}
         if old.get("budget") == doc["budget"]:
             for side in ("robustseg", "monai"):
                 if side not in sides and side in old:
@@ -497,7 +514,7 @@ def merge_and_write(path: Path, doc: Dict[str, Any], sides: Dict[str, Dict[str, 
         elif any(s not in sides for s in ("robustseg", "monai")) and any(s in old for s in ("robustseg", "monai")):
             print(f"note: {path} was made with another budget; its results are not merged", flush=True)
     out = {"machine": doc["machine"], "budget": doc["budget"],
-           **{s: sides[s] for s in ("robustseg", "monai") if s in sides}}
+           **{s: sides[s] for s in ("robustseg", "monai") if s in sides}, **extra}
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(out, indent=1) + "\n")
     return out

@@ -283,7 +283,7 @@ class InferenceConfig:
     overlap: float = doc(0.5, "Fractional overlap of sliding windows.")
     gaussian: bool = doc(True, "Gaussian importance weighting of window centres.")
     tta: bool = doc(True, "Mirror test-time augmentation on all in-plane axes (and the slice axis for 3D).")
-    postprocess: bool = doc(True, "Largest connected component per structure (slice- and volume-wise) and RV-without-LV/MYO removal.")
+    postprocess: bool = doc(True, "Task post-processing (engine/postprocess.py); cardiac: heart column for LV/MYO, RV beside the heart, RV-without-LV/MYO removal.")
     batch_size: int = doc(32, "Slices/windows per forward pass at inference.")
     val_every: int = doc(1, "Validate every N epochs.")
     val_max_cases: Optional[int] = doc(None, "Validate on at most this many cases (quick runs); null: all of the fold.")

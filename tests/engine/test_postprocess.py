@@ -1,4 +1,4 @@
-"""Post-processing: largest components (slice- and volume-wise) and canonical RV removal."""
+"""Post-processing: heart column, RV beside the heart, largest components (slice- and volume-wise), RV removal."""
 from __future__ import annotations
 
 import numpy as np
@@ -7,8 +7,11 @@ import pytest
 from robustseg.data.labels import LV, MYO, RV
 from robustseg.engine.postprocess import (
     cardiac_postprocess,
+    keep_heart_column,
     keep_largest_per_class,
+    keep_rv_beside_heart,
     largest_component,
+    paper_cardiac_postprocess,
     postprocess,
     remove_rv_without_lv_myo,
 )
@@ -125,3 +128,45 @@ def test_lung_tasks_keep_multifocal_lesions() -> None:
         postprocess(lab, "brain")
     with pytest.raises(ValueError, match=r"\(Z, Y, X\)"):
         postprocess(lab[0], "cardiac")
+
+
+def test_heart_column_keeps_a_motion_shifted_slice_and_drops_a_blob_elsewhere() -> None:
+    vol = heart()
+    shifted = vol.copy()
+    # Slice 6 shifted by breathing: 2 px in-plane, and slice 5 emptied so it no longer joins
+    # the stack in 3D. It still lies in the heart's column, so it stays.
+    shifted[5] = 0
+    shifted[6] = np.roll(vol[6], 2, axis=1)
+    shifted[3, 28:31, 0:3] = LV  # an LV blob outside the column: removed
+    out = keep_heart_column(shifted, (LV, MYO), margin_px=3)
+    np.testing.assert_array_equal(out[6], shifted[6])
+    assert not (out[3, 28:31, 0:3] == LV).any()
+    # The 3D largest-component rule drops the shifted slice's LV: what this rule is for.
+    assert not (keep_largest_per_class(shifted, [LV], slice_wise=False)[6] == LV).any()
+    # Elsewhere in the field (the margin does not reach): not in the column.
+    assert not (keep_heart_column(shifted, (LV,), margin_px=0)[3] == LV)[28:31, 0:3].any()
+
+
+def test_rv_beside_the_heart_wins_over_a_larger_rv_blob_elsewhere() -> None:
+    vol = heart()
+    noisy = vol.copy()
+    noisy[1:7, 26:32, 24:32] = RV  # a false RV blob (288 voxels) away from the heart: larger than the RV
+    assert (noisy == RV).sum() > 2 * (vol == RV).sum()
+    out = cardiac_postprocess(noisy)
+    np.testing.assert_array_equal(out, vol)
+    # The paper's rule keeps the largest RV, i.e. the false one, and drops the true RV.
+    paper = paper_cardiac_postprocess(noisy)
+    assert (paper[1:7, 26:32, 24:32] == RV).all() and not (paper[vol == RV] == RV).any()
+    # With no RV component near the heart, the largest RV component is kept.
+    alone = noisy.copy()
+    alone[vol == RV] = 0
+    np.testing.assert_array_equal(keep_rv_beside_heart(alone), alone)
+
+
+def test_cardiac_postprocess_leaves_a_clean_heart_and_its_input_alone() -> None:
+    vol = heart()
+    before = vol.copy()
+    np.testing.assert_array_equal(cardiac_postprocess(vol), vol)
+    np.testing.assert_array_equal(vol, before)
+    empty = np.zeros((3, 8, 8), np.uint8)
+    np.testing.assert_array_equal(cardiac_postprocess(empty), empty)

@@ -1,11 +1,29 @@
 """Post-processing of predicted label volumes (numpy, canonical labels, ``(Z, Y, X)``).
 
-Cardiac (the source paper, section 2.5): for each structure keep only its largest connected
-component, first slice by slice and then over the volume; then delete the RV on slices that
-have neither LV nor MYO (a ventricle-free slice above the base or below the apex cannot hold
-a right ventricle, so RV there is a false positive from atria or vessels). Labels are
-canonical (1 LV, 2 MYO, 3 RV): the paper's public code applied the last rule with ACDC's
-numbering, where 1 is the RV, which deletes the LV instead; the tests guard against it.
+Cardiac, the default (`cardiac_postprocess`), in three steps:
+
+1. **LV and MYO: the heart column.** Per structure, keep its largest 3D component and every
+   other component that overlaps the in-plane footprint of that component (its projection
+   along the slice axis, widened by ``margin_px``). A slice shifted by breathing between
+   breath-holds is cut off from the stack in 3D but still lies in the heart's column, so it
+   is kept; a blob elsewhere in the field is not.
+2. **RV: beside the heart.** Of the RV's 3D components, keep the largest one that touches
+   the kept LV/MYO widened in-plane by ``rv_margin_px``; only with no such component, the
+   largest. A false RV blob in the liver or the chest wall can be larger than the true RV
+   (which is what a per-class largest-component rule then keeps), but it is not next to
+   the left ventricle.
+3. The source paper's rule: delete the RV on slices that have neither LV nor MYO (a
+   ventricle-free slice above the base or below the apex cannot hold a right ventricle).
+   Labels are canonical (1 LV, 2 MYO, 3 RV): the paper's public code applied this rule with
+   ACDC's numbering, where 1 is the RV, which deletes the LV instead; the tests guard it.
+
+The source paper's own post-processing (section 2.5: largest component per structure slice by
+slice, then over the volume, then step 3) is `paper_cardiac_postprocess`. Measured on the
+shared ACDC fold 0 (issue 16, ``benchmarks/accuracy_budget.py``, one model, same raw
+predictions), mean Dice clean / severe motion: none 0.752 / 0.604, paper 0.751 / 0.598,
+3D largest component per class 0.777 / 0.605, this rule 0.796 / 0.620. The slice-wise pass
+costs the LV 0.04 Dice: on a slice where a false blob is larger than the true cross-section
+it keeps the blob.
 
 Connectivity, chosen once here and reused by `robustseg.analysis.clinical`:
 
@@ -121,8 +139,8 @@ def remove_rv_without_lv_myo(label_zyx: np.ndarray) -> np.ndarray:
     return out
 
 
-def cardiac_postprocess(label_zyx: np.ndarray, slice_wise: bool = True, volume_wise: bool = True) -> np.ndarray:
-    """The paper's cardiac post-processing: largest components, then RV-without-ventricle removal.
+def paper_cardiac_postprocess(label_zyx: np.ndarray, slice_wise: bool = True, volume_wise: bool = True) -> np.ndarray:
+    """The source paper's post-processing: largest components, then RV-without-ventricle removal.
 
     Args:
         label_zyx: Canonical cardiac labels ``(Z, Y, X)``.
@@ -134,6 +152,86 @@ def cardiac_postprocess(label_zyx: np.ndarray, slice_wise: bool = True, volume_w
     """
     out = keep_largest_per_class(label_zyx, CARDIAC_STRUCTURES, slice_wise=slice_wise, volume_wise=volume_wise)
     return remove_rv_without_lv_myo(out)
+
+
+def _in_plane_dilation(mask_zyx: np.ndarray, px: int) -> np.ndarray:
+    """Grow a (Z, Y, X) mask by ``px`` pixels within each slice (never across slices)."""
+    if px <= 0:
+        return mask_zyx.copy()
+    cross = np.zeros((3, 3, 3), dtype=bool)
+    cross[1] = ndimage.generate_binary_structure(2, 1)
+    return ndimage.binary_dilation(mask_zyx, structure=cross, iterations=int(px))
+
+
+def keep_heart_column(label_zyx: np.ndarray, classes: Iterable[int] = (LV, MYO), margin_px: int = 5) -> np.ndarray:
+    """Per structure, keep its largest 3D component and the components in its in-plane footprint.
+
+    Args:
+        label_zyx: Integer labels ``(Z, Y, X)``.
+        classes: Label values to process (others are left untouched).
+        margin_px: How far (pixels) the footprint is widened in-plane.
+
+    Returns:
+        A new label array (same dtype) with removed voxels set to background (0).
+    """
+    label = _check_3d(label_zyx, "label")
+    out = label.copy()
+    for c in classes:
+        mask = label == c
+        labelled, n = ndimage.label(mask, structure=STRUCTURE_3D)
+        if n <= 1:
+            continue
+        sizes = np.bincount(labelled.ravel())
+        sizes[0] = 0
+        footprint = (labelled == int(np.argmax(sizes))).any(axis=0)
+        if margin_px > 0:
+            footprint = ndimage.binary_dilation(footprint, structure=STRUCTURE_2D, iterations=int(margin_px))
+        inside = np.unique(labelled[mask & footprint[None]])
+        out[mask & ~np.isin(labelled, inside)] = 0
+    return out
+
+
+def keep_rv_beside_heart(label_zyx: np.ndarray, margin_px: int = 3) -> np.ndarray:
+    """Keep the largest RV component touching the LV/MYO (widened in-plane); else the largest.
+
+    Args:
+        label_zyx: Canonical cardiac labels ``(Z, Y, X)``.
+        margin_px: In-plane distance (pixels) within which an RV component counts as touching.
+
+    Returns:
+        A new label array.
+    """
+    label = _check_3d(label_zyx, "label")
+    out = label.copy()
+    rv = label == RV
+    labelled, n = ndimage.label(rv, structure=STRUCTURE_3D)
+    if n <= 1:
+        return out
+    sizes = np.bincount(labelled.ravel())
+    sizes[0] = 0
+    near = _in_plane_dilation((label == LV) | (label == MYO), margin_px)
+    touching = np.unique(labelled[rv & near])
+    touching = touching[touching > 0]
+    keep = int(touching[np.argmax(sizes[touching])]) if touching.size else int(np.argmax(sizes))
+    out[rv & (labelled != keep)] = 0
+    return out
+
+
+def cardiac_postprocess(label_zyx: np.ndarray, margin_px: int = 5, rv_margin_px: int = 3) -> np.ndarray:
+    """The default cardiac post-processing: heart column, RV beside the heart, the paper's RV rule.
+
+    See the module docstring for the steps and the measurement behind them.
+
+    Args:
+        label_zyx: Canonical cardiac labels ``(Z, Y, X)``.
+        margin_px: In-plane widening of the LV/MYO footprint (`keep_heart_column`).
+        rv_margin_px: In-plane distance for an RV component to touch the heart.
+
+    Returns:
+        A new label array.
+    """
+    out = keep_heart_column(label_zyx, (LV, MYO), margin_px)
+    return remove_rv_without_lv_myo(keep_rv_beside_heart(out, rv_margin_px))
 
 
 def remove_small_components(label_zyx: np.ndarray, classes: Iterable[int], min_voxels: int) -> np.ndarray:
@@ -164,7 +262,8 @@ def remove_small_components(label_zyx: np.ndarray, classes: Iterable[int], min_v
 def postprocess(label_zyx: np.ndarray, task: str, min_lesion_voxels: Optional[int] = None) -> np.ndarray:
     """Task-appropriate post-processing of a predicted label volume.
 
-    - ``cardiac``: `cardiac_postprocess` (each heart structure is one connected organ).
+    - ``cardiac``: `cardiac_postprocess` (heart column, RV beside the heart, no RV off the
+      ventricles' slices).
     - ``lung_binary`` / ``lung_multiclass``: nothing by default. COVID-19 lesions are
       multifocal and often bilateral, so a largest-component rule would delete true lesions.
       With ``min_lesion_voxels`` set, components smaller than that (per class) are removed as
