@@ -328,7 +328,7 @@ def start_local(settings: ServeSettings, host: str = "127.0.0.1", port: int = 80
     """
     import ray
 
-    from robustseg.cli import init_ray
+    from trainables.ray_session import init_ray
 
     if not ray.is_initialized():
         init_ray()

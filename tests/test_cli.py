@@ -8,7 +8,7 @@ import pytest
 from robustseg.cli import main, parse_source
 from robustseg.config import ExperimentConfig
 from robustseg.data.manifest import read_manifest
-from robustseg.demo import demo_config
+from robustseg.cli.demo import demo_config
 from robustseg.errors import ConfigError
 
 REPO = Path(__file__).resolve().parents[1]
@@ -146,12 +146,12 @@ def test_config_validate_lists_every_problem(tmp_path, capsys):
 
 
 def test_tune_rejects_what_train_rejects_before_starting_ray(tmp_path, capsys, monkeypatch):
-    import robustseg.cli as cli
+    import trainables.ray_session as ray_session
 
     def no_ray(*_, **__):
         raise AssertionError("tune started Ray for a config that train rejects")
 
-    monkeypatch.setattr(cli, "init_ray", no_ray)
+    monkeypatch.setattr(ray_session, "init_ray", no_ray)
     body, message = BAD_CONFIGS["regime"]
     path = tmp_path / "bad_regime.yaml"
     path.write_text(f"data: {{shards_uri: {tmp_path / 'shards'}}}\ntracking: {{workdir: {tmp_path}}}\n{body}\n")

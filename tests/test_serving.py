@@ -220,10 +220,10 @@ def test_client_errors(tmp_path, subject):
 def test_serve_parser():
     import argparse
 
-    from robustseg.serve_cli import add_serve_parser, cmd_serve
+    from robustseg.cli.serve import cmd_serve, register
 
     p = argparse.ArgumentParser(prog="robustseg")
-    add_serve_parser(p.add_subparsers(dest="command"))
+    register(p.add_subparsers(dest="command"))
     a = p.parse_args(["serve", "--model", "models:/m@champion", "--port", "9001", "--gpus", "0.25",
                       "--max-upload-mb", "8", "--max-decoded-mb", "100", "--max-inflight-mb", "300",
                       "--admission-wait-s", "2"])

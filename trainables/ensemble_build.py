@@ -165,7 +165,7 @@ def fold_models(path: str, choice: Choice, folds: int, *, mlflow: Optional[Dict[
         name = f"{choice.trial}_fold{k}"
         prior = stored_result(f"{path}/folds", name)
         if prior is None or float((prior.metrics or {}).get("epoch", 0)) < choice.cfg.optim.epochs:
-            from robustseg.cli import init_ray
+            from trainables.ray_session import init_ray
 
             init_ray()
             print(f"  training {choice.backbone} fold {k} ({name}): not finished in the sweep", flush=True)

@@ -1,6 +1,6 @@
 """Settings, start-up checks and request errors of the segmentation service: no heavy imports.
 
-`robustseg.serve_cli` builds the ``serve`` parser from these names, so ``robustseg --help``
+`robustseg.cli.serve` builds the ``serve`` parser from these names, so ``robustseg --help``
 imports nothing beyond the standard library here. `robustseg.serving` re-exports them.
 
 * `ServeSettings` / `settings_from`: what the service loads and the limits it enforces, from

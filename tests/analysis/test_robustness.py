@@ -12,7 +12,7 @@ import torch
 from robustseg.analysis import robustness as rb
 from robustseg.data.synthetic import make_cardiac_dataset
 from robustseg.errors import ConfigError, DataError
-from robustseg.robustness_cli import add_parser, load_segmenter, parse_levels, parse_models
+from robustseg.cli.robustness import register, load_segmenter, parse_levels, parse_models
 from tiny_ensemble import tiny_ensemble_folder, tiny_member_checkpoints
 
 CPU = torch.device("cpu")
@@ -33,7 +33,7 @@ def cases():
 
 def _run_cli(argv: List[str]) -> int:
     parser = argparse.ArgumentParser(prog="robustseg")
-    add_parser(parser.add_subparsers(dest="command", required=True))
+    register(parser.add_subparsers(dest="command", required=True))
     args = parser.parse_args(["robustness", *argv])
     return args.fn(args)
 
@@ -232,7 +232,7 @@ def test_journal_keeps_rows_drops_torn_lines_and_other_settings(tmp_path):
 
 def test_cli_saves_rows_as_it_goes_and_resumes(tiny, tmp_path, monkeypatch, capsys):
     """Interrupted after 4 of 6 batches, a re-run segments only the 2 left and writes the same table."""
-    from robustseg import robustness_cli
+    from robustseg.cli import robustness as robustness_cli
 
     root, ckpts, _ = tiny
     real = robustness_cli.load_segmenter

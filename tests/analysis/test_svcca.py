@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from robustseg.analysis import svcca as sv
-from robustseg.analysis_cli import add_parser, choose_slices, fit_to_patch, mlflow_metrics
+from robustseg.cli.analysis import register, choose_slices, fit_to_patch, mlflow_metrics
 from robustseg.config import ConfigError
 from robustseg.engine.checkpoint import CheckpointError, save_checkpoint
 from robustseg.models import build_model
@@ -255,7 +255,7 @@ def runs(tmp_path_factory):
 
 def _run_cli(argv: List[str]) -> int:
     parser = argparse.ArgumentParser(prog="robustseg")
-    add_parser(parser.add_subparsers(dest="command", required=True))
+    register(parser.add_subparsers(dest="command", required=True))
     args = parser.parse_args(["analyze", "svcca", *argv])
     return args.fn(args)
 

@@ -28,7 +28,7 @@ from robustseg.data.io import (
 )
 from data.oblique_nifti import write_oblique_scanner_nifti
 from robustseg.data.labels import get_convention
-from robustseg.data.nifti import write_label_like
+from robustseg.data.io import write_label_like
 from robustseg.errors import ConfigError, DataError
 
 SPACING = (1.25, 0.75, 8.0)

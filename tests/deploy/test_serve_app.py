@@ -19,7 +19,7 @@ import SimpleITK as sitk
 import yaml
 
 from robustseg.data.synthetic import make_cardiac_subject
-from robustseg.serve_cli import predict_endpoint
+from robustseg.cli.serve import predict_endpoint
 from robustseg.serving import EndpointError, ServeSettings, post_volumes, settings_from
 
 pytestmark = pytest.mark.slow

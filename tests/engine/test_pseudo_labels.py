@@ -14,7 +14,7 @@ from robustseg.config import ModelConfig
 from robustseg.engine import pseudo_labels as pl
 from robustseg.errors import ConfigError, DataError
 from robustseg.models import build_model
-from robustseg.pseudo_cli import add_parser, parse_window, run_metrics
+from robustseg.cli.pseudo import register, parse_window, run_metrics
 
 CPU = torch.device("cpu")
 
@@ -225,7 +225,7 @@ def tiny(tmp_path_factory):
 
 def _run_cli(argv: List[str]) -> int:
     parser = argparse.ArgumentParser(prog="robustseg")
-    add_parser(parser.add_subparsers(dest="command", required=True))
+    register(parser.add_subparsers(dest="command", required=True))
     args = parser.parse_args(["pseudo-label", *argv])
     return args.fn(args)
 

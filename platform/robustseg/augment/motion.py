@@ -38,12 +38,12 @@ import torch
 from torch import Tensor
 
 from robustseg.augment.intensity import bernoulli, on_subset, uniform
-# One table for both simulators (the numpy one is the reference; these are its private tables).
+# One table for both simulators (the numpy one in robustseg.data.motion is the reference).
 from robustseg.data.motion import (
-    _CENTRE_WIDTH,
-    _IRREGULARITY,
-    _JITTER_PX,
-    _MAX_READOUT_ANGLE,
+    CENTRE_WIDTH,
+    IRREGULARITY,
+    JITTER_PX,
+    MAX_READOUT_ANGLE,
     MOTION_LEVELS,
     motion_amplitude,
 )
@@ -114,7 +114,7 @@ def _draw(level: Tensor, n_slices: int, hw: Tuple[int, int], phase_axis: PhaseAx
     cycles = uniform(1.5, 3.5, shape, g, dev)
     phase0 = uniform(0.0, 2.0 * math.pi, shape, g, dev)
     coef = torch.randn((*shape, 2, 2, _HARMONICS), generator=g, device=dev) / math.sqrt(_HARMONICS)
-    angle = uniform(-_MAX_READOUT_ANGLE, _MAX_READOUT_ANGLE, shape, g, dev)
+    angle = uniform(-MAX_READOUT_ANGLE, MAX_READOUT_ANGLE, shape, g, dev)
     n_y = hw[0] if phase_axis != -1 else 0
     n_x = hw[1] if phase_axis != -2 else 0
     jitter_rows = torch.randn((*shape, n_y), generator=g, device=dev)
@@ -130,8 +130,8 @@ def _trace(br: _Breathing, n_lines: int, jitter: Tensor) -> Tensor:
     """Displacement (pixels) per phase-encoding line in acquisition order, ``(B, S, n_lines)``."""
     dev = br.cycles.device
     amp = _table([motion_amplitude(v) for v in MOTION_LEVELS], br.level)[:, None, None]
-    irr = _table(_IRREGULARITY, br.level)[:, None, None]
-    jit = _table(_JITTER_PX, br.level)[:, None, None]
+    irr = _table(IRREGULARITY, br.level)[:, None, None]
+    jit = _table(JITTER_PX, br.level)[:, None, None]
     t = torch.arange(n_lines, device=dev, dtype=torch.float32) / n_lines
     m = torch.arange(1, _HARMONICS + 1, device=dev, dtype=torch.float32)
     arg = 2.0 * math.pi * m[:, None] * t[None, :]  # (harmonics, lines)
@@ -151,7 +151,7 @@ def _phase(br: _Breathing, n_pe: int, n_ro: int, jitter: Tensor) -> Tensor:
     k_pe = torch.fft.fftfreq(n_pe, device=dev)
     k_ro = torch.fft.fftfreq(n_ro, device=dev)
     # Keep the k-space centre (the image's position) fixed, so the image stays on its label.
-    w = torch.exp(-0.5 * (torch.fft.fftshift(k_pe) / _CENTRE_WIDTH) ** 2)
+    w = torch.exp(-0.5 * (torch.fft.fftshift(k_pe) / CENTRE_WIDTH) ** 2)
     trace = trace - (trace @ w)[..., None] / w.sum()
     disp = torch.fft.ifftshift(trace, dim=-1)  # sequential order -> FFT line order
     d_pe = disp * torch.cos(br.angle)[..., None]

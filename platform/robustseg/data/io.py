@@ -6,11 +6,12 @@ direction a row-major 3x3 tuple), as in `robustseg.data.cases`. Every failure is
 
 Every gzip or NIfTI file is checked by `robustseg.data.nifti.check_complete` before ITK reads
 it (ITK silently zero-fills truncated data and reads NaN/inf voxels as 0); masks that must
-share a scan's exact NIfTI header are written by `robustseg.data.nifti.write_label_like`.
+share a scan's exact NIfTI header are written by `write_label_like`.
 """
 from __future__ import annotations
 
 import csv
+import gzip
 import os
 import re
 from pathlib import Path
@@ -21,7 +22,7 @@ import SimpleITK as sitk
 
 from robustseg.data.cases import IDENTITY_DIRECTION, Case
 from robustseg.data.labels import LabelConvention
-from robustseg.data.nifti import check_complete
+from robustseg.data.nifti import check_complete, nifti1_label_header
 from robustseg.errors import ConfigError, DataError
 
 PathLike = Union[str, "os.PathLike[str]"]
@@ -526,3 +527,49 @@ def _itk_reason(exc: BaseException) -> str:
     # ITK messages start with C++ source locations; the last non-empty line says what failed.
     lines = [ln.strip() for ln in str(exc).splitlines() if ln.strip()]
     return lines[-1] if lines else type(exc).__name__
+
+
+def write_label_like(array: np.ndarray, path: PathLike, reference: PathLike, geometry: Any) -> None:
+    """Write a uint8 label map that occupies exactly the physical space of ``reference``.
+
+    ITK turns a NIfTI sform into orthonormal direction cosines on reading and writes new
+    sform/qform from them, so a mask written from the read geometry differs from its scan by
+    ~1e-5 and ITK then refuses to combine the two (its default tolerance is 1e-6). When both
+    files are single-file NIfTI-1, the scan's own header (sform, qform, pixdim, units) is
+    copied instead, with only the data type, scaling and dimensions changed, so any reader
+    derives bit-identical geometry for both. Otherwise this is `robustseg.data.io.write_with_geometry`.
+
+    Args:
+        array: ``(Z, Y, X)`` labels in 0..255 on the reference's voxel grid.
+        path: Output file (``.nii``/``.nii.gz`` to use the header copy).
+        reference: The scan the labels belong to.
+        geometry: Its geometry (`Case.geometry()`), used when the header cannot be copied.
+
+    Raises:
+        DataError: labels outside 0..255, a shape that differs from the reference, or the
+            file could not be written.
+    """
+    arr = np.asarray(array)
+    if arr.size and (arr.min() < 0 or arr.max() > 255):
+        raise DataError(path, f"label values {arr.min()}..{arr.max()} do not fit a uint8 label map")
+    nifti = (".nii", ".nii.gz")
+    header = None
+    if str(path).lower().endswith(nifti) and str(reference).lower().endswith(nifti) and arr.ndim == 3:
+        header = nifti1_label_header(str(reference), arr.shape)
+    if header is None:
+        write_with_geometry(arr.astype(np.uint8), path, geometry)
+        return
+    target = Path(path)
+    tmp = target.with_name(f".tmp{os.getpid()}_{target.name}")
+    payload = header + np.ascontiguousarray(arr, dtype=np.uint8).tobytes()  # C order: x varies fastest
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        if target.name.lower().endswith(".gz"):
+            with gzip.open(tmp, "wb", compresslevel=6) as fh:
+                fh.write(payload)
+        else:
+            tmp.write_bytes(payload)
+        os.replace(tmp, target)  # atomic: never half a mask under the real name
+    except OSError as exc:
+        tmp.unlink(missing_ok=True)
+        raise DataError(path, f"cannot write label map: {exc.strerror or exc}") from None

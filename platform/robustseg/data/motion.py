@@ -41,13 +41,13 @@ MOTION_LEVELS: Tuple[int, ...] = (0, 1, 2, 3)
 # (a well-kept breath-hold with some drift), 2 intermediate, 3 severe (free breathing).
 _AMPLITUDE_PX: Tuple[float, ...] = (0.0, 2.0, 5.0, 9.0)
 # How irregular the breathing is: phase and amplitude wander, as a fraction of a cycle.
-_IRREGULARITY: Tuple[float, ...] = (0.0, 0.1, 0.25, 0.45)
+IRREGULARITY: Tuple[float, ...] = (0.0, 0.1, 0.25, 0.45)
 # Per-line jitter (pixels): small uncorrelated displacements (cardiac/bulk twitches).
-_JITTER_PX: Tuple[float, ...] = (0.0, 0.15, 0.3, 0.5)
+JITTER_PX: Tuple[float, ...] = (0.0, 0.15, 0.3, 0.5)
 # Largest angle (radians) between the displacement and the phase-encoding axis.
-_MAX_READOUT_ANGLE = 0.35
+MAX_READOUT_ANGLE = 0.35
 # Width (cycles/pixel) of the k-space centre whose displacement defines "no shift".
-_CENTRE_WIDTH = 0.05
+CENTRE_WIDTH = 0.05
 
 
 def _check_level(level: int) -> int:
@@ -101,14 +101,14 @@ def respiratory_trace(n_lines: int, level: int, rng: np.random.Generator, n_trac
     if lvl == 0:
         return np.zeros((n_traces, n_lines))
     t = np.arange(n_lines, dtype=np.float64) / n_lines
-    irr = _IRREGULARITY[lvl]
+    irr = IRREGULARITY[lvl]
     cycles = rng.uniform(1.5, 3.5, size=(n_traces, 1))
     phase0 = rng.uniform(0.0, 2.0 * np.pi, size=(n_traces, 1))
     # Irregular breathing: the phase wanders by up to about irr cycles, the depth by irr.
     theta = 2.0 * np.pi * (cycles * t[None, :] + irr * _smooth_noise(rng, n_traces, t)) + phase0
     depth = np.clip(1.0 + irr * _smooth_noise(rng, n_traces, t), 0.3, None)
     shape = ((1.0 + np.cos(theta)) / 2.0) ** 2
-    jitter = _JITTER_PX[lvl] * rng.standard_normal((n_traces, n_lines))
+    jitter = JITTER_PX[lvl] * rng.standard_normal((n_traces, n_lines))
     return _AMPLITUDE_PX[lvl] * depth * shape + jitter
 
 
@@ -157,10 +157,10 @@ def simulate_respiratory_motion(
     # Sequential acquisition: time order is ascending frequency, i.e. fftshift order.
     trace = respiratory_trace(n_pe, lvl, rng, n_traces=n)
     k_sorted = np.fft.fftshift(k_pe)
-    w = np.exp(-0.5 * (k_sorted / _CENTRE_WIDTH) ** 2)
+    w = np.exp(-0.5 * (k_sorted / CENTRE_WIDTH) ** 2)
     trace -= (trace @ w)[:, None] / w.sum()  # keep the k-space centre (the image's position) fixed
     disp = np.fft.ifftshift(trace, axes=-1)  # back to FFT line order
-    angle = rng.uniform(-_MAX_READOUT_ANGLE, _MAX_READOUT_ANGLE, size=(n, 1))
+    angle = rng.uniform(-MAX_READOUT_ANGLE, MAX_READOUT_ANGLE, size=(n, 1))
     d_pe = (disp * np.cos(angle))[:, :, None]
     d_ro = (disp * np.sin(angle))[:, :, None]
 

@@ -19,7 +19,7 @@ from robustseg.config import ExperimentConfig
 from robustseg.data.cases import Case, validate_case
 from robustseg.data.guards import label_map_reason
 from robustseg.data.io import PICTURE_SUFFIXES, picture_case, read_image, read_picture
-from robustseg.data.nifti import write_label_like
+from robustseg.data.io import write_label_like
 from robustseg.data.preprocess import Plan, plan_from_dict
 from robustseg.engine.checkpoint import CheckpointError, load_checkpoint, load_model_state
 from robustseg.engine.inference import locate_then_segment, predict_volume

@@ -12,12 +12,14 @@ geometry) -> Serve shut down.
 """
 from __future__ import annotations
 
+import argparse
 import time
 from pathlib import Path
 from typing import Any, Callable, Optional
 
 import numpy as np
 
+from robustseg.cli.common import progress_bar
 from robustseg.config import ExperimentConfig, SourceSpec
 
 
@@ -60,7 +62,7 @@ def run_demo(workdir: str = "robustseg_work/demo", subjects: int = 8,
     Returns:
         Exit status (0 on success).
     """
-    from robustseg.cli import print_summary
+    from robustseg.cli.common import print_summary
     from robustseg.data.manifest import load_slices, read_manifest
     from robustseg.data.prepare import prepare
     from robustseg.data.shards import decode_images, decode_labels
@@ -94,10 +96,11 @@ def run_demo(workdir: str = "robustseg_work/demo", subjects: int = 8,
 
 def _sweep(cfg: ExperimentConfig, trials: int) -> ExperimentConfig:
     """Step 3: the Optuna sweep on a local Ray, tracked in MLflow, with an HTML report."""
-    from robustseg.cli import init_ray, print_table
+    from robustseg.cli.common import print_table
     from robustseg.config import absolute_workdir
     from robustseg.report import write_report
     from robustseg.tracking import resolve_tracking_uri
+    from trainables.ray_session import init_ray
     from trainables.tune_driver import run_sweep
 
     scfg = sweep_config(cfg)
@@ -121,7 +124,7 @@ def _ensemble(scfg: ExperimentConfig) -> Any:
     """Step 4: best trial per backbone x folds -> out-of-fold comparison -> MLflow registry."""
     import torch
 
-    from robustseg.ensemble_cli import print_ensemble_summary
+    from robustseg.cli.ensemble import print_ensemble_summary
     from trainables.ensemble_build import build_ensemble
 
     print("[4/5] ensemble: best trial per backbone x 2 folds, two-stage centring, compared out of fold with its "
@@ -184,3 +187,19 @@ def _serve(scfg: ExperimentConfig, build: Any) -> None:
     finally:
         stop()
         print("  Serve shut down")
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    """The end-to-end demo on synthetic data (extended by later layers)."""
+    return run_demo(workdir=args.workdir, subjects=args.subjects, progress=progress_bar, trials=args.trials,
+                    sweep=not args.no_sweep)
+
+
+def register(sub: Any) -> None:
+    """Add ``demo``."""
+    de = sub.add_parser("demo", help="end-to-end demo on synthetic data")
+    de.add_argument("--workdir", default="robustseg_work/demo", help="where the demo writes (default robustseg_work/demo)")
+    de.add_argument("--subjects", type=int, default=8, help="synthetic subjects (default 8)")
+    de.add_argument("--trials", type=int, default=4, help="Optuna trials of the demo sweep (default 4)")
+    de.add_argument("--no-sweep", action="store_true", help="only prepare the data (no Ray)")
+    de.set_defaults(fn=cmd_demo)

@@ -1,6 +1,6 @@
 """`robustseg pseudo-label`: cosine-similarity pseudo labels for unlabelled slices (thesis Ch. 5.3.4).
 
-Kept apart from `robustseg.cli` (which calls `add_parser`). The method lives in
+Registered by `robustseg.cli` (`register`). The method lives in
 `robustseg.engine.pseudo_labels`; this module parses options, prints the counts and records
 an MLflow run (experiment ``pseudo_labels``, ``robustseg.role=pseudo_labels``) with the
 similarity histogram and the summary. The ``.pt`` file itself is not uploaded (hundreds of
@@ -78,13 +78,13 @@ def _params(args: argparse.Namespace) -> Any:
 
 def cmd_pseudo_label(args: argparse.Namespace) -> int:
     """Run `robustseg pseudo-label`."""
-    from robustseg.cli import _device, _progress
+    from robustseg.cli.common import progress_bar, resolve_device
     from robustseg.engine.pseudo_labels import generate_pseudo_labels, write_outputs
     from robustseg.tracking import cli_tracking_uri
 
     params = _params(args)
     t0 = time.perf_counter()
-    result = generate_pseudo_labels(args.model, args.data, params, device=_device(args.device), progress=_progress)
+    result = generate_pseudo_labels(args.model, args.data, params, device=resolve_device(args.device), progress=progress_bar)
     files = write_outputs(result, args.out)
     c, s = result.summary["counts"], result.summary["similarity"]
     low, high = params.window
@@ -108,7 +108,7 @@ def cmd_pseudo_label(args: argparse.Namespace) -> int:
     return 0
 
 
-def add_parser(sub: Any) -> None:
+def register(sub: Any) -> None:
     """Add the ``pseudo-label`` subcommand to the `robustseg` parser's subparsers."""
     p = sub.add_parser(
         "pseudo-label", help="soft pseudo labels for unlabelled slices by encoder cosine similarity (thesis Ch. 5.3.4)",
@@ -142,4 +142,4 @@ def add_parser(sub: Any) -> None:
     p.set_defaults(fn=cmd_pseudo_label)
 
 
-__all__ = ["add_parser", "cmd_pseudo_label", "log_to_mlflow", "parse_window", "run_metrics"]
+__all__ = ["register", "cmd_pseudo_label", "log_to_mlflow", "parse_window", "run_metrics"]

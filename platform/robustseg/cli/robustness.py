@@ -1,6 +1,6 @@
 """`robustseg robustness`: Dice/HD95 per structure against simulated respiratory motion.
 
-Kept apart from `robustseg.cli` (which calls `add_parser`). The analysis itself lives in
+Registered by `robustseg.cli` (`register`). The analysis itself lives in
 `robustseg.analysis.robustness`; this module finds the models and the evaluation cases.
 
 Where the evaluation cases come from. Motion is simulated on the *original* acquisition
@@ -89,7 +89,7 @@ def load_segmenter(uri: str, *, device: Any = None, tracking_uri: Optional[str] 
     Raises:
         ConfigError: a path that is neither a checkpoint nor an ensemble.
     """
-    from robustseg.ensemble_cli import is_ensemble_uri
+    from robustseg.cli.ensemble import is_ensemble_uri
 
     if is_ensemble_uri(uri):
         from robustseg.model_registry import load_ensemble
@@ -136,7 +136,7 @@ def load_eval_cases(data: Optional[str] = None, sources: Sequence[str] = (), fol
         ConfigError: neither ``data`` nor ``sources``, or a fold without ``data`` / out of range.
         DataError: no usable cases, cases the sources do not hold, or a volume of another shape.
     """
-    from robustseg.cli import parse_source
+    from robustseg.cli.common import parse_source
     from robustseg.config import SourceSpec
 
     specs = [parse_source(s) for s in sources]
@@ -241,7 +241,7 @@ def open_journal(args: argparse.Namespace, models: Dict[str, str], data_info: Di
 def cmd_robustness(args: argparse.Namespace) -> int:
     """Run `robustseg robustness`."""
     from robustseg.analysis import robustness as rb
-    from robustseg.cli import _device, _progress, print_table
+    from robustseg.cli.common import print_table, progress_bar, resolve_device
     from robustseg.tracking import cli_tracking_uri
 
     if not args.model:
@@ -254,7 +254,7 @@ def cmd_robustness(args: argparse.Namespace) -> int:
     cases, data_info = load_eval_cases(args.data, args.source or (), args.fold, args.cases)
     # Also where models:/ URIs are looked up, so --no-tracking still loads registered models.
     tracking_uri = cli_tracking_uri(args)
-    device = _device(args.device)
+    device = resolve_device(args.device)
     segmenters = {}
     for name, uri in models.items():
         segment, task = load_segmenter(uri, device=device, tracking_uri=tracking_uri, full_fov=args.full_fov)
@@ -269,7 +269,7 @@ def cmd_robustness(args: argparse.Namespace) -> int:
     journal = open_journal(args, models, data_info)
     try:
         rows = rb.evaluate_robustness(segmenters, cases, levels, args.seed, phase_axis=phase_axis,
-                                      progress=_progress, journal=journal)
+                                      progress=progress_bar, journal=journal)
     except KeyboardInterrupt:
         print(f"robustseg robustness: interrupted; {len(journal.rows)} scored row(s) are saved in {journal.path}: "
               "re-run the same command to resume", file=sys.stderr)
@@ -294,7 +294,7 @@ def cmd_robustness(args: argparse.Namespace) -> int:
     return 0
 
 
-def add_parser(sub: Any) -> None:
+def register(sub: Any) -> None:
     """Add the ``robustness`` subcommand to the `robustseg` parser's subparsers."""
     p = sub.add_parser(
         "robustness", help="Dice/HD95 per structure vs simulated respiratory motion (CMRxMotion levels 0-3)",
@@ -330,5 +330,5 @@ def add_parser(sub: Any) -> None:
     p.set_defaults(fn=cmd_robustness)
 
 
-__all__ = ["add_parser", "cmd_robustness", "load_eval_cases", "load_segmenter", "model_name", "parse_levels",
+__all__ = ["register", "cmd_robustness", "load_eval_cases", "load_segmenter", "model_name", "parse_levels",
            "parse_models", "summary_table"]

@@ -1,7 +1,7 @@
 """`robustseg ensemble` and `robustseg registry`, and prediction with an ensemble URI.
 
-Kept apart from `robustseg.cli` so that module stays a readable list of commands; `cli`
-calls `add_parsers` and `predict_with_ensemble`.
+Registered by `robustseg.cli` (`register`); `robustseg predict` calls
+`predict_with_ensemble` for ensemble URIs.
 """
 from __future__ import annotations
 
@@ -81,12 +81,12 @@ def ensemble_from_checkpoints(args: argparse.Namespace) -> int:
     For models that did not come from one sweep (e.g. an ablation's rows, or the best model
     of a label-budget grid): no out-of-fold selection, the members are taken as given.
     """
-    from robustseg.cli import _device
+    from robustseg.cli.common import resolve_device
     from robustseg.ensemble import Ensemble
 
     if not args.out:
         raise ConfigError("ensemble --checkpoints needs --out FOLDER")
-    ens = Ensemble.from_checkpoints(args.checkpoints, name=args.name, device=_device(args.device),
+    ens = Ensemble.from_checkpoints(args.checkpoints, name=args.name, device=resolve_device(args.device),
                                     combine=args.combine, centring=args.centring,
                                     **({} if args.tta is None else {"tta": args.tta}))
     folder = ens.save(args.out)
@@ -109,7 +109,7 @@ def ensemble_from_checkpoints(args: argparse.Namespace) -> int:
 
 def cmd_ensemble(args: argparse.Namespace) -> int:
     """Run `robustseg ensemble`."""
-    from robustseg.cli import _device, _progress, print_table
+    from robustseg.cli.common import print_table, progress_bar, resolve_device
     from trainables.ensemble_build import build_ensemble
 
     if args.checkpoints:
@@ -124,15 +124,15 @@ def cmd_ensemble(args: argparse.Namespace) -> int:
         backbones=backbones, folds=args.folds, combine=args.combine, weights=_weights(args.weights),
         tta=args.tta, centring=args.centring, locators=locators, select=args.select,
         register=None if args.no_register else args.name, alias=args.alias, tracking=not args.no_tracking,
-        tracking_uri=tracking_uri_from_args(args), device=_device(args.device), max_oof_cases=args.max_oof_cases,
-        progress=_progress)
+        tracking_uri=tracking_uri_from_args(args), device=resolve_device(args.device), max_oof_cases=args.max_oof_cases,
+        progress=progress_bar)
     print_ensemble_summary(build)
     return 0
 
 
 def print_ensemble_summary(build: Any) -> None:
     """Chosen trials, the out-of-fold comparison, and where the model went."""
-    from robustseg.cli import print_table
+    from robustseg.cli.common import print_table
 
     spec = build.ensemble.spec
     print("candidates: " + ", ".join(f"{c.backbone} ({c.trial}, cv Dice {c.cv_dice:.3f}, {c.status.lower()})"
@@ -156,7 +156,7 @@ def print_ensemble_summary(build: Any) -> None:
 def cmd_registry(args: argparse.Namespace) -> int:
     """Run `robustseg registry list|promote|rollback`."""
     from robustseg import model_registry as reg
-    from robustseg.cli import print_table
+    from robustseg.cli.common import print_table
 
     uri = tracking_uri_from_args(args)
     if args.action == "list":
@@ -174,7 +174,7 @@ def cmd_registry(args: argparse.Namespace) -> int:
     return 0
 
 
-def add_parsers(sub: Any) -> None:
+def register(sub: Any) -> None:
     """Add the ``ensemble`` and ``registry`` subcommands."""
     from robustseg.model_registry import DEFAULT_ALIAS, DEFAULT_NAME
 
@@ -224,5 +224,5 @@ def add_parsers(sub: Any) -> None:
     rg.set_defaults(fn=cmd_registry)
 
 
-__all__ = ["add_parsers", "cmd_ensemble", "cmd_registry", "is_ensemble_uri", "predict_with_ensemble",
+__all__ = ["register", "cmd_ensemble", "cmd_registry", "is_ensemble_uri", "predict_with_ensemble",
            "tracking_uri_from_args"]

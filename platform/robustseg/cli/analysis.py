@@ -1,6 +1,6 @@
 """`robustseg analyze svcca`: how each layer converges over training, and how two models differ.
 
-Kept apart from `robustseg.cli` (which calls `add_parser`). The numbers come from
+Registered by `robustseg.cli` (`register`). The numbers come from
 `robustseg.analysis.svcca`; this module finds the checkpoints, the probe slices and the
 layers, and records the analysis as one MLflow run (experiment ``analysis``).
 
@@ -431,12 +431,12 @@ def pair_table(pair: Any) -> List[Dict[str, Any]]:
 def cmd_svcca(args: argparse.Namespace) -> int:
     """Run `robustseg analyze svcca`."""
     from robustseg.analysis.svcca import SVCCAOptions, write_outputs
-    from robustseg.cli import _device, _progress, print_table
+    from robustseg.cli.common import print_table, progress_bar, resolve_device
     from robustseg.tracking import cli_tracking_uri
 
     opts = SVCCAOptions(keep=args.keep, max_points=args.max_points, max_grid=args.max_grid, seed=args.seed)
     job = SVCCAJob([resolve_run(r) for r in args.runs], layers=args.layers, probe=args.probe, fold=args.fold,
-                   max_slices=args.max_slices, batch_size=args.batch_size, device=_device(args.device))
+                   max_slices=args.max_slices, batch_size=args.batch_size, device=resolve_device(args.device))
     labels = [r.label for r in job.runs]
     if len(set(labels)) != len(labels):
         raise ConfigError(f"--runs: two runs named {labels[0]!r}; name them NAME=PATH")
@@ -444,7 +444,7 @@ def cmd_svcca(args: argparse.Namespace) -> int:
         print(f"svcca: {r.label}: converged model {r.reference}, {len(r.timeline)} checkpoint(s) over training",
               flush=True)
     t0 = time.perf_counter()
-    curves, pair, info = run_svcca(job, opts, progress=_progress)
+    curves, pair, info = run_svcca(job, opts, progress=progress_bar)
     out = Path(args.out or Path("robustseg_work") / "analysis" / "svcca" / time.strftime("%Y%m%d-%H%M%S"))
     files = write_outputs(curves, pair, out, info)
     for c in curves:
@@ -470,7 +470,7 @@ def cmd_svcca(args: argparse.Namespace) -> int:
     return 0
 
 
-def add_parser(sub: Any) -> None:
+def register(sub: Any) -> None:
     """Add ``analyze`` (with its ``svcca`` analysis) to the `robustseg` parser's subparsers."""
     an = sub.add_parser("analyze", help="analyses of trained models (svcca: layer similarity over training / "
                                         "between models)",
@@ -512,6 +512,6 @@ def add_parser(sub: Any) -> None:
     p.set_defaults(fn=cmd_svcca)
 
 
-__all__ = ["LoadedModel", "RunSpec", "SVCCAJob", "add_parser", "choose_slices", "cmd_svcca", "curve_table",
+__all__ = ["LoadedModel", "RunSpec", "SVCCAJob", "register", "choose_slices", "cmd_svcca", "curve_table",
            "fit_to_patch", "load_model", "load_probe", "log_to_mlflow", "metric_key", "mlflow_metrics", "pair_table",
            "resolve_run", "run_label", "run_svcca"]

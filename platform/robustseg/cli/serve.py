@@ -1,6 +1,6 @@
 """``robustseg serve`` (the segmentation service on a local Ray) and the ``predict --endpoint`` client.
 
-`add_serve_parser` and `cmd_serve` plug into `robustseg.cli`; `predict_endpoint` is what
+`register` and `cmd_serve` plug into `robustseg.cli`; `predict_endpoint` is what
 ``robustseg predict --endpoint URL`` runs instead of loading a checkpoint. Ray and the Serve
 application are imported only when a command runs, so ``robustseg --help`` stays fast.
 
@@ -34,7 +34,7 @@ ENDPOINTS = (
 )
 
 
-def add_serve_parser(subparsers: Any) -> argparse.ArgumentParser:
+def register(subparsers: Any) -> argparse.ArgumentParser:
     """Add the ``serve`` subcommand to the `robustseg` parser.
 
     Args:
@@ -128,7 +128,7 @@ def _run_service(args: argparse.Namespace, settings: ServeSettings, started: _St
     import ray
 
     from deploy.serve_app import start_local
-    from robustseg.cli import init_ray
+    from trainables.ray_session import init_ray
 
     gpus = args.gpus if args.gpus is not None else (1.0 if args.device == "cuda" else 0.0)
     started.ray = not ray.is_initialized()
@@ -213,7 +213,7 @@ def predict_endpoint(endpoint: str, inputs: Union[str, Path], out_dir: Union[str
         EndpointError: unreachable service or an error answer (its message quoted).
         DataError: missing or non-NIfTI inputs.
     """
-    from robustseg.cli import report_masks
+    from robustseg.cli.common import report_masks
     from robustseg.serving import post_volumes
 
     rows = post_volumes(endpoint, inputs, out_dir, timeout=timeout, force=force, fail_fast=fail_fast)

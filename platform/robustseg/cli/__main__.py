@@ -1,0 +1,6 @@
+"""``python -m robustseg.cli``."""
+import sys
+
+from robustseg.cli import main
+
+sys.exit(main())
