@@ -260,7 +260,7 @@ def run_robustseg(args: argparse.Namespace, cfg: Any, test: Sequence[Dict[str, A
     from robustseg.engine.train import train_from_config
 
     out_dir = WORK / run_tag(args) / "robustseg"
-    print(f"robustseg: training {cfg.model.name} {cfg.model.params} on folds != {VAL_FOLD} -> {out_dir}", flush=True)
+    print(f"robustseg: {'rescoring' if args.rescore else 'training'} {cfg.model.name} {cfg.model.params} on folds != {VAL_FOLD} -> {out_dir}", flush=True)
 
     def report(epoch: int, m: Dict[str, float], _: Path) -> None:
         val = f"  val Dice {m['val_dice']:.3f}" if "val_dice" in m else ""

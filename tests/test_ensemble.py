@@ -85,7 +85,8 @@ def test_members_sharing_plan_and_window_run_as_one_group(folder):
 def test_two_stage_centre_is_the_first_stage_foreground_centroid(folder, cases):
     ens = Ensemble.load(folder, CPU)
     assert ens.needs_centre
-    probs = ens._combine(ens.stage1, cases[:1], [None], vote=False)[0]
+    # The locating pass is coarse (no overlap, no TTA): the centre is its foreground centroid.
+    probs = ens._combine(ens.stage1, cases[:1], [None], vote=False, coarse=True)[0]
     fg = np.nonzero(ens._labels(probs))
     centre = ens.locate(cases[:1])[0]
     if fg[0].size:

@@ -5,8 +5,8 @@ outputs combine (weighted softmax mean, or weighted majority vote), mirror TTA,
 post-processing, and how crops are centred:
 
 * ``centring="two_stage"`` (source paper §2.5): a first stage runs the *locator* members over
-  the whole field of view, takes the centroid of the predicted foreground as the heart centre,
-  and the second stage runs every member on its training crop centred there. Transformer
+  the whole field of view (non-overlapping windows, no TTA: only a centroid is needed),
+  takes the centroid of the predicted foreground as the heart centre, and the second stage runs every member on its training crop centred there. Transformer
   members trained on 224 crops thus see the heart where they were trained to see it, without
   a special case in any model.
 * ``centring="image"``: crops centred on the image (what a single `robustseg predict` does).
@@ -288,8 +288,12 @@ class Ensemble:
 
     # -- inference ------------------------------------------------------------------------
     def _run_group(self, group: _Group, cases: Sequence[Case], centres: Sequence[Optional[Tuple[float, float]]],
-                   vote: bool) -> List[np.ndarray]:
-        """Probabilities (or weighted one-hot votes) of a group, on each case's original grid."""
+                   vote: bool, coarse: bool = False) -> List[np.ndarray]:
+        """Probabilities (or weighted one-hot votes) of a group, on each case's original grid.
+
+        ``coarse``: the locating pass, which only needs a centroid: non-overlapping windows and
+        no TTA (a sixteenth of the full sliding window's forwards with 0.5 overlap and 4 flips).
+        """
         p0 = group.first
         inf = p0.cfg.inference
         preps = []
@@ -298,7 +302,8 @@ class Ensemble:
             pre, record = plan.preprocess(case, centre_yx=None if group.full_fov else centre)
             preps.append((plan, pre.image, record))
         kwargs = dict(spatial_dims=p0.spatial_dims, num_classes=self.num_classes, patch_size=p0.patch_size,
-                      overlap=inf.overlap, gaussian=inf.gaussian, tta=self.spec.tta, batch_size=inf.batch_size,
+                      overlap=0.0 if coarse else inf.overlap, gaussian=inf.gaussian,
+                      tta=False if coarse else self.spec.tta, batch_size=inf.batch_size,
                       divisible_by=group.divisible_by(), amp=inference_amp(self.device))
         # 2D members see slices independently: stack every volume of the call into one batch.
         stacks: List[List[int]] = []
@@ -332,12 +337,12 @@ class Ensemble:
         return out  # type: ignore[return-value]
 
     def _combine(self, groups: Sequence[_Group], cases: Sequence[Case],
-                 centres: Sequence[Optional[Tuple[float, float]]], vote: bool) -> List[np.ndarray]:
+                 centres: Sequence[Optional[Tuple[float, float]]], vote: bool, coarse: bool = False) -> List[np.ndarray]:
         total = sum(sum(g.weights) for g in groups)
         acc: List[Optional[np.ndarray]] = [None] * len(cases)
         for g in groups:
             w = sum(g.weights) / total
-            for i, p in enumerate(self._run_group(g, cases, centres, vote)):
+            for i, p in enumerate(self._run_group(g, cases, centres, vote, coarse)):
                 acc[i] = w * p if acc[i] is None else acc[i] + w * p
         return acc  # type: ignore[return-value]
 
@@ -347,7 +352,7 @@ class Ensemble:
 
     def locate(self, cases: Sequence[Case]) -> List[Optional[Tuple[float, float]]]:
         """First stage: foreground centroid ``(y, x)`` in each case's original voxels (None if empty)."""
-        probs = self._combine(self.stage1, cases, [None] * len(cases), vote=False)
+        probs = self._combine(self.stage1, cases, [None] * len(cases), vote=False, coarse=True)
         centres: List[Optional[Tuple[float, float]]] = []
         for p in probs:
             fg = np.nonzero(self._labels(p))

@@ -12,6 +12,7 @@ is the normal way to stop (exit 0).
 from __future__ import annotations
 
 import argparse
+import os
 import signal
 import sys
 import time
@@ -131,15 +132,19 @@ def _run_service(args: argparse.Namespace, settings: ServeSettings, started: _St
     from trainables.ray_session import init_ray
 
     gpus = args.gpus if args.gpus is not None else (1.0 if args.device == "cuda" else 0.0)
+    # CPU replicas share the machine's cores: Ray caps an actor's torch threads at its CPUs
+    # (OMP_NUM_THREADS), so one CPU each would leave a single replica on one core.
+    cpus = 1.0 if gpus else float(max(1, min(args.num_cpus or os.cpu_count() or 1, os.cpu_count() or 1)
+                                          // max(1, args.replicas)))
     started.ray = not ray.is_initialized()
     init_ray(args.num_cpus)
     _stop_on_signals()  # ray.init replaces the SIGTERM handler with its own sys.exit
     print(f"starting the segmentation service: model {settings.model_uri}, {args.replicas} replica(s), "
-          f"{gpus:g} GPU each, upload limit {settings.max_upload_mb:g} MB, decoded volume limit "
+          f"{gpus:g} GPU and {cpus:g} CPU each, upload limit {settings.max_upload_mb:g} MB, decoded volume limit "
           f"{settings.max_decoded_mb:g} MB, in-flight budget {settings.max_inflight_mb:g} MB per replica ...",
           flush=True)
     started.serve = True
-    url = start_local(settings, args.host, args.port, num_replicas=args.replicas, num_gpus=gpus)
+    url = start_local(settings, args.host, args.port, num_replicas=args.replicas, num_cpus=cpus, num_gpus=gpus)
     started.serving = True
     print(f"serving at {url}  (docs: {url}/docs)")
     for method, path, what in ENDPOINTS:
