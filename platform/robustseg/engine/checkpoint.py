@@ -28,9 +28,13 @@ class CheckpointError(RobustsegError, ValueError):
 
 
 def unwrap(model: torch.nn.Module) -> torch.nn.Module:
-    """The plain module behind torch.compile / DDP wrappers (their state-dict keys differ)."""
-    inner = getattr(model, "_orig_mod", model)
-    return getattr(inner, "module", inner)
+    """The plain module behind any nesting of torch.compile / DDP wrappers (their state-dict keys differ)."""
+    while True:
+        inner = getattr(model, "_orig_mod", model)
+        inner = getattr(inner, "module", inner)
+        if inner is model:
+            return model
+        model = inner
 
 
 def rng_state(generator: Optional[torch.Generator]) -> Dict[str, Any]:

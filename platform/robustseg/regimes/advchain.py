@@ -67,7 +67,7 @@ import torch.nn.functional as F
 from robustseg.augment.advchain import TRANSFORMS, AdvChain, Affine, BiasField, Deformation, Noise, random_subchain
 from robustseg.config import ConfigError, doc
 from robustseg.registry import REGIMES
-from robustseg.regimes.supervised import autocast
+from robustseg.regimes.step import autocast, backward_and_step
 
 log = logging.getLogger(__name__)
 
@@ -352,10 +352,7 @@ class AdvChainRegime:
                 adv_heads = [h[n:] for h in heads]
                 adv_loss, _ = ctx.loss_fn(adv_heads[0] if isinstance(out, torch.Tensor) else adv_heads, moved)
                 loss = loss + p.adv_supervised_weight * adv_loss
-        loss.backward()
-        if p.grad_clip > 0:
-            torch.nn.utils.clip_grad_norm_(ctx.model.parameters(), p.grad_clip)
-        ctx.optimizer.step()
+        backward_and_step(ctx, loss, p.grad_clip)
         return loss.detach(), parts
 
     def state_dict(self) -> Dict[str, Any]:

@@ -40,9 +40,10 @@ from torch import Tensor
 
 from robustseg.augment.genesis import Corruption, corrupt, random_flips
 from robustseg.config import ConfigError, doc
+from robustseg.engine.checkpoint import unwrap
 from robustseg.models import size_multiple
+from robustseg.regimes.step import autocast, backward_and_step
 from robustseg.registry import REGIMES
-from robustseg.regimes.supervised import autocast
 
 _MG = "Models Genesis (Zhou et al., MedIA 2021; pytorch/config.py and utils.py of github.com/MrGiovanni/ModelsGenesis)"
 _EPS = 1e-6  # smallest intensity span (plan units): constant slices map to 0, not to NaN
@@ -183,12 +184,6 @@ def validation_samples(cases: Sequence[Mapping[str, Any]], dims: int, count: int
     return torch.cat([f[0] for f in fitted]), torch.cat([f[1] for f in fitted])
 
 
-def _bare(model: torch.nn.Module) -> torch.nn.Module:
-    """The module behind ``torch.compile`` and DDP (where ``spatial_dims`` and ``divisible_by`` live)."""
-    inner = getattr(model, "_orig_mod", model)
-    return inner.module if isinstance(inner, torch.nn.parallel.DistributedDataParallel) else inner
-
-
 # --------------------------------------------------------------------------- the regime
 @REGIMES.register("genesis", params=GenesisParams, data="images")
 class GenesisRegime:
@@ -229,10 +224,7 @@ class GenesisRegime:
         restored, tie = restoration(out)
         mse = F.mse_loss(restored, clean)
         loss = mse + tie
-        loss.backward()
-        if self.params.grad_clip > 0:
-            torch.nn.utils.clip_grad_norm_(ctx.model.parameters(), self.params.grad_clip)
-        ctx.optimizer.step()
+        backward_and_step(ctx, loss, self.params.grad_clip)
         return {"loss": loss.detach(), "mse": mse.detach()}
 
     def validate(self, val_cases: Sequence[Mapping[str, Any]]) -> Dict[str, float]:
@@ -247,7 +239,7 @@ class GenesisRegime:
         """
         ctx, p = self.ctx, self.params
         model = ctx.model
-        multiple = size_multiple(_bare(model))
+        multiple = size_multiple(unwrap(model))
         images, valid = validation_samples(val_cases, len(multiple), p.val_samples, p.val_crop, multiple)
         images, valid = images.to(ctx.device), valid.to(ctx.device)
         generator = torch.Generator(device=ctx.device).manual_seed(p.val_seed)

@@ -68,7 +68,7 @@ from robustseg.engine.pseudo_labels import load_pseudo_labels
 from robustseg.errors import DataError
 from robustseg.models import size_multiple
 from robustseg.registry import REGIMES
-from robustseg.regimes.supervised import autocast
+from robustseg.regimes.step import autocast, backward_and_step
 
 log = logging.getLogger(__name__)
 
@@ -181,14 +181,6 @@ def ema_update(teacher: torch.nn.Module, student: torch.nn.Module, decay: float)
         tb.copy_(sb)
 
 
-def _plain(model: torch.nn.Module) -> torch.nn.Module:
-    """The module behind any nesting of torch.compile / DDP wrappers."""
-    inner = unwrap(model)
-    while inner is not model:
-        model, inner = inner, unwrap(inner)
-    return inner
-
-
 def _non_leaf_memo(module: torch.nn.Module) -> Dict[int, torch.Tensor]:
     """Detached copies of the non-leaf tensors modules keep as attributes, keyed for `copy.deepcopy`.
 
@@ -209,7 +201,7 @@ def _non_leaf_memo(module: torch.nn.Module) -> Dict[int, torch.Tensor]:
 
 def make_teacher(model: torch.nn.Module) -> torch.nn.Module:
     """A frozen deep copy of the (unwrapped) student: no gradients, never in any optimiser."""
-    plain = _plain(model)
+    plain = unwrap(model)
     teacher = copy.deepcopy(plain, _non_leaf_memo(plain))
     for p in teacher.parameters():
         p.requires_grad_(False)
@@ -330,7 +322,7 @@ class MeanTeacher:
                               f"{ctx.num_classes} (model.num_classes)")
 
     def _prepare_pseudo(self, path: str) -> PseudoLabels:
-        multiple = size_multiple(_plain(self.ctx.model))
+        multiple = size_multiple(unwrap(self.ctx.model))
         if len(multiple) != 2:
             raise ConfigError("regime.params.pseudo_labels: pseudo-labelled patches are 2D; this model is "
                               f"{len(multiple)}D")
@@ -384,7 +376,7 @@ class MeanTeacher:
     # ------------------------------------------------------------------ losses
     def teacher_probs(self, view: torch.Tensor) -> torch.Tensor:
         """The teacher's softmax on its view, without gradients, in the student's train/eval mode."""
-        self.teacher.train(_plain(self.ctx.model).training)
+        self.teacher.train(unwrap(self.ctx.model).training)
         with torch.no_grad(), autocast(self.ctx):
             out = _first(self.teacher(view))
         return torch.softmax(out.float(), dim=1)
@@ -435,14 +427,11 @@ class MeanTeacher:
         if pseudo is not None:
             pseudo_loss = self._pseudo_loss(outs[2], pseudo[1], pseudo[2])
             loss = loss + p.pseudo_weight * pseudo_loss
-        loss.backward()
-        if p.grad_clip > 0:
-            torch.nn.utils.clip_grad_norm_(ctx.model.parameters(), p.grad_clip)
-        ctx.optimizer.step()
+        backward_and_step(ctx, loss, p.grad_clip)
 
         self.step += 1
         decay = ema_decay(self.step, self.current_decay())
-        ema_update(self.teacher, _plain(ctx.model), decay)
+        ema_update(self.teacher, unwrap(ctx.model), decay)
         return {"loss": loss.detach(), **parts, "consistency": consistency.detach(),
                 "consistency_weight": _scalar(w_cons, image.device), "pseudo_loss": pseudo_loss.detach(),
                 "ema_decay": _scalar(decay, image.device)}

@@ -2,7 +2,6 @@
 backward, gradient clipping, optimiser step. Mixup (thesis) is an option of the step."""
 from __future__ import annotations
 
-import contextlib
 from dataclasses import dataclass
 from typing import Any, Dict
 
@@ -10,6 +9,7 @@ import torch
 
 from robustseg.config import ConfigError, doc
 from robustseg.engine.losses import to_soft
+from robustseg.regimes.step import autocast, backward_and_step
 from robustseg.registry import REGIMES
 
 
@@ -22,13 +22,6 @@ class SupervisedParams:
     def __post_init__(self) -> None:
         if self.grad_clip < 0:
             raise ConfigError("regime.params.grad_clip must be >= 0")
-
-
-def autocast(ctx: Any) -> contextlib.AbstractContextManager:
-    """bf16 autocast on the step's device when enabled, else a no-op."""
-    if ctx.amp_dtype is None:
-        return contextlib.nullcontext()
-    return torch.autocast(device_type=ctx.device.type, dtype=ctx.amp_dtype)
 
 
 @REGIMES.register("supervised", params=SupervisedParams)
@@ -52,10 +45,7 @@ class Supervised:
         with autocast(ctx):
             out = ctx.model(image)
         loss, parts = ctx.loss_fn(out, target)
-        loss.backward()
-        if self.params.grad_clip > 0:
-            torch.nn.utils.clip_grad_norm_(ctx.model.parameters(), self.params.grad_clip)
-        ctx.optimizer.step()
+        backward_and_step(ctx, loss, self.params.grad_clip)
         return {"loss": loss.detach(), **parts}
 
     def state_dict(self) -> Dict[str, Any]:
