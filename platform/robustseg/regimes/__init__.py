@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import importlib
 from dataclasses import dataclass
-from typing import Any, Callable, Dict, Iterator, Optional
+from typing import Any, Callable, Dict, Iterator, Mapping, Optional, Protocol, runtime_checkable
 
 import torch
 
@@ -59,6 +59,27 @@ class StepContext:
     mixup_p: float = 0.0
     mixup_alpha: float = 0.4
     unlabelled: Optional[Iterator[Dict[str, torch.Tensor]]] = None
+
+
+@runtime_checkable
+class Regime(Protocol):
+    """The typed contract of a registered regime (see the module docstring).
+
+    Optional methods, looked up by the fit loop with ``getattr``: ``validate(val_cases) ->
+    dict`` (with ``"val_score"``) and ``eval_model() -> nn.Module``.
+    """
+
+    def setup(self, ctx: StepContext, params: Any) -> None:
+        """Keep the step context and the typed params; build what the steps need."""
+
+    def train_step(self, batch: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
+        """One optimisation step on ``batch``; the terms to average over the epoch."""
+
+    def state_dict(self) -> Dict[str, Any]:
+        """Everything beyond model/optimiser a bit-exact resume needs."""
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        """Restore `state_dict`'s output."""
 
 
 for _m in ("supervised", "advchain", "genesis", "mean_teacher"):
