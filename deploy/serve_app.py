@@ -89,7 +89,7 @@ class SegmentationService:
     def __init__(self, settings: Mapping[str, Any]) -> None:
         import torch
 
-        from robustseg.model_registry import load_ensemble
+        from robustseg.ensemble.registry import load_ensemble
 
         self.settings = ServeSettings(**settings)
         device = torch.device(self.settings.device) if self.settings.device else None

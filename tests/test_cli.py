@@ -204,7 +204,7 @@ def test_ensemble_predict_honours_force_and_fail_fast(tmp_path, capsys, monkeypa
 
     import numpy as np
 
-    import robustseg.model_registry as registry
+    import robustseg.ensemble.registry as registry
     from robustseg.data.io import write_with_geometry
     from robustseg.data.synthetic import make_cardiac_dataset
     from robustseg.ensemble import SPEC_FILE

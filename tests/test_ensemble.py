@@ -151,7 +151,7 @@ def test_from_checkpoints_defaults(folder):
 def test_cli_ensemble_from_checkpoints_saves_and_registers(folder, cases, tmp_path, capsys):
     """`robustseg ensemble --checkpoints`: given models -> folder (same masks as in process) -> registry."""
     from robustseg.cli import main
-    from robustseg.model_registry import list_versions, load_ensemble
+    from robustseg.ensemble.registry import list_versions, load_ensemble
 
     ckpts = tiny_member_checkpoints(folder.parent)
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"

@@ -12,9 +12,9 @@ import numpy as np
 import pytest
 import torch
 
-from robustseg import model_registry as reg
+from robustseg.ensemble import registry as reg
 from robustseg.ensemble import Ensemble
-from robustseg.ensemble_pyfunc import case_from_arrays, input_example
+from robustseg.ensemble.pyfunc import case_from_arrays, input_example
 from tiny_ensemble import tiny_ensemble_folder
 
 CPU = torch.device("cpu")

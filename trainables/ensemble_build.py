@@ -297,7 +297,7 @@ def _track(build: EnsembleBuild, base: ExperimentConfig, uri: str, sweep_run: Op
 
     from robustseg.engine import oof
     from robustseg.engine.metrics import to_csv
-    from robustseg.model_registry import log_ensemble, register_ensemble
+    from robustseg.ensemble.registry import log_ensemble, register_ensemble
     from robustseg.tracking import PARENT, ROLE, SWEEP, end_run, ensure_experiment
 
     client = MlflowClient(uri)

@@ -557,7 +557,7 @@ class FitTracker:
         end_run(self.tracking_uri, self.run_id, _status_for(exc), exc)
 
     def _log_curves(self, history: Sequence[Dict[str, Any]], tmp: Path) -> None:
-        from robustseg.engine.report import plot_history
+        from robustseg.engine.plots import plot_history
 
         if history:
             png = plot_history(history, tmp / "learning_curve.png")
@@ -619,7 +619,7 @@ def sweep_parent(cfg: ExperimentConfig, sweep_name: str, *, resume: bool = False
 
     Args:
         cfg: The sweep's base config.
-        sweep_name: Run name and tag ``robustseg.sweep``; `robustseg.report` finds sweeps by it.
+        sweep_name: Run name and tag ``robustseg.sweep``; `robustseg.sweep_report` finds sweeps by it.
         resume: Re-attach to the newest sweep run of that name (``tune --resume``).
         tags: Extra tags (search space, scheduler, number of trials).
     """

@@ -10,7 +10,8 @@ import pytest
 import torch
 
 from robustseg.analysis import svcca as sv
-from robustseg.cli.analysis import register, choose_slices, fit_to_patch, mlflow_metrics
+from robustseg.analysis.svcca_runs import choose_slices, fit_to_patch, mlflow_metrics
+from robustseg.cli.analysis import register
 from robustseg.config import ConfigError
 from robustseg.engine.checkpoint import CheckpointError, save_checkpoint
 from robustseg.models import build_model

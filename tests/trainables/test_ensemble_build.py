@@ -57,7 +57,7 @@ def test_build_reuses_folds_evaluates_out_of_fold_and_registers(sweep):
     root, res = sweep
     from mlflow import MlflowClient
 
-    import robustseg.model_registry as reg
+    import robustseg.ensemble.registry as reg
 
     build = build_ensemble("s", storage_path=str(root / "ray"), register="tiny-cmr", max_oof_cases=3, select="all")
     spec = build.ensemble.spec

@@ -4,9 +4,6 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence
-from urllib.parse import parse_qsl
-
-import yaml
 
 from robustseg.config import ExperimentConfig, SourceSpec
 from robustseg.errors import ConfigError
@@ -29,16 +26,10 @@ def human_bytes(n: float) -> str:
 
 
 def parse_source(arg: str) -> SourceSpec:
-    """``NAME:PATH[?key=value&...]`` -> `SourceSpec` (option values parsed as YAML scalars)."""
-    from robustseg.data.sources import parse_source_arg
+    """``NAME:PATH[?key=value&...]`` -> `SourceSpec` (`robustseg.data.sources.parse_source_spec`)."""
+    from robustseg.data.sources import parse_source_spec
 
-    try:
-        name, rest = parse_source_arg(arg)
-    except ValueError as e:
-        raise ConfigError(str(e)) from None
-    path, _, query = rest.partition("?")
-    options = {k: yaml.safe_load(v) for k, v in parse_qsl(query, keep_blank_values=True)}
-    return SourceSpec(name=name, path=path, options=options)
+    return parse_source_spec(arg)
 
 
 def load_config(path: Optional[str], overrides: Sequence[str]) -> ExperimentConfig:

@@ -17,8 +17,6 @@ import time
 from pathlib import Path
 from typing import Any, Callable, Optional
 
-import numpy as np
-
 from robustseg.cli.common import progress_bar
 from robustseg.config import ExperimentConfig, SourceSpec
 
@@ -62,6 +60,8 @@ def run_demo(workdir: str = "robustseg_work/demo", subjects: int = 8,
     Returns:
         Exit status (0 on success).
     """
+    import numpy as np
+
     from robustseg.cli.common import print_summary
     from robustseg.data.manifest import load_slices, read_manifest
     from robustseg.data.prepare import prepare
@@ -98,7 +98,7 @@ def _sweep(cfg: ExperimentConfig, trials: int) -> ExperimentConfig:
     """Step 3: the Optuna sweep on a local Ray, tracked in MLflow, with an HTML report."""
     from robustseg.cli.common import print_table
     from robustseg.config import absolute_workdir
-    from robustseg.report import write_report
+    from robustseg.sweep_report import write_report
     from robustseg.tracking import resolve_tracking_uri
     from trainables.ray_session import init_ray
     from trainables.tune_driver import run_sweep

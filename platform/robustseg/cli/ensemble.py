@@ -1,14 +1,13 @@
 """`robustseg ensemble` and `robustseg registry`, and prediction with an ensemble URI.
 
-Registered by `robustseg.cli` (`register`); `robustseg predict` calls
-`predict_with_ensemble` for ensemble URIs.
+Registered by `robustseg.cli` (`register`). Prediction with an ensemble URI is in the library:
+`robustseg.ensemble.predict`.
 """
 from __future__ import annotations
 
 import argparse
-import sys
 from pathlib import Path
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, Optional
 
 from robustseg.config import ExperimentConfig
 from robustseg.errors import ConfigError
@@ -38,43 +37,6 @@ def _weights(text: Optional[str]) -> Optional[Dict[str, float]]:
     return out
 
 
-def is_ensemble_uri(model: str) -> bool:
-    """Whether ``--model`` names an ensemble (folder with spec.json, or an MLflow model URI)."""
-    from robustseg.ensemble import SPEC_FILE
-
-    return model.startswith(("models:/", "runs:/")) or (Path(model) / SPEC_FILE).is_file()
-
-
-def predict_with_ensemble(model: str, inputs: str, output: str, *, tracking_uri: Optional[str] = None,
-                          device: Any = None, tta: Optional[bool] = None, progress: Any = None,
-                          force: bool = False, fail_fast: bool = True) -> List[Dict[str, Any]]:
-    """Segment every input with an ensemble; masks as ``<stem>_seg.nii.gz`` in each input's geometry.
-
-    Args:
-        model: Ensemble folder or MLflow model URI (``models:/name@alias``, ``runs:/...``).
-        inputs: A volume or picture file, or a folder of them.
-        output: Folder for the masks.
-        tracking_uri: MLflow store that resolves a ``models:/`` or ``runs:/`` URI.
-        device: Torch device for the members (None: CUDA when available).
-        tta: Override the ensemble's mirror TTA setting (None keeps it).
-        progress: tqdm-like factory.
-        force: Segment inputs that look like label maps instead of skipping them.
-        fail_fast: Raise at the first input that fails instead of recording it and going on.
-
-    Returns:
-        `robustseg.engine.predict.PredictionRows`: one row per mask (input, output, ``empty``,
-        voxels per structure), with the skipped and failed inputs.
-    """
-    from robustseg.engine.predict import segment_files
-    from robustseg.model_registry import load_ensemble
-
-    ens, _ = load_ensemble(model, tracking_uri, device)
-    if tta is not None:
-        ens.spec.tta = tta
-    return segment_files(lambda case: ens.predict_cases([case])[0], ens.spec.task, ens.spec.class_names, inputs,
-                         output, progress=progress, force=force, fail_fast=fail_fast)
-
-
 def ensemble_from_checkpoints(args: argparse.Namespace) -> int:
     """`robustseg ensemble --checkpoints`: any trained models -> an ensemble folder, optionally registered.
 
@@ -94,7 +56,7 @@ def ensemble_from_checkpoints(args: argparse.Namespace) -> int:
           f"{', '.join(m.name for m in ens.spec.members)}; task {ens.spec.task})")
     if args.no_tracking or args.no_register:
         return 0
-    from robustseg import model_registry as reg
+    from robustseg.ensemble import registry as reg
     from robustseg.tracking import analysis_run
 
     uri = tracking_uri_from_args(args)
@@ -109,7 +71,7 @@ def ensemble_from_checkpoints(args: argparse.Namespace) -> int:
 
 def cmd_ensemble(args: argparse.Namespace) -> int:
     """Run `robustseg ensemble`."""
-    from robustseg.cli.common import print_table, progress_bar, resolve_device
+    from robustseg.cli.common import progress_bar, resolve_device
     from trainables.ensemble_build import build_ensemble
 
     if args.checkpoints:
@@ -155,7 +117,7 @@ def print_ensemble_summary(build: Any) -> None:
 
 def cmd_registry(args: argparse.Namespace) -> int:
     """Run `robustseg registry list|promote|rollback`."""
-    from robustseg import model_registry as reg
+    from robustseg.ensemble import registry as reg
     from robustseg.cli.common import print_table
 
     uri = tracking_uri_from_args(args)
@@ -176,7 +138,7 @@ def cmd_registry(args: argparse.Namespace) -> int:
 
 def register(sub: Any) -> None:
     """Add the ``ensemble`` and ``registry`` subcommands."""
-    from robustseg.model_registry import DEFAULT_ALIAS, DEFAULT_NAME
+    from robustseg.ensemble.registry import DEFAULT_ALIAS, DEFAULT_NAME
 
     en = sub.add_parser(
         "ensemble", help="build, evaluate (out of fold), log and register the fold-by-architecture ensemble of a sweep",
@@ -224,5 +186,4 @@ def register(sub: Any) -> None:
     rg.set_defaults(fn=cmd_registry)
 
 
-__all__ = ["register", "cmd_ensemble", "cmd_registry", "is_ensemble_uri", "predict_with_ensemble",
-           "tracking_uri_from_args"]
+__all__ = ["register", "cmd_ensemble", "cmd_registry", "tracking_uri_from_args"]

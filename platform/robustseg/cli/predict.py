@@ -17,7 +17,8 @@ def cmd_predict(args: argparse.Namespace) -> int:
     maps are skipped with a notice unless ``--force``.
     """
     from robustseg.engine.predict import check_output_dir, list_inputs, predict_files
-    from robustseg.cli.ensemble import is_ensemble_uri, predict_with_ensemble, tracking_uri_from_args
+    from robustseg.cli.ensemble import tracking_uri_from_args
+    from robustseg.ensemble.predict import is_ensemble_uri, predict_with_ensemble
 
     # Before any model is loaded or request sent: a bad --output or --input costs nothing.
     check_output_dir(args.output)

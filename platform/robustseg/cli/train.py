@@ -11,7 +11,7 @@ from robustseg.cli.common import check_config, load_config, print_table, progres
 
 def cmd_train(args: argparse.Namespace) -> int:
     """Run `robustseg train` (one model, one fold, plain process)."""
-    from robustseg.engine.report import plot_history
+    from robustseg.engine.plots import plot_history
     from robustseg.engine.train import train_from_config
 
     overrides = list(args.overrides)
@@ -68,7 +68,7 @@ def cmd_tune(args: argparse.Namespace) -> int:
 
 def cmd_report(args: argparse.Namespace) -> int:
     """Run `robustseg report`: a self-contained HTML report of a sweep."""
-    from robustseg.report import write_report
+    from robustseg.sweep_report import write_report
     from robustseg.tracking import require_store, resolve_tracking_uri
 
     cfg = load_config(args.config, [])

@@ -229,7 +229,7 @@ def _names(stems: List[str], limit: int = 20) -> str:
 
 
 def _plot_dice(rows: List[Dict[str, Any]], names: Dict[int, str], path: Path) -> Path:
-    from robustseg.engine.report import _pyplot
+    from robustseg.engine.plots import _pyplot
 
     plt = _pyplot()
     labels = [n for c, n in sorted(names.items()) if c != 0]

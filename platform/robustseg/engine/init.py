@@ -53,7 +53,7 @@ def _from_checkpoint(path: Path) -> InitState:
 
 
 def _from_ensemble(uri: str, backbone: str, member: str, tracking_uri: Optional[str]) -> InitState:
-    from robustseg.model_registry import load_ensemble
+    from robustseg.ensemble.registry import load_ensemble
 
     # The config's own store: MLflow's default would be (and create) ./mlflow.db.
     ens, _ = load_ensemble(uri, tracking_uri=tracking_uri, device=torch.device("cpu"))

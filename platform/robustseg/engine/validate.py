@@ -19,7 +19,7 @@ def write_validation_artifacts(collected: Sequence[Mapping[str, Any]], cases: Se
     These are what the MLflow tracker uploads as the run's per-case metrics and overlays.
     """
     from robustseg.engine.metrics import to_csv
-    from robustseg.engine.report import plot_overlay
+    from robustseg.engine.plots import plot_overlay
 
     to_csv([c["row"] for c in collected], out_dir / "val_cases.csv")
     (out_dir / "overlays").mkdir(exist_ok=True)

@@ -40,4 +40,26 @@ def parse_source_arg(arg: str) -> "tuple[str, str]":
     return name, path
 
 
-__all__ = ["read_source", "parse_source_arg", "SOURCES", "Case", "List"]
+def parse_source_spec(arg: str) -> Any:
+    """``NAME:PATH[?key=value&...]`` -> `robustseg.config.SourceSpec` (option values parsed as YAML scalars).
+
+    Raises:
+        ConfigError: not ``NAME:PATH``.
+    """
+    from urllib.parse import parse_qsl
+
+    import yaml
+
+    from robustseg.config import SourceSpec
+    from robustseg.errors import ConfigError
+
+    try:
+        name, rest = parse_source_arg(arg)
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
+    path, _, query = rest.partition("?")
+    options = {k: yaml.safe_load(v) for k, v in parse_qsl(query, keep_blank_values=True)}
+    return SourceSpec(name=name, path=path, options=options)
+
+
+__all__ = ["read_source", "parse_source_arg", "parse_source_spec", "SOURCES", "Case", "List"]

@@ -10,7 +10,7 @@ from typing import Any, Dict
 
 import pytest
 
-from robustseg.report import SweepNotFound, Trial, load_sweep, param_importance, write_report
+from robustseg.sweep_report import SweepNotFound, Trial, load_sweep, param_importance, write_report
 
 PNG_IMG = '<img src="data:image/png;base64,'
 # (name, params, per-fold val_dice curves; None = the fold run failed before validating)

@@ -19,7 +19,7 @@ and combined there, so members with different plans can be mixed.
 
 The folder format (``spec.json`` + ``members/<name>.pt`` slim checkpoints holding weights,
 config and plan) is what the MLflow pyfunc model carries as artifacts
-(`robustseg.model_registry`); loading it needs torch, numpy, SimpleITK and this package only.
+(`robustseg.ensemble.registry`); loading it needs torch, numpy, SimpleITK and this package only.
 """
 from __future__ import annotations
 

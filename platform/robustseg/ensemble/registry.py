@@ -105,9 +105,9 @@ def log_ensemble(ens: Ensemble, *, tracking_uri: str, run_id: str, name: str = "
     """
     import mlflow
 
-    from robustseg.ensemble_pyfunc import ARTIFACT_KEY, input_example, signature
+    from robustseg.ensemble.pyfunc import ARTIFACT_KEY, input_example, signature
 
-    code = str(Path(__file__).resolve().parent)
+    code = str(Path(__file__).resolve().parents[1])  # the whole robustseg package ships with the model
     with tempfile.TemporaryDirectory() as tmp, mlflow_uri(tracking_uri):
         folder = ens.save(Path(tmp) / "ensemble")
         with mlflow.start_run(run_id=run_id), warnings.catch_warnings():
@@ -115,7 +115,7 @@ def log_ensemble(ens: Ensemble, *, tracking_uri: str, run_id: str, name: str = "
             warnings.filterwarnings("ignore", message=".*type hint", category=UserWarning)
             info = mlflow.pyfunc.log_model(
                 # Models from code: the class is rebuilt from the shipped package, not unpickled.
-                name=name, python_model=str(Path(code) / "pyfunc_entry.py"), artifacts={ARTIFACT_KEY: str(folder)},
+                name=name, python_model=str(Path(code) / "ensemble" / "pyfunc_entry.py"), artifacts={ARTIFACT_KEY: str(folder)},
                 code_paths=[code], signature=signature(), input_example=input_example(),
                 pip_requirements=_requirements(), metadata={"robustseg_spec": ens.spec.to_dict()})
     return info.model_uri
@@ -306,7 +306,7 @@ def load_ensemble(model_uri: str, tracking_uri: Optional[str] = None,
     import mlflow
     from mlflow.exceptions import MlflowException
 
-    from robustseg.ensemble_pyfunc import DEVICE_ENV
+    from robustseg.ensemble.pyfunc import DEVICE_ENV
 
     tracking_uri = _existing_store(tracking_uri)
     before = os.environ.get(DEVICE_ENV)
