@@ -153,3 +153,19 @@ def test_each_rule_fails_on_a_planted_violation(tmp_path, monkeypatch, source, p
         monkeypatch.setitem(MODULES, "robustseg.engine.fit", fit)
     monkeypatch.setattr(Path, "relative_to", lambda self, other: self)
     assert any(problem in p for p in violations()), violations()
+
+
+MAX_FUNCTION_LINES = 100
+
+
+def test_no_library_function_is_over_100_lines() -> None:
+    long = []
+    for name, path in sorted(MODULES.items()):
+        if not in_package(name, "robustseg"):
+            continue
+        for node in ast.walk(ast.parse(path.read_text(), str(path))):
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                lines = node.end_lineno - node.lineno + 1
+                if lines > MAX_FUNCTION_LINES:
+                    long.append(f"{path.relative_to(REPO)}:{node.lineno}: {node.name} is {lines} lines")
+    assert not long, "split these along their steps:\n" + "\n".join(long)

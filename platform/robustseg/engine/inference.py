@@ -133,6 +133,61 @@ def _window_runs(start: int, stop: int, n_images: int) -> List[Tuple[int, int, i
     return runs
 
 
+def _checked_window_args(models: Sequence[nn.Module], images: Tensor, patch_size: Optional[Sequence[int]],
+                         overlap: float, batch_size: int, divisible_by: Union[int, Sequence[int]],
+                         weights: Optional[Sequence[float]]) -> Tuple[Optional[List[float]], Tuple[int, ...], Tuple[int, ...]]:
+    """Validate the sliding window's arguments: (member weights normalised to sum 1, patch, size multiple).
+
+    Raises:
+        ValueError: bad weights, a model on another device than the image, or a patch, overlap,
+            batch size or size multiple that does not fit the image's dimensionality.
+    """
+    if weights is not None:
+        if len(weights) != len(models) or any(not math.isfinite(w) or w < 0 for w in weights) or sum(weights) <= 0:
+            raise ValueError(f"weights must be {len(models)} non-negative numbers with a positive sum, got {list(weights)}")
+        total = float(sum(weights))
+        weights = [float(w) / total for w in weights]
+    for m in models:
+        param = next(m.parameters(), None)
+        if param is not None and param.device != images.device:
+            raise ValueError(f"model is on {param.device} but the image is on {images.device}; move one of them")
+    nd = images.dim() - 1
+    if patch_size is None:
+        patch = tuple(int(s) for s in images.shape[1:])
+    else:
+        if len(patch_size) != nd:
+            raise ValueError(f"patch_size {tuple(patch_size)} must have {nd} entries for {nd}D windows")
+        patch = tuple(int(p) for p in patch_size)
+    if not 0 <= overlap < 1:
+        raise ValueError(f"overlap must be in [0, 1), got {overlap}")
+    div = (int(divisible_by),) * nd if isinstance(divisible_by, (int, np.integer)) else tuple(int(d) for d in divisible_by)
+    if len(div) != nd:
+        raise ValueError(f"divisible_by {div} must have {nd} entries for {nd}D windows")
+    if batch_size < 1 or min(div) < 1:
+        raise ValueError("batch_size and divisible_by must be >= 1")
+    return (None if weights is None else list(weights)), patch, div
+
+
+def _sum_members(models: Sequence[nn.Module], member_w: Sequence[float], batch: Tensor, batch_size: int,
+                 num_classes: int, amp: bool, acc: Tensor) -> None:
+    """``acc`` = the member-weighted sum of every window copy's probabilities (forwards of at most batch_size)."""
+    first = True
+    for model, w in zip(models, member_w):
+        if w == 0.0:
+            continue  # contributes nothing: skip its forward passes
+        # One window's mirror copies may outnumber batch_size (3D TTA: 8); split then.
+        for k in range(0, batch.shape[0], batch_size):
+            p = _forward_probs(model, batch[k : k + batch_size], num_classes, amp)
+            dst = acc[k : k + p.shape[0]]
+            if first and w == 1.0:
+                dst.copy_(p)
+            elif first:
+                torch.mul(p, w, out=dst)
+            else:
+                dst.add_(p, alpha=w)
+        first = False
+
+
 def _sliding_window(
     models: Sequence[nn.Module],
     images: Tensor,
@@ -147,30 +202,9 @@ def _sliding_window(
     weights: Optional[Sequence[float]] = None,
 ) -> Tensor:
     """Core: ``images (B, *spatial)`` -> probabilities ``(B, C, *spatial)``."""
-    if weights is not None:
-        if len(weights) != len(models) or any(not math.isfinite(w) or w < 0 for w in weights) or sum(weights) <= 0:
-            raise ValueError(f"weights must be {len(models)} non-negative numbers with a positive sum, got {list(weights)}")
-        total = float(sum(weights))
-        weights = [float(w) / total for w in weights]
-    for m in models:
-        param = next(m.parameters(), None)
-        if param is not None and param.device != images.device:
-            raise ValueError(f"model is on {param.device} but the image is on {images.device}; move one of them")
+    weights, patch, div = _checked_window_args(models, images, patch_size, overlap, batch_size, divisible_by, weights)
     nd = images.dim() - 1
     spatial = tuple(int(s) for s in images.shape[1:])
-    if patch_size is None:
-        patch = spatial
-    else:
-        if len(patch_size) != nd:
-            raise ValueError(f"patch_size {tuple(patch_size)} must have {nd} entries for {nd}D windows")
-        patch = tuple(int(p) for p in patch_size)
-    if not 0 <= overlap < 1:
-        raise ValueError(f"overlap must be in [0, 1), got {overlap}")
-    div = (int(divisible_by),) * nd if isinstance(divisible_by, (int, np.integer)) else tuple(int(d) for d in divisible_by)
-    if len(div) != nd:
-        raise ValueError(f"divisible_by {div} must have {nd} entries for {nd}D windows")
-    if batch_size < 1 or min(div) < 1:
-        raise ValueError("batch_size and divisible_by must be >= 1")
     # Windows must satisfy the network's size constraint too, so they are rounded up (per
     # axis: an anisotropic 3D U-Net needs 4 along z but 32 in-plane).
     patch = tuple(_round_up(p, d) for p, d in zip(patch, div))
@@ -220,21 +254,7 @@ def _sliding_window(
         crops = torch.cat([x[(slice(b0, b1),) + boxes[pos]] for pos, b0, b1 in runs])[:, None]
         batch = torch.cat([crops.flip(f) if f else crops for f in flips]) if n_flip > 1 else crops
         acc = acc_all[: n * n_flip]
-        first = True
-        for model, w in zip(models, member_w):
-            if w == 0.0:
-                continue  # contributes nothing: skip its forward passes
-            # One window's mirror copies may outnumber batch_size (3D TTA: 8); split then.
-            for k in range(0, batch.shape[0], batch_size):
-                p = _forward_probs(model, batch[k : k + batch_size], num_classes, amp)
-                dst = acc[k : k + p.shape[0]]
-                if first and w == 1.0:
-                    dst.copy_(p)
-                elif first:
-                    torch.mul(p, w, out=dst)
-                else:
-                    dst.add_(p, alpha=w)
-            first = False
+        _sum_members(models, member_w, batch, batch_size, num_classes, amp, acc)
         # Members are summed before un-flipping, so each chunk un-flips once per mirror copy
         # instead of once per member and copy.
         probs = acc[:n]  # flips[0] is the identity
