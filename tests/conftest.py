@@ -99,3 +99,35 @@ def _no_store_in_the_checkout() -> Any:
     yield
     appeared = [str(p) for p in watched if p.exists() and p not in before]
     assert not appeared, f"a test created an MLflow store in the checkout: {appeared}"
+
+
+# ------------------------------------------------------------------ nothing written into the checkout
+# Tests (and the commands they run) write under tmp_path, never into the repository (issue 13):
+# the untracked and ignored paths of the checkout are compared before and after the session.
+_CHECKOUT = Path(__file__).resolve().parents[1]
+_BUILD_LITTER = ("__pycache__", ".pytest_cache", ".egg-info")
+
+
+def _untracked_paths() -> "set[str] | None":
+    import subprocess
+
+    try:
+        out = subprocess.run(["git", "status", "--porcelain", "--ignored", "--untracked-files=all"], cwd=_CHECKOUT,
+                             capture_output=True, text=True, timeout=60, check=True).stdout
+    except (OSError, subprocess.SubprocessError):
+        return None  # not a git checkout: nothing to compare
+    paths = {line[3:] for line in out.splitlines() if line[:2] in ("??", "!!")}
+    return {p for p in paths if not any(part in p for part in _BUILD_LITTER)}
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _checkout_stays_clean() -> Any:
+    """Fails the session (a teardown error) when it left new files in the checkout."""
+    before = _untracked_paths()
+    yield
+    after = _untracked_paths()
+    if before is None or after is None:
+        return
+    new = sorted(p for p in after - before if not any(p.startswith(b) for b in before if b.endswith("/")))
+    assert not new, (f"the test session wrote into the checkout {_CHECKOUT} (tests must write under tmp_path): "
+                     + ", ".join(new[:20]))
