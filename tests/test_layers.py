@@ -107,6 +107,7 @@ def violations() -> List[str]:
         where = path.relative_to(REPO)
         core = any(in_package(name, f"robustseg.{c}") for c in CORE)
         cli = in_package(name, "robustseg.cli")
+        own = name if path.name == "__init__.py" else name.rpartition(".")[0]
         for base, names, line in imports(name):
             if core and in_package(base, "ray") and name not in RAY_ALLOWED:
                 out.append(f"{where}:{line}: the ML core imports ray")
@@ -114,7 +115,6 @@ def violations() -> List[str]:
                 out.append(f"{where}:{line}: only robustseg.cli may import {base}")
             if not cli and in_package(base, "robustseg.cli"):
                 out.append(f"{where}:{line}: imports {base} (only the command line may)")
-            own = name if path.name == "__init__.py" else name.rpartition(".")[0]
             if base in MODULES and not in_package(base, own):
                 for n in names:
                     if n.startswith("_") and not n.startswith("__") and f"{base}.{n}" not in MODULES:

@@ -134,8 +134,8 @@ def _run_service(args: argparse.Namespace, settings: ServeSettings, started: _St
     gpus = args.gpus if args.gpus is not None else (1.0 if args.device == "cuda" else 0.0)
     # CPU replicas share the machine's cores: Ray caps an actor's torch threads at its CPUs
     # (OMP_NUM_THREADS), so one CPU each would leave a single replica on one core.
-    cpus = 1.0 if gpus else float(max(1, min(args.num_cpus or os.cpu_count() or 1, os.cpu_count() or 1)
-                                          // max(1, args.replicas)))
+    cores = min(args.num_cpus or os.cpu_count() or 1, os.cpu_count() or 1)
+    cpus = 1.0 if gpus else float(max(1, cores // max(1, args.replicas)))
     started.ray = not ray.is_initialized()
     init_ray(args.num_cpus)
     _stop_on_signals()  # ray.init replaces the SIGTERM handler with its own sys.exit

@@ -37,7 +37,7 @@ same size keep the one found first in raster order, so results are deterministic
 """
 from __future__ import annotations
 
-from typing import Iterable, Optional, Sequence
+from typing import Iterable, Optional, Sequence, Tuple
 
 import numpy as np
 from scipy import ndimage
@@ -50,13 +50,19 @@ STRUCTURE_3D = ndimage.generate_binary_structure(3, 2)  # 18-connectivity (faces
 CARDIAC_STRUCTURES = (LV, MYO, RV)
 
 
-def _largest(mask: np.ndarray, structure: np.ndarray) -> np.ndarray:
-    """Largest connected component of a boolean array (all False if it is empty)."""
-    labelled, n = ndimage.label(mask, structure=structure)
-    if n <= 1:
-        return mask.copy()
+def _components(mask: np.ndarray, structure: np.ndarray = STRUCTURE_3D) -> Tuple[np.ndarray, np.ndarray]:
+    """Connected components of a boolean array: ``(labelled, sizes)``, ``sizes[0]`` (background) set to 0."""
+    labelled, _ = ndimage.label(mask, structure=structure)
     sizes = np.bincount(labelled.ravel())
     sizes[0] = 0
+    return labelled, sizes
+
+
+def _largest(mask: np.ndarray, structure: np.ndarray) -> np.ndarray:
+    """Largest connected component of a boolean array (all False if it is empty)."""
+    labelled, sizes = _components(mask, structure)
+    if len(sizes) <= 2:
+        return mask.copy()
     return labelled == int(np.argmax(sizes))
 
 
@@ -178,11 +184,9 @@ def keep_heart_column(label_zyx: np.ndarray, classes: Iterable[int] = (LV, MYO),
     out = label.copy()
     for c in classes:
         mask = label == c
-        labelled, n = ndimage.label(mask, structure=STRUCTURE_3D)
-        if n <= 1:
+        labelled, sizes = _components(mask)
+        if len(sizes) <= 2:
             continue
-        sizes = np.bincount(labelled.ravel())
-        sizes[0] = 0
         footprint = (labelled == int(np.argmax(sizes))).any(axis=0)
         if margin_px > 0:
             footprint = ndimage.binary_dilation(footprint, structure=STRUCTURE_2D, iterations=int(margin_px))
@@ -204,11 +208,9 @@ def keep_rv_beside_heart(label_zyx: np.ndarray, margin_px: int = 3) -> np.ndarra
     label = _check_3d(label_zyx, "label")
     out = label.copy()
     rv = label == RV
-    labelled, n = ndimage.label(rv, structure=STRUCTURE_3D)
-    if n <= 1:
+    labelled, sizes = _components(rv)
+    if len(sizes) <= 2:  # at most one component: nothing to choose
         return out
-    sizes = np.bincount(labelled.ravel())
-    sizes[0] = 0
     near = _in_plane_dilation((label == LV) | (label == MYO), margin_px)
     touching = np.unique(labelled[rv & near])
     touching = touching[touching > 0]
@@ -248,10 +250,9 @@ def remove_small_components(label_zyx: np.ndarray, classes: Iterable[int], min_v
     label = _check_3d(label_zyx, "label")
     out = label.copy()
     for c in classes:
-        labelled, n = ndimage.label(label == c, structure=STRUCTURE_3D)
-        if n == 0:
+        labelled, sizes = _components(label == c)
+        if len(sizes) <= 1:
             continue
-        sizes = np.bincount(labelled.ravel())
         small = np.flatnonzero(sizes < min_voxels)
         small = small[small > 0]
         if small.size:
