@@ -25,7 +25,7 @@ def cfg(tmp_path_factory: pytest.TempPathFactory) -> ExperimentConfig:
     c.tracking.workdir = str(work)
     c.tracking.tracking_uri = f"sqlite:///{work / 'mlflow.db'}"
     c.tracking.experiment = EXPERIMENT
-    c.model.params = {"filters": [8, 16, 32]}
+    c.model.params = {"filters_base": 8, "max_stages": 3}
     c.data.shards_uri = str(work / "shards")
     return c
 
@@ -75,7 +75,8 @@ def test_flatten_config_dotted_stringified_redacted(cfg: ExperimentConfig) -> No
     flat = tracking.flatten_config(c)
     assert all(isinstance(v, str) for v in flat.values())
     assert flat["optim.lr"] == "0.01" and flat["model.name"] == "unet2d"
-    assert json.loads(flat["model.params.filters"]) == [8, 16, 32]
+    assert flat["model.params.filters_base"] == "8"
+    assert json.loads(flat["data.cmr.crop_size"]) == list(c.data.cmr.crop_size)  # lists as JSON
     assert flat["regime.params"] == "{}"
     assert flat["data.storage.secret_key"] == "***" and "abc" not in flat["data.shards_uri"]
     assert "very-secret" not in json.dumps(flat)

@@ -22,8 +22,9 @@ def tiny_member_checkpoints(root: Path) -> List[Path]:
                                                ("unet", {"base": 4, "depth": 3})]):
         ckpt = root / f"member{fold}" / "best.pt"
         if not ckpt.is_file():
-            cfg = tiny_cfg(root, **{"data.val_fold": fold, "model.name": backbone, "optim.epochs": 2})
-            cfg.model.params = params
+            # Name and params together: the load-time check fits unet2d's params to unet otherwise.
+            cfg = tiny_cfg(root, **{"data.val_fold": fold, "model.name": backbone, "model.params": params,
+                                    "optim.epochs": 2})
             train_from_config(cfg, out_dir=ckpt.parent, device=torch.device("cpu"))
         out.append(ckpt)
     return out

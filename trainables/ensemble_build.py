@@ -90,7 +90,7 @@ def resolve_sweep(sweep: str, *, storage_path: Optional[str] = None, cfg: Option
         from mlflow import MlflowClient
         from mlflow.exceptions import MlflowException
 
-        from robustseg.tracking import SWEEP
+        from robustseg.tracking_tags import SWEEP
         from trainables.tune_tracking import SWEEP_PATH
 
         client = MlflowClient(tracking_uri)
@@ -216,7 +216,7 @@ def build_ensemble(sweep: str, *, storage_path: Optional[str] = None, backbones:
     from robustseg.data.storage import open_store
     from robustseg.engine import oof
     from robustseg.engine.predict import load_predictor
-    from robustseg.tracking import resolve_tracking_uri
+    from robustseg.tracking_store import resolve_tracking_uri
 
     path = resolve_sweep(sweep, storage_path=storage_path, tracking_uri=tracking_uri)
     base, choices, k_sweep = choose_trials(path, backbones)
@@ -229,7 +229,7 @@ def build_ensemble(sweep: str, *, storage_path: Optional[str] = None, backbones:
     sweep_name = path.rstrip("/").rsplit("/", 1)[-1]
     sweep_run = trial_runs = None
     if tracking:
-        from robustseg.tracking import find_run_id
+        from robustseg.tracking_tags import find_run_id
 
         sweep_run = find_run_id(uri, base.tracking.experiment, sweep_name)
         trial_runs = {c.trial: find_run_id(uri, base.tracking.experiment, c.trial, sweep_run) for c in choices}
@@ -273,7 +273,7 @@ def build_ensemble(sweep: str, *, storage_path: Optional[str] = None, backbones:
               "adding them lowered the out-of-fold Dice", flush=True)
     members, preds = zip(*[(m, p) for m, p in zip(members, preds) if m.backbone in keep])
     first = preds[0]
-    from robustseg.tracking import git_commit, manifest_uri
+    from robustseg.tracking_tags import git_commit, manifest_uri
 
     spec = EnsembleSpec(name=register or f"ensemble-{sweep_name}", task=first.task, class_names=dict(first.class_names),
                         members=list(members), label_convention=label_convention(first.task, first.class_names),
@@ -298,7 +298,9 @@ def _track(build: EnsembleBuild, base: ExperimentConfig, uri: str, sweep_run: Op
     from robustseg.engine import oof
     from robustseg.engine.metrics import to_csv
     from robustseg.ensemble.registry import log_ensemble, register_ensemble
-    from robustseg.tracking import PARENT, ROLE, SWEEP, end_run, ensure_experiment
+    from robustseg.tracking_runs import end_run
+    from robustseg.tracking_store import ensure_experiment
+    from robustseg.tracking_tags import PARENT, ROLE, SWEEP
 
     client = MlflowClient(uri)
     spec = build.ensemble.spec

@@ -183,7 +183,7 @@ def run_fold(cfg: ExperimentConfig, *, storage_path: str, run_name: str, mlflow:
 def _mark_failed(cfg: ExperimentConfig, mlflow: Dict[str, Any], exc: BaseException) -> None:
     """Mark the fold's MLflow run FAILED after Ray gave up on it (workers leave it RUNNING)."""
     try:
-        from robustseg.tracking import FitTracker
+        from robustseg.tracking_fit import FitTracker
 
         FitTracker(cfg, **mlflow).fail(exc)  # re-attaches the unfinished run of that name
     except Exception as e:  # tracking trouble must not hide the training error

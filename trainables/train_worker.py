@@ -159,7 +159,7 @@ def _tracker(cfg: ExperimentConfig, mlflow: Optional[Dict[str, Any]]) -> Any:
     if not mlflow:
         return None
     try:
-        from robustseg.tracking import FitTracker
+        from robustseg.tracking_fit import FitTracker
     except ImportError as e:  # tracking is optional for a training run
         log.warning("MLflow tracking requested but robustseg.tracking is unavailable: %s", e)
         return None

@@ -248,7 +248,7 @@ def run_sweep(cfg: ExperimentConfig, *, space: str, trials: int, concurrency: in
     if mlflow:
         # Trials resolve the tracking URI themselves: pin the driver's (env vars may not travel).
         try:
-            from robustseg.tracking import resolve_tracking_uri
+            from robustseg.tracking_store import resolve_tracking_uri
 
             d = cfg.to_dict()
             d["tracking"]["tracking_uri"] = resolve_tracking_uri(cfg)

@@ -37,12 +37,14 @@ class SweepTracking:
     """
 
     def __init__(self, cfg: ExperimentConfig, name: str, space: str, resume: bool, path: str = "") -> None:
-        from robustseg import tracking
+        from robustseg import tracking_runs
+        from robustseg.tracking_store import resolve_tracking_uri
 
-        self._tracking = tracking
-        self.uri = tracking.resolve_tracking_uri(cfg)
+        self._tracking = tracking_runs
+        self.uri = resolve_tracking_uri(cfg)
         self.experiment = cfg.tracking.experiment
-        self.run_id = tracking.sweep_parent(cfg, name, resume=resume, tags={"robustseg.space": space, SWEEP_PATH: path})
+        self.run_id = tracking_runs.sweep_parent(cfg, name, resume=resume,
+                                                 tags={"robustseg.space": space, SWEEP_PATH: path})
         #: What each trial needs to open its run under this sweep (goes into the trial config).
         self.info = {"tracking_uri": self.uri, "experiment": self.experiment, "parent_run_id": self.run_id}
 
@@ -101,10 +103,9 @@ class TrialTracking:
         self.info, self.run_id = dict(info or {}), None
         if not self.info:
             return
-        from robustseg import tracking
+        from robustseg.tracking_runs import child_run
 
-        self.run_id = tracking.child_run(cfg, self.info["parent_run_id"], name, trial_number=trial_number(name),
-                                         role="trial")
+        self.run_id = child_run(cfg, self.info["parent_run_id"], name, trial_number=trial_number(name), role="trial")
 
     def fold_kwargs(self, run_name: str) -> Optional[Dict[str, Any]]:
         """`robustseg.tracking.FitTracker` keyword arguments of one fold (None: tracking off)."""
@@ -116,16 +117,16 @@ class TrialTracking:
     def finish(self, fold_scores: Dict[int, float]) -> None:
         """Log ``cv_val_dice`` and the per-fold Dice, and end the run FINISHED."""
         if self.run_id:
-            from robustseg import tracking
+            from robustseg.tracking_runs import finish_trial
 
-            tracking.finish_trial(self.info["tracking_uri"], self.run_id, fold_scores)
+            finish_trial(self.info["tracking_uri"], self.run_id, fold_scores)
 
     def fail(self, message: str) -> None:
         """End the run FAILED with the folds' errors."""
         if self.run_id:
-            from robustseg import tracking
+            from robustseg.tracking_runs import end_run
 
-            tracking.end_run(self.info["tracking_uri"], self.run_id, "FAILED", error=FoldFailedError(message))
+            end_run(self.info["tracking_uri"], self.run_id, "FAILED", error=FoldFailedError(message))
 
 
 def trial_number(name: str) -> Optional[int]:

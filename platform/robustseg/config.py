@@ -20,7 +20,8 @@ from urllib.parse import urlparse
 
 import yaml
 
-from robustseg.errors import ConfigError
+from robustseg.errors import ConfigError, UnknownNameError
+from robustseg.registry import BACKBONES, PLANS, REGIMES, SECTION_CHECKS, SOURCES
 
 T = TypeVar("T")
 _URI_SCHEME = re.compile(r"^([A-Za-z][A-Za-z0-9+.\-]*)://")
@@ -153,9 +154,10 @@ class DataConfig:
              "synthetic) in the training batches; unlisted datasets weigh 1. Empty: every slice equally likely.",
         factory=dict)
     val_fold: int = doc(0, "Fold held out for validation when training one model (cross-validation sweeps set it per run).")
+    fg_fraction: float = doc(0.33, "Share of each training batch cropped around labelled foreground (nnU-Net's "
+                                   "oversample_foreground_percent); the rest are uniform crops.")
 
     def __post_init__(self) -> None:
-        _check_choice("data.plan", self.plan, ("cmr", "ct", "slices2d"))
         _check_choice("data.slice_dtype", self.slice_dtype, ("uint8", "float16", "float32"))
         if self.folds < 2:
             raise ConfigError(f"data.folds must be >= 2, got {self.folds}")
@@ -172,6 +174,8 @@ class DataConfig:
             raise ConfigError(f"data.sampling_weights must be non-negative numbers, got {bad}")
         if not 0 <= self.val_fold < self.folds:
             raise ConfigError(f"data.val_fold must be in [0, {self.folds}), got {self.val_fold}")
+        if not (isinstance(self.fg_fraction, (int, float)) and 0 <= self.fg_fraction <= 1):
+            raise ConfigError(f"data.fg_fraction must be a number in [0, 1], got {self.fg_fraction!r}")
 
 
 # --------------------------------------------------------------------------- model & training
@@ -304,6 +308,10 @@ class AugmentConfig:
     params: Dict[str, Any] = doc(text="Per-transform overrides of the preset.", factory=dict)
     mixup: float = doc(0.0, "Mixup probability per batch (0 disables).")
     mixup_alpha: float = doc(0.4, "Beta(alpha, alpha) parameter of the mixup ratio.")
+    source_patch: bool = doc(True, "2D training: crop each patch with a margin that covers its rotation and zoom "
+                                   "(nnU-Net's enlarged initial patch), so transformed patches show image, not "
+                                   "padding, in their corners, and motion corrupts the wider field; false: crop "
+                                   "the patch itself.")
 
 
 @dataclass
@@ -341,6 +349,13 @@ class ExperimentConfig:
     scaling: ScalingConfig = doc(text="Ray Train scaling.", factory=ScalingConfig)
     tracking: TrackingConfig = doc(text="MLflow tracking.", factory=TrackingConfig)
 
+    def __post_init__(self) -> None:
+        problems = check_components(self)
+        if len(problems) > 1:
+            problems = [f"{len(problems)} problems:", *problems]
+        if problems:
+            raise ConfigError("\n  ".join(problems))
+
     # ------------------------------------------------------------------ (de)serialisation
     def to_dict(self) -> Dict[str, Any]:
         """Plain nested dict (YAML/JSON/Ray safe)."""
@@ -371,6 +386,57 @@ class ExperimentConfig:
     def with_overrides(self, overrides: Sequence[str]) -> "ExperimentConfig":
         """A new config with dotted overrides applied."""
         return ExperimentConfig.from_dict(apply_overrides(self.to_dict(), overrides))
+
+
+# --------------------------------------------------------------------------- components
+def _named(key: str, registry: Any, name: str, params: Optional[Mapping[str, Any]], problems: List[str]) -> bool:
+    """Check one registered name and, when its entry declares a params dataclass, its params."""
+    try:
+        registry.get(name)
+    except UnknownNameError as e:
+        problems.append(f"{key}.name: {e.args[0]}")
+        return False
+    params_cls = registry.meta(name).get("params")
+    if params is not None and params_cls is not None:
+        try:
+            from_dict(params_cls, params, f"{key}.params ({name})")
+        except ConfigError as e:
+            problems.append(str(e))
+    return True
+
+
+def check_components(cfg: "ExperimentConfig") -> List[str]:
+    """Every problem with the components a config names, one line each (empty: none).
+
+    The single check behind loading: it runs whenever an `ExperimentConfig` is built (from
+    YAML, a dict, overrides or a Ray worker's payload), so `config validate`, `train`, `tune`
+    and the workers accept exactly the same configs. Checked against the registries (each
+    lists the valid names): the backbone and the regime with their typed params, every data
+    source and its options, the preprocessing plan, and the sections whose owners register a
+    check (the augmentation preset and its per-transform params).
+    """
+    problems: List[str] = []
+    dims = 2  # the augmentation's mirror axes are checked for 2D when the backbone is unknown
+    if _named("model", BACKBONES, cfg.model.name, cfg.model.params, problems):
+        dims = int(BACKBONES.meta(cfg.model.name).get("spatial_dims", dims))
+    _named("regime", REGIMES, cfg.regime.name, cfg.regime.params, problems)
+    if cfg.data.plan not in PLANS:
+        problems.append(f"data.plan: unknown preprocessing plan {cfg.data.plan!r}; valid: {', '.join(PLANS.names())}")
+    for i, src in enumerate(cfg.data.sources):
+        if src.name not in SOURCES:
+            problems.append(f"data.sources[{i}].name: unknown source {src.name!r}; valid: {', '.join(SOURCES.names())}")
+            continue
+        allowed = SOURCES.meta(src.name).get("options")
+        unknown = sorted(set(src.options) - set(allowed)) if allowed is not None else []
+        if unknown:
+            problems.append(f"data.sources[{i}] ({src.name}): unknown option(s) {unknown}; "
+                            f"valid: {sorted(allowed) or 'none'}")
+    for section in SECTION_CHECKS.names():
+        try:
+            SECTION_CHECKS.get(section)(cfg, dims)
+        except ConfigError as e:
+            problems.append(str(e))
+    return problems
 
 
 # --------------------------------------------------------------------------- helpers

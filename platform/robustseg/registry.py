@@ -3,10 +3,16 @@
 Backbones, regimes, data sources and search spaces are registered as tiny builder
 functions under a name; configs name them, and an unknown name fails with the list of
 valid ones instead of a KeyError deep inside a worker.
+
+Each registry names the package that registers its built-in entries (its *provider*) and
+imports it on first lookup. That is what lets `robustseg.config` check every name a config
+gives while it loads, without importing the component packages itself (they import the
+config: the dependency points one way, and the registry is the plug between them).
 """
 from __future__ import annotations
 
-from typing import Any, Callable, Dict, Generic, Iterator, TypeVar
+import importlib
+from typing import Any, Callable, Dict, Generic, Iterator, Optional, TypeVar
 
 from robustseg.errors import UnknownNameError
 
@@ -18,12 +24,25 @@ class Registry(Generic[T]):
 
     Args:
         kind: What is registered ("backbone", "source", ...), used in error messages.
+        provider: Dotted name of the module registering the built-in entries, imported on
+            the first lookup (None: entries come only from explicit registration).
     """
 
-    def __init__(self, kind: str) -> None:
+    def __init__(self, kind: str, provider: Optional[str] = None) -> None:
         self.kind = kind
+        self.provider = provider
+        self._loaded = provider is None
         self._items: Dict[str, T] = {}
         self._meta: Dict[str, Dict[str, Any]] = {}
+
+    def _load(self) -> None:
+        if not self._loaded:
+            self._loaded = True  # before the import: the provider's own registrations land here
+            try:
+                importlib.import_module(self.provider)
+            except BaseException:
+                self._loaded = False
+                raise
 
     def register(self, name: str, **meta: Any) -> Callable[[T], T]:
         """Decorator registering ``obj`` under ``name``; extra keywords are kept as metadata.
@@ -47,6 +66,7 @@ class Registry(Generic[T]):
         Raises:
             UnknownNameError: (a KeyError) naming the unknown entry and listing the valid ones.
         """
+        self._load()
         try:
             return self._items[name]
         except KeyError:
@@ -60,22 +80,28 @@ class Registry(Generic[T]):
 
     def names(self) -> list:
         """Sorted registered names."""
+        self._load()
         return sorted(self._items)
 
     def __contains__(self, name: object) -> bool:
+        self._load()
         return name in self._items
 
     def __iter__(self) -> Iterator[str]:
         return iter(self.names())
 
     def __len__(self) -> int:
+        self._load()
         return len(self._items)
 
 
-SOURCES: "Registry[Any]" = Registry("source")
-BACKBONES: "Registry[Any]" = Registry("backbone")
-REGIMES: "Registry[Any]" = Registry("regime")
-SEARCH_SPACES: "Registry[Any]" = Registry("search space")
-PLANS: "Registry[Any]" = Registry("preprocessing plan")
+SOURCES: "Registry[Any]" = Registry("source", "robustseg.data.sources")
+BACKBONES: "Registry[Any]" = Registry("backbone", "robustseg.models")
+REGIMES: "Registry[Any]" = Registry("regime", "robustseg.regimes")
+SEARCH_SPACES: "Registry[Any]" = Registry("search space", "search_spaces")
+PLANS: "Registry[Any]" = Registry("preprocessing plan", "robustseg.data.preprocess")
+#: Checks of a config section that its owning package knows how to make, run by
+#: `robustseg.config.check_components` as ``check(cfg, spatial_dims)`` (raise `ConfigError`).
+SECTION_CHECKS: "Registry[Any]" = Registry("config section check", "robustseg.augment")
 
-__all__ = ["Registry", "SOURCES", "BACKBONES", "REGIMES", "SEARCH_SPACES", "PLANS"]
+__all__ = ["Registry", "SOURCES", "BACKBONES", "REGIMES", "SEARCH_SPACES", "PLANS", "SECTION_CHECKS"]

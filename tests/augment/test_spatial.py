@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from robustseg.augment import build_augmenter
+from robustseg.augment.spatial import source_margin
 from robustseg.config import AugmentConfig
 
 
@@ -151,3 +152,51 @@ def test_3d_out_of_plane_rotation_and_elastic_keep_labels():
     img, lab = aug(label.float(), label, torch.Generator().manual_seed(0))
     assert set(lab.unique().tolist()) <= {0, 1, 3} and not torch.equal(lab, label)
     assert _iou(img > 0.5, lab > 0).min() > 0.9
+
+
+# ----------------------------------------------------------------- source patches (out_shape)
+def _source_augmenter(params: dict, out_shape=(32, 32)):
+    return build_augmenter(AugmentConfig(preset="none", params=params), 2, out_shape=out_shape)
+
+
+def test_a_source_patch_leaves_as_its_centre_window_exactly_when_untransformed():
+    label = _disks(4)  # 64 x 64 sources
+    image = torch.randn(4, 1, 64, 64)
+    img, lab = _source_augmenter({})(image, label, torch.Generator().manual_seed(0))
+    assert img.shape == (4, 1, 32, 32) and lab.shape == (4, 1, 32, 32)
+    assert torch.equal(img, image[:, :, 16:48, 16:48]) and torch.equal(lab, label[:, :, 16:48, 16:48])
+    # An input already at out_shape (or smaller) is augmented at its own shape.
+    small = torch.randn(2, 1, 24, 24)
+    assert _source_augmenter({})(small, torch.zeros(2, 1, 24, 24, dtype=torch.long),
+                                 torch.Generator())[0].shape == (2, 1, 24, 24)
+
+
+def test_a_rotated_source_patch_is_the_rotated_source_cut_not_a_padded_patch():
+    label = _disks(4)
+    image = label.float() + 1.0  # no zero anywhere in the source
+    aug = _source_augmenter({"rotation": {"p": 1, "degrees": [90, 90]}})
+    img, lab = aug(image, label, torch.Generator().manual_seed(0))
+    # A quarter turn of the whole source, then the centre window: pixel-exact for labels.
+    expected = torch.rot90(label, 1, dims=(2, 3))[:, :, 16:48, 16:48]
+    assert (lab != expected).float().mean() < 1e-3
+    assert torch.allclose(img, expected.float() + 1.0, atol=1e-4)
+    # 45 degrees and a 1.4 zoom-out stay inside a source with `source_margin`'s margin: no padding.
+    m = source_margin({"p": 1, "degrees": 45}, {"p": 1, "range": [0.7, 1.4]}, (32, 32))
+    assert m == [16, 16]  # 32 * sqrt(2) * 1.4 = 63.4 -> (63.4 - 32) / 2 rounded up
+    src = torch.ones(3, 1, 32 + 2 * m[0], 32 + 2 * m[1])
+    turned = _source_augmenter({"rotation": {"p": 1, "degrees": [45, 45]}, "scaling": {"p": 1, "range": [1.4, 1.4]}})
+    out, _ = turned(src, torch.zeros_like(src, dtype=torch.long), torch.Generator().manual_seed(1))
+    assert out.min() > 0.99  # no corner of the turned, zoomed-out patch reaches the padding
+    plain, _ = _augmenter({"rotation": {"p": 1, "degrees": [45, 45]}, "scaling": {"p": 1, "range": [1.4, 1.4]}})(
+        torch.ones(3, 1, 32, 32), torch.zeros(3, 1, 32, 32, dtype=torch.long), torch.Generator().manual_seed(1))
+    assert plain.min() == 0.0  # what the patch-only crop gave: zero corners
+
+
+def test_source_margin_is_zero_for_transforms_that_are_off():
+    assert source_margin({"p": 0.0, "degrees": 180}, {"p": 0.0, "range": [0.7, 1.4]}, (128, 96)) == [0, 0]
+    # 3 degrees need 4 px; the source is then grown to a multiple of 16 (136 -> 144) for the FFTs.
+    assert source_margin({"p": 0.2, "degrees": 3}, {"p": 0.0, "range": [0.7, 1.4]}, (128, 128)) == [8, 8]
+    h, w = source_margin({"p": 0.2, "degrees": 180}, {"p": 0.2, "range": [0.7, 1.4]}, (128, 128))
+    exact = math.ceil((128 * math.sqrt(2) * 1.4 - 128) / 2)  # 63: a 254 source
+    assert h == w == 64 and h >= exact and (128 + 2 * h) % 16 == 0
+    assert source_margin({"p": 1, "degrees": 10}, {"p": 0.0, "range": [1, 1]}, (33, 33)) == [3, 3]  # odd: as is

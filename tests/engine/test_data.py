@@ -48,6 +48,26 @@ def test_slice_batcher_shapes_fg_budget_and_determinism(store):
     assert not torch.equal(batch["image"], other["image"])
 
 
+@pytest.mark.parametrize("patch, margin", [((32, 32), (16, 16)), ((32, 32), (24, 8)), (None, (5, 5))])
+def test_source_patches_carry_the_same_patch_at_their_centre(store, patch, margin):
+    """A margin widens every crop around the SAME sampled patch (no extra draws), with the
+    slice's real pixels where they exist and zeros where the margin leaves the slice."""
+    st, m = store
+    data = load_slice_set(st, m)
+    plain = next(SliceBatcher(data, 16, patch, torch.Generator().manual_seed(4), fg_fraction=0.5))
+    wide_b = SliceBatcher(data, 16, patch, torch.Generator().manual_seed(4), fg_fraction=0.5, margin=margin)
+    wide = next(wide_b)
+    my, mx = margin
+    h, w = plain["image"].shape[2:]
+    assert wide["image"].shape == (16, 1, h + 2 * my, w + 2 * mx)
+    assert torch.equal(wide["image"][:, :, my:my + h, mx:mx + w], plain["image"])
+    assert torch.equal(wide["label"][:, :, my:my + h, mx:mx + w], plain["label"])
+    if patch is None:  # a whole slice: the margin is entirely outside it
+        assert wide["image"][:, :, :my].abs().sum() == 0 and wide["label"][:, :, :, -mx:].sum() == 0
+    else:  # inside the 64 x 64 slice the margin holds image: most source pixels are non-zero
+        assert (wide["image"] != 0).float().mean() > 0.5
+
+
 def test_patch_crops_keep_alignment_and_foreground(store):
     st, m = store
     data = load_slice_set(st, m)

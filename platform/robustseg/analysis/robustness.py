@@ -354,7 +354,7 @@ def log_to_mlflow(rows: Sequence[Mapping[str, Any]], summary: Sequence[Mapping[s
     Returns:
         The run id.
     """
-    from robustseg.tracking import analysis_run, log_metrics_batched
+    from robustseg.tracking_runs import analysis_run, log_metrics_batched
 
     models = list(dict.fromkeys(r["model"] for r in summary))
     with analysis_run(tracking_uri, experiment, run_name, ROLE, tags={"robustseg.models": ",".join(models)[:5000]},

@@ -241,7 +241,7 @@ class SVCCAJob:
 
 
 def _layers_for(loaded: LoadedModel, example: torch.Tensor, explicit: Optional[Sequence[str]], label: str) -> List[str]:
-    from robustseg.analysis.svcca import check_layers, default_layers
+    from robustseg.analysis.svcca_layers import check_layers, default_layers
 
     defaults = [info.name for info in default_layers(loaded.model, example)]
     if not explicit:
@@ -285,7 +285,8 @@ def run_svcca(job: SVCCAJob, opts: Any, progress: Optional[Any] = None,
 
     import torch
 
-    from robustseg.analysis import svcca as sv
+    from robustseg.analysis.svcca_activations import LayerSpace, capture_activations, similarity_matrix
+    from robustseg.analysis.svcca_outputs import PairSimilarity
 
     if not 1 <= len(job.runs) <= 2:
         raise ConfigError(f"--runs takes one or two runs, got {len(job.runs)}")
@@ -300,8 +301,8 @@ def run_svcca(job: SVCCAJob, opts: Any, progress: Optional[Any] = None,
     images, probe_info = load_probe(probe_uri, job.fold, job.max_slices, first.patch_size,
                                     storage=first.cfg.data.storage)
     layers = {label: _layers_for(m, images[:1].to(device), job.layers, label) for label, m in refs.items()}
-    spaces = {label: sv.LayerSpace(sv.capture_activations(m.model, images, layers[label], max_grid=opts.max_grid,
-                                                          batch_size=job.batch_size, device=device), opts)
+    spaces = {label: LayerSpace(capture_activations(m.model, images, layers[label], max_grid=opts.max_grid,
+                                                    batch_size=job.batch_size, device=device), opts)
               for label, m in refs.items()}
     curves = []
     for run in job.runs:
@@ -312,8 +313,8 @@ def run_svcca(job: SVCCAJob, opts: Any, progress: Optional[Any] = None,
     if len(job.runs) == 2:
         a, b = (r.label for r in job.runs)
         log(f"svcca: heatmap {a} ({len(layers[a])} layers) x {b} ({len(layers[b])} layers)")
-        matrix = sv.similarity_matrix(spaces[a], spaces[b], layers[a], layers[b], progress=progress)
-        pair = sv.PairSimilarity(a, b, layers[a], layers[b], matrix)
+        matrix = similarity_matrix(spaces[a], spaces[b], layers[a], layers[b], progress=progress)
+        pair = PairSimilarity(a, b, layers[a], layers[b], matrix)
     info = {"runs": {r.label: {"path": str(r.path), "reference": str(r.reference), "backbone": refs[r.label].backbone,
                                "reference_epoch": refs[r.label].epoch, "timeline": [str(p) for p in r.timeline]}
                      for r in job.runs},
@@ -326,9 +327,10 @@ def _training_curve(run: RunSpec, ref: LoadedModel, ref_space: Any, layers: List
     """One run's checkpoints, each loaded, captured and compared with the converged model, then freed."""
     import numpy as np
 
-    from robustseg.analysis import svcca as sv
+    from robustseg.analysis.svcca_activations import LayerSpace, capture_activations, layer_similarity
+    from robustseg.analysis.svcca_outputs import TrainingCurve
 
-    curve = sv.TrainingCurve(run.label, str(run.reference), ref.epoch)
+    curve = TrainingCurve(run.label, str(run.reference), ref.epoch)
     seen: set = set()
     steps = progress(run.timeline, desc=f"svcca {run.label}", unit="ckpt") if progress else run.timeline
     for path in steps:
@@ -339,9 +341,9 @@ def _training_curve(run: RunSpec, ref: LoadedModel, ref_space: Any, layers: List
         seen.add(epoch)
         if loaded.backbone != ref.backbone:
             raise ConfigError(f"{path}: a {loaded.backbone} checkpoint in a {ref.backbone} run")
-        acts = sv.capture_activations(loaded.model, images, layers, max_grid=opts.max_grid,
-                                      batch_size=job.batch_size, device=device)
-        curve.add(epoch, str(path), sv.layer_similarity(sv.LayerSpace(acts, opts), ref_space, layers))
+        acts = capture_activations(loaded.model, images, layers, max_grid=opts.max_grid,
+                                   batch_size=job.batch_size, device=device)
+        curve.add(epoch, str(path), layer_similarity(LayerSpace(acts, opts), ref_space, layers))
     order = np.argsort(curve.epochs, kind="stable")  # snapshots are sorted; last.pt may predate them
     curve.epochs = [curve.epochs[i] for i in order]
     curve.checkpoints = [curve.checkpoints[i] for i in order]
@@ -386,7 +388,7 @@ def log_to_mlflow(curves: Sequence[Any], pair: Optional[Any], files: Mapping[str
     Returns:
         The run id.
     """
-    from robustseg.tracking import analysis_run, log_metrics_batched
+    from robustseg.tracking_runs import analysis_run, log_metrics_batched
 
     with analysis_run(tracking_uri, experiment, run_name, ROLE, params=params) as (client, run_id):
         log_metrics_batched(client, run_id, mlflow_metrics(curves, pair))

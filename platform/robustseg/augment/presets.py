@@ -29,16 +29,17 @@ from __future__ import annotations
 import copy
 import numbers
 from dataclasses import dataclass, field
-from typing import Any, Callable, Dict, List, Mapping, Optional, Tuple, Union
+from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple, Union
 
 import torch
 from torch import Tensor
 
 from robustseg.augment.intensity import augment_intensity
 from robustseg.augment.motion import augment_motion, check_levels, check_phase_axis
-from robustseg.augment.spatial import augment_spatial, mirror
+from robustseg.augment.spatial import augment_spatial, mirror, source_margin
 from robustseg.config import AugmentConfig
 from robustseg.errors import ConfigError
+from robustseg.registry import SECTION_CHECKS
 
 Params = Dict[str, Dict[str, Any]]
 
@@ -263,6 +264,10 @@ class Augmenter:
         params: Resolved parameters (`resolve_params`), mirror axes filled in.
         mixup_p: Per-batch mixup probability (``AugmentConfig.mixup``), for ``describe``.
         mixup_alpha: Beta(alpha, alpha) of mixup (``AugmentConfig.mixup_alpha``), likewise.
+        out_shape: Training patch: a larger input (a source patch, see `source_margin`) leaves
+            as its centre window of this shape, resampled from the whole source by the
+            spatial step; motion, which runs first, corrupts the whole source. An input of
+            this shape or smaller is augmented at its own shape.
     """
 
     preset: str
@@ -270,6 +275,7 @@ class Augmenter:
     params: Params
     mixup_p: float = 0.0
     mixup_alpha: float = 0.0
+    out_shape: Optional[Tuple[int, ...]] = None
     last_info: Optional[Dict[str, Tensor]] = field(default=None, repr=False, compare=False)
 
     def __call__(self, image: Tensor, label: Tensor, generator: torch.Generator,
@@ -284,9 +290,9 @@ class Augmenter:
                 ``self.last_info``): ``(B,)`` bool per transform, ``mirror`` is ``(B, n_axes)``.
 
         Returns:
-            New ``(image, label)`` tensors (never views of the inputs) of the input shapes,
-            dtypes and device, plus ``info`` if asked. Samples that no transform picked are
-            bit-identical to the input.
+            New ``(image, label)`` tensors (never views of the inputs) of the input shapes
+            (cut to ``out_shape``), dtypes and device, plus ``info`` if asked. Samples that no
+            transform picked are bit-identical to the input (to its centre window).
         """
         _check_inputs(image, label, generator, self.spatial_dims)
         dtype = image.dtype
@@ -297,12 +303,16 @@ class Augmenter:
         info: Dict[str, Tensor] = {}
         x, level = augment_motion(x, self.params["motion"], generator)
         info["motion"] = level > 0
-        x, y = augment_spatial(x, y, self.params, generator, info)
+        x, y = augment_spatial(x, y, self.params, generator, info, self.out_shape)
         x = augment_intensity(x, self.params, generator, info)
         x, y = mirror(x, y, self.params["mirror"], generator, info)
         self.last_info = info
         x = x.to(dtype)
         return (x, y, info) if return_info else (x, y)
+
+    def source_margin(self, patch: Sequence[int]) -> List[int]:
+        """In-plane margin per side of the source patch that rotation and scaling need (2D)."""
+        return source_margin(self.params["rotation"], self.params["scaling"], patch)
 
     def describe(self) -> Dict[str, Any]:
         """Resolved parameters as plain Python values (for MLflow params/logs)."""
@@ -310,13 +320,16 @@ class Augmenter:
                 "mixup_alpha": self.mixup_alpha, "transforms": copy.deepcopy(self.params)}
 
 
-def build_augmenter(cfg: AugmentConfig, spatial_dims: int, plan: Optional[str] = None) -> Augmenter:
+def build_augmenter(cfg: AugmentConfig, spatial_dims: int, plan: Optional[str] = None,
+                    out_shape: Optional[Sequence[int]] = None) -> Augmenter:
     """Resolve ``cfg`` into an `Augmenter` for 2D or 3D batches.
 
     Args:
         cfg: The ``augment`` section of the experiment config.
         spatial_dims: 2 for ``(B, C, H, W)`` batches, 3 for ``(B, C, D, H, W)`` (D = slices).
         plan: The data's preprocessing plan (``data.plan``): what preset ``auto`` means.
+        out_shape: The training patch (see `Augmenter`), when batches may come as larger
+            source patches.
 
     Raises:
         ConfigError: unknown preset/transform/key, bad values, mirror axes beyond
@@ -337,4 +350,15 @@ def build_augmenter(cfg: AugmentConfig, spatial_dims: int, plan: Optional[str] =
     if mixup_alpha < 0 or (mixup_p > 0 and mixup_alpha == 0):
         raise ConfigError(f"augment.mixup_alpha must be > 0 when mixup is on, got {cfg.mixup_alpha!r}")
     return Augmenter(preset=preset, spatial_dims=spatial_dims, params=params, mixup_p=mixup_p,
-                     mixup_alpha=mixup_alpha)
+                     mixup_alpha=mixup_alpha, out_shape=None if out_shape is None else tuple(int(v) for v in out_shape))
+
+
+@SECTION_CHECKS.register("augment")
+def check_augment_section(cfg: Any, spatial_dims: int) -> None:
+    """The load-time check of ``augment`` (see `robustseg.config.check_components`).
+
+    Raises:
+        ConfigError: an unknown preset or a transform parameter out of range, as
+            `build_augmenter` would raise it when training starts.
+    """
+    build_augmenter(cfg.augment, spatial_dims, cfg.data.plan)

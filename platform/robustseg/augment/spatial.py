@@ -9,7 +9,10 @@ Mirroring is separate, by index (exact for labels), and runs last as in nnU-Net.
 
 Geometry conventions (tensor axes ``(H, W)`` in 2D, ``(D, H, W)`` in 3D, D the slice axis):
 
-* The output has the input's shape (nnU-Net samples a patch of the patch size).
+* The output has the input's shape, or ``out_shape`` when the caller hands in a larger source
+  patch: then the output is that source's centre, resampled straight from the source, so a
+  rotated or zoomed-out patch shows real image in its corners instead of padding (nnU-Net
+  crops an enlarged "initial patch" for the same reason; see `source_margin`).
 * A positive in-plane angle turns the content counter-clockwise as displayed with row 0 at
   the top (from +W towards -H), like ``torchvision.transforms.functional.rotate``.
 * Rotation is about the patch centre, in pixel units: non-square patches are not sheared.
@@ -22,7 +25,7 @@ Geometry conventions (tensor axes ``(H, W)`` in 2D, ``(D, H, W)`` in 3D, D the s
 from __future__ import annotations
 
 import math
-from typing import Any, Dict, Mapping, Optional, Sequence, Tuple
+from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -58,15 +61,58 @@ def rotation_matrix(angles: Tensor, nd: int) -> Tensor:
     return in_plane @ about_h @ about_w
 
 
-def _normalised_affine(backward: Tensor, shape: Sequence[int]) -> Tensor:
+def _normalised_affine(backward: Tensor, shape: Sequence[int], in_shape: Optional[Sequence[int]] = None) -> Tensor:
     """Pixel-space backward matrix (axis order) -> normalised-grid matrix (grid order).
 
     Normalised coordinate ``u = 2 p / N`` (align_corners=False, p measured from the centre),
-    so ``M[i, j] = A[i, j] * N_j / N_i``; grid_sample orders axes (x=W, y=H, z=D), the reverse.
+    so ``M[i, j] = A[i, j] * N_out_j / N_in_i``; grid_sample orders axes (x=W, y=H, z=D), the
+    reverse.
     """
     n = torch.tensor(list(shape), device=backward.device, dtype=backward.dtype)
-    m = backward * n[None, None, :] / n[None, :, None]
+    n_in = n if in_shape is None else torch.tensor(list(in_shape), device=backward.device, dtype=backward.dtype)
+    m = backward * n[None, None, :] / n_in[None, :, None]
     return m.flip(-1).flip(-2)
+
+
+def centre_starts(in_shape: Sequence[int], out_shape: Sequence[int]) -> Tuple[int, ...]:
+    """First index of the centred ``out_shape`` window in ``in_shape``, per axis."""
+    return tuple((int(i) - int(o)) // 2 for i, o in zip(in_shape, out_shape))
+
+
+def centre_crop(x: Tensor, out_shape: Sequence[int]) -> Tensor:
+    """The centred ``out_shape`` window of ``x`` ``(B, C, *S)``, as a new contiguous tensor."""
+    starts = centre_starts(x.shape[2:], out_shape)
+    window = tuple(slice(a, a + int(o)) for a, o in zip(starts, out_shape))
+    return x[(slice(None), slice(None), *window)].clone()
+
+
+def source_margin(rotation: Mapping[str, Any], scaling: Mapping[str, Any], patch: Sequence[int]) -> List[int]:
+    """In-plane margin (pixels per side) of a source patch that covers every rotated/zoomed patch.
+
+    nnU-Net's enlarged initial patch: the bounding box of the patch turned by up to
+    ``rotation["degrees"]`` and scaled by up to ``max(scaling["range"])``, for the last two
+    (in-plane) axes; transforms switched off (p = 0) need no margin.
+    """
+    h, w = (float(v) for v in patch[-2:])
+    span = rotation["degrees"]  # resolved: [lo, hi]; a bare number d means [-d, d]
+    span = [span] if isinstance(span, (int, float)) else span
+    deg = min(max(abs(float(v)) for v in span), 90.0) if rotation["p"] > 0 else 0.0
+    zoom = max(1.0, float(max(scaling["range"]))) if scaling["p"] > 0 else 1.0
+    angles = torch.linspace(0.0, math.radians(deg), 91, dtype=torch.float64)
+    c, s = angles.cos().abs(), angles.sin().abs()
+    ext_h, ext_w = float((h * c + w * s).max()) * zoom, float((w * c + h * s).max()) * zoom
+    return [_fft_friendly(int(size), max(0, math.ceil((ext - size) / 2))) for size, ext in ((h, ext_h), (w, ext_w))]
+
+
+def _fft_friendly(size: int, margin: int) -> int:
+    """Grow ``margin`` so that ``size + 2 margin`` is a multiple of 16 (even sizes only).
+
+    Motion runs on the source in k-space: a 2 x 127 = 254 pixel source (a 128 patch's exact
+    margin) makes every FFT a prime-length one, about 40x slower than 256.
+    """
+    if margin == 0 or size % 2:
+        return margin
+    return (-(-(size + 2 * margin) // 16) * 16 - size) // 2
 
 
 def _cubic_matrix(n_in: int, n_out: int, device: torch.device) -> Tensor:
@@ -102,18 +148,25 @@ def _elastic_field(magnitude: Tensor, shape: Sequence[int], control_points: int,
     return field
 
 
-def sampling_grid(backward: Tensor, shape: Sequence[int], displacement: Optional[Tensor] = None) -> Tensor:
+def sampling_grid(backward: Tensor, shape: Sequence[int], displacement: Optional[Tensor] = None,
+                  in_shape: Optional[Sequence[int]] = None) -> Tensor:
     """Per-sample grid ``(N, *S, nd)`` for ``F.grid_sample`` from pixel-space backward matrices.
 
     Args:
         backward: ``(N, nd, nd)`` matrices mapping an output pixel offset from the centre
             (tensor-axis order) to the input offset it samples.
-        shape: Spatial shape ``S``.
+        shape: Spatial shape ``S`` of the output.
         displacement: Optional ``(N, *S, nd)`` field in normalised grid units, applied before
             the affine part (deform, then rotate/scale, as nnU-Net).
+        in_shape: Spatial shape of the input when it is larger than the output: the output
+            centre then maps to the centre of the input's `centre_crop` window.
     """
     nd, n = len(shape), backward.shape[0]
-    m = _normalised_affine(backward, shape)
+    m = _normalised_affine(backward, shape, in_shape)
+    shift = [0.0] * nd  # grid order: the centre window's offset from the input centre, normalised
+    if in_shape is not None:
+        for c, (a, i, o) in enumerate(zip(centre_starts(in_shape, shape), in_shape, shape)):
+            shift[nd - 1 - c] = (2.0 * a + o - i) / i
     # Pixel-centre coordinates per grid component, each shaped to broadcast over (N, *S):
     # the affine part is then a handful of broadcast multiply-adds instead of a bmm with an
     # inner dimension of 2, which is slow on the CPU.
@@ -127,7 +180,8 @@ def sampling_grid(backward: Tensor, shape: Sequence[int], displacement: Optional
     out = []
     for c in range(nd):
         terms = [m[:, c, j].reshape(n, *([1] * nd)) * coords[j] for j in range(nd)]
-        out.append(sum(terms[1:], terms[0]).expand(n, *shape))
+        total = sum(terms[1:], terms[0])
+        out.append((total + shift[c] if shift[c] else total).expand(n, *shape))
     return torch.stack(out, dim=-1)
 
 
@@ -156,7 +210,8 @@ def _angles(cfg: Mapping[str, Any], b: int, nd: int, g: torch.Generator, dev: to
 
 
 def augment_spatial(image: Tensor, label: Tensor, params: Mapping[str, Mapping[str, Any]],
-                    g: torch.Generator, info: Dict[str, Tensor]) -> Tuple[Tensor, Tensor]:
+                    g: torch.Generator, info: Dict[str, Tensor],
+                    out_shape: Optional[Sequence[int]] = None) -> Tuple[Tensor, Tensor]:
     """Rotate, scale and elastically deform each sample through one grid.
 
     Args:
@@ -165,8 +220,16 @@ def augment_spatial(image: Tensor, label: Tensor, params: Mapping[str, Mapping[s
         params: Resolved parameters with ``rotation``, ``scaling``, ``elastic`` and ``spatial``.
         g: Generator on the tensors' device.
         info: Receives the ``(B,)`` masks ``rotation``, ``scaling``, ``elastic``.
+        out_shape: Output spatial shape when the input is a larger source patch: every sample
+            becomes the source's centre window, the transformed ones resampled from the whole
+            source (new tensors are returned). None or the input's shape: in place.
     """
-    b, nd, dev, shape = image.shape[0], image.ndim - 2, image.device, image.shape[2:]
+    in_shape = tuple(image.shape[2:])
+    shape = in_shape if out_shape is None else tuple(min(int(o), i) for o, i in zip(out_shape, in_shape))
+    source = (image, label) if shape != in_shape else None
+    if source is not None:
+        image, label = centre_crop(image, shape), centre_crop(label, shape)
+    b, nd, dev = image.shape[0], image.ndim - 2, image.device
     rot, scl, ela = params["rotation"], params["scaling"], params["elastic"]
     do_rot = bernoulli(rot["p"], (b,), g, dev)
     do_scl = bernoulli(scl["p"], (b,), g, dev)
@@ -188,9 +251,10 @@ def augment_spatial(image: Tensor, label: Tensor, params: Mapping[str, Mapping[s
     field = None
     if ela["p"] > 0:
         field = _elastic_field(magnitude[idx], shape, ela["control_points"], g)
-    grid = sampling_grid(backward, shape, field)
-    img = _resample_image(image.index_select(0, idx), grid, params["spatial"]["image_pad"])
-    lab = _resample_label(label.index_select(0, idx), grid)
+    src_img, src_lab = source if source is not None else (image, label)
+    grid = sampling_grid(backward, shape, field, in_shape if source is not None else None)
+    img = _resample_image(src_img.index_select(0, idx), grid, params["spatial"]["image_pad"])
+    lab = _resample_label(src_lab.index_select(0, idx), grid)
     if blend:  # every row was resampled; keep the untouched rows exact (no host sync)
         m = selected.reshape(b, *([1] * (image.ndim - 1)))
         return image.copy_(torch.where(m, img, image)), label.copy_(torch.where(m, lab, label))

@@ -13,14 +13,15 @@ from typing import Any
 from robustseg.analysis.svcca_runs import (SVCCAJob, curve_table, log_to_mlflow, pair_table, resolve_run,
                                            run_svcca)
 from robustseg.errors import ConfigError
-from robustseg.tracking import add_run_arguments
+from robustseg.tracking_runs import add_run_arguments
 
 
 def cmd_svcca(args: argparse.Namespace) -> int:
     """Run `robustseg analyze svcca`."""
-    from robustseg.analysis.svcca import SVCCAOptions, write_outputs
+    from robustseg.analysis.svcca_math import SVCCAOptions
+    from robustseg.analysis.svcca_outputs import write_outputs
     from robustseg.cli.common import print_table, progress_bar, resolve_device
-    from robustseg.tracking import cli_tracking_uri
+    from robustseg.tracking_runs import cli_tracking_uri
 
     opts = SVCCAOptions(keep=args.keep, max_points=args.max_points, max_grid=args.max_grid, seed=args.seed)
     job = SVCCAJob([resolve_run(r) for r in args.runs], layers=args.layers, probe=args.probe, fold=args.fold,

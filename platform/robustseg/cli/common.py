@@ -67,54 +67,6 @@ def print_summary(summary: Any) -> None:
         print(f"  ... and {len(summary.warnings) - 10} more warnings")
 
 
-def check_config(cfg: ExperimentConfig, where: str = "") -> None:
-    """What `train` checks before it touches data: the components a config names, and their params.
-
-    Loading (`ExperimentConfig.from_dict`) checks every section's keys and types; the backbone,
-    the regime and the augmentation preset are looked up by name and their free-form
-    ``params`` are checked here, with the same registries and builders the fit loop uses, so
-    ``config validate`` accepts exactly what ``train`` accepts. Every problem is reported,
-    not only the first.
-
-    Args:
-        cfg: A loaded config.
-        where: The config file, named in the error.
-
-    Raises:
-        ConfigError: one line per problem, each naming the key and listing the valid choices.
-    """
-    import robustseg.models  # noqa: F401  (registers the backbones)
-    import robustseg.regimes  # noqa: F401  (registers the regimes)
-    from robustseg.augment import build_augmenter
-    from robustseg.config import from_dict
-    from robustseg.errors import UnknownNameError
-    from robustseg.registry import BACKBONES, REGIMES
-
-    problems: List[str] = []
-    dims = 2  # the augmentation's mirror axes are checked for 2D when the backbone is unknown
-    for key, registry, section in (("model", BACKBONES, cfg.model), ("regime", REGIMES, cfg.regime)):
-        try:
-            registry.get(section.name)
-        except UnknownNameError as e:
-            problems.append(f"{key}.name: {e}")
-            continue
-        meta = registry.meta(section.name)
-        dims = int(meta.get("spatial_dims", dims)) if key == "model" else dims
-        try:
-            if meta.get("params") is not None:
-                from_dict(meta["params"], section.params, f"{key}.params ({section.name})")
-        except ConfigError as e:
-            problems.append(str(e))
-    try:
-        build_augmenter(cfg.augment, dims, cfg.data.plan)
-    except ConfigError as e:
-        problems.append(str(e))
-    if len(problems) > 1:
-        problems = [f"{len(problems)} problems:", *problems]
-    if problems:
-        raise ConfigError((f"{where}: " if where else "") + "\n  ".join(problems))
-
-
 def resolve_device(name: Optional[str]) -> Any:
     """``--device`` value -> `torch.device` (None: the command's default); CUDA must exist."""
     import torch

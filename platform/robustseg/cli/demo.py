@@ -99,7 +99,7 @@ def _sweep(cfg: ExperimentConfig, trials: int) -> ExperimentConfig:
     from robustseg.cli.common import print_table
     from robustseg.config import absolute_workdir
     from robustseg.sweep_report import write_report
-    from robustseg.tracking import resolve_tracking_uri
+    from robustseg.tracking_store import resolve_tracking_uri
     from trainables.ray_session import init_ray
     from trainables.tune_driver import run_sweep
 
@@ -151,7 +151,7 @@ def _serve(scfg: ExperimentConfig, build: Any) -> None:
     from robustseg.data.io import write_with_geometry
     from robustseg.data.synthetic import make_cardiac_dataset
     from robustseg.serving import settings_from
-    from robustseg.tracking import resolve_tracking_uri
+    from robustseg.tracking_store import resolve_tracking_uri
 
     model = f"models:/{build.ensemble.spec.name}@champion"
     print(f"[5/5] Ray Serve on 127.0.0.1 with {model}; one synthetic ED/ES pair over HTTP")

@@ -19,7 +19,7 @@ def _base_config(path: Optional[str]) -> ExperimentConfig:
 
 def tracking_uri_from_args(args: argparse.Namespace) -> str:
     """``--tracking-uri``, else the store of ``--config`` (if the command has one), else the default."""
-    from robustseg.tracking import resolve_tracking_uri
+    from robustseg.tracking_store import resolve_tracking_uri
 
     return args.tracking_uri or resolve_tracking_uri(_base_config(getattr(args, "config", None)))
 
@@ -57,7 +57,7 @@ def ensemble_from_checkpoints(args: argparse.Namespace) -> int:
     if args.no_tracking or args.no_register:
         return 0
     from robustseg.ensemble import registry as reg
-    from robustseg.tracking import analysis_run
+    from robustseg.tracking_runs import analysis_run
 
     uri = tracking_uri_from_args(args)
     members = {f"member.{m.name}": m.source for m in ens.spec.members}

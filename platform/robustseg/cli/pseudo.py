@@ -11,10 +11,10 @@ from __future__ import annotations
 import argparse
 import time
 from pathlib import Path
-from typing import Any, Dict, List, Mapping, Optional
+from typing import Any, Dict, List, Mapping
 
 from robustseg.errors import ConfigError
-from robustseg.tracking import add_run_arguments
+from robustseg.tracking_runs import add_run_arguments
 
 ROLE = "pseudo_labels"
 _METRICS = ("unlabelled_cases", "unlabelled_slices", "unlabelled_boxes", "skipped_slices", "labelled_boxes",
@@ -54,7 +54,7 @@ def log_to_mlflow(summary: Mapping[str, Any], files: Mapping[str, Path], *, trac
     Returns:
         The run id.
     """
-    from robustseg.tracking import analysis_run, log_metrics_batched
+    from robustseg.tracking_runs import analysis_run, log_metrics_batched
 
     params = {f"pl.{k}": v for k, v in summary["params"].items()}
     params.update({k: summary[k] for k in ("checkpoint", "encoder", "feature_module", "store", "fold")})
@@ -67,7 +67,7 @@ def log_to_mlflow(summary: Mapping[str, Any], files: Mapping[str, Path], *, trac
 
 
 def _params(args: argparse.Namespace) -> Any:
-    from robustseg.engine.pseudo_labels import PseudoLabelParams
+    from robustseg.engine.pseudo_labels_pipeline import PseudoLabelParams
 
     given = {"patch_size": args.patch, "window": parse_window(args.window) if args.window else None,
              "fold": args.fold, "max_unlabelled_cases": args.max_unlabelled, "dictionary_size": args.dictionary_size,
@@ -79,8 +79,9 @@ def _params(args: argparse.Namespace) -> Any:
 def cmd_pseudo_label(args: argparse.Namespace) -> int:
     """Run `robustseg pseudo-label`."""
     from robustseg.cli.common import progress_bar, resolve_device
-    from robustseg.engine.pseudo_labels import generate_pseudo_labels, write_outputs
-    from robustseg.tracking import cli_tracking_uri
+    from robustseg.engine.pseudo_labels_files import write_outputs
+    from robustseg.engine.pseudo_labels_pipeline import generate_pseudo_labels
+    from robustseg.tracking_runs import cli_tracking_uri
 
     params = _params(args)
     t0 = time.perf_counter()

@@ -32,7 +32,7 @@ from typing import Any, Dict, List, Sequence
 
 from robustseg.analysis.robustness_cases import load_eval_cases, load_segmenter, model_name
 from robustseg.errors import ConfigError
-from robustseg.tracking import add_run_arguments
+from robustseg.tracking_runs import add_run_arguments
 
 _NAMED = re.compile(r"^([\w.\-]+)=(.+)$")
 
@@ -117,7 +117,7 @@ def cmd_robustness(args: argparse.Namespace) -> int:
     """Run `robustseg robustness`."""
     from robustseg.analysis import robustness as rb
     from robustseg.cli.common import print_table, progress_bar, resolve_device
-    from robustseg.tracking import cli_tracking_uri
+    from robustseg.tracking_runs import cli_tracking_uri
 
     if not args.model:
         raise ConfigError("robustness needs at least one --model (checkpoint, ensemble folder or models:/ URI)")

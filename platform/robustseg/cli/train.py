@@ -6,7 +6,7 @@ import time
 from pathlib import Path
 from typing import Any, Dict
 
-from robustseg.cli.common import check_config, load_config, print_table, progress_bar, resolve_device
+from robustseg.cli.common import load_config, print_table, progress_bar, resolve_device
 
 
 def cmd_train(args: argparse.Namespace) -> int:
@@ -18,7 +18,6 @@ def cmd_train(args: argparse.Namespace) -> int:
     if args.fold is not None:
         overrides.append(f"data.val_fold={args.fold}")
     cfg = load_config(args.config, overrides)
-    check_config(cfg, args.config)  # the checks of `config validate`, before any data is prepared or read
     t0 = time.perf_counter()
     print(f"training {cfg.model.name} ({cfg.regime.name}) on {cfg.data.shards_uri}, validation fold {cfg.data.val_fold}, "
           f"{cfg.optim.epochs} epochs x {cfg.optim.iters_per_epoch} iterations x batch {cfg.optim.batch_size}")
@@ -49,7 +48,6 @@ def cmd_tune(args: argparse.Namespace) -> int:
     from trainables.tune_driver import run_sweep
 
     cfg = load_config(args.config, args.overrides)
-    check_config(cfg, args.config)  # as `train` does: a misspelt name fails here, not in every trial's worker
     from trainables.ray_session import init_ray
 
     init_ray(args.num_cpus)

@@ -181,11 +181,15 @@ class SliceBatcher:
         rows: Which slices are sampled: ``"labelled"`` (training-labelled: supervised
             regimes), ``"all"`` (every slice: self-supervised regimes) or ``"unlabelled"``
             (slices without a usable label: the unlabelled stream of semi-supervised regimes).
+        margin: ``(my, mx)`` pixels added on each side of every patch: batches are source
+            patches ``(h + 2 my, w + 2 mx)`` centred on the sampled patch (zero image and
+            label beyond the slice), for an `Augmenter` with ``out_shape`` = the patch.
     """
 
     def __init__(self, data: SliceSet, batch_size: int, patch_size: Optional[Sequence[int]],
                  generator: torch.Generator, fg_fraction: float = 0.33,
-                 dataset_weights: Optional[Mapping[str, float]] = None, rows: str = "labelled") -> None:
+                 dataset_weights: Optional[Mapping[str, float]] = None, rows: str = "labelled",
+                 margin: Sequence[int] = (0, 0)) -> None:
         usable = row_mask(data, rows)
         self.data = data.subset(usable)
         if rows != "labelled":
@@ -195,6 +199,7 @@ class SliceBatcher:
         h, w = self.data.images.shape[1:]
         self.patch = (h, w) if patch_size is None else (min(int(patch_size[0]), h), min(int(patch_size[1]), w))
         self.generator = generator
+        self.margin = (int(margin[0]), int(margin[1]))
         self.n_fg = int(round(batch_size * fg_fraction)) if bool(self.data.foreground.any()) else 0
         self.fg_index = self.data.foreground.nonzero().flatten()
         self._centres = self._fg_centres() if self.patch != (h, w) else None
@@ -226,6 +231,7 @@ class SliceBatcher:
             idx[: self.n_fg] = self.fg_index[pick]
         images, labels = self.data.images[idx], self.data.labels[idx]
         ph, pw = self.patch
+        y0 = x0 = torch.zeros(self.batch_size, dtype=torch.long, device=dev)
         if (ph, pw) != tuple(images.shape[1:]):
             centres = None
             if self._centres is not None:
@@ -240,11 +246,24 @@ class SliceBatcher:
                 ux = _crop_starts(images.shape[2], pw, self.batch_size, None, self.generator, dev)
                 fg = centres[:, 0] >= 0
                 y0, x0 = torch.where(fg, y0, uy), torch.where(fg, x0, ux)
-            rows = (y0[:, None] + torch.arange(ph, device=dev))[:, :, None]
-            cols = (x0[:, None] + torch.arange(pw, device=dev))[:, None, :]
-            b = torch.arange(self.batch_size, device=dev)[:, None, None]
-            images, labels = images[b, rows, cols], labels[b, rows, cols]
+        if (ph, pw) != tuple(images.shape[1:]) or any(self.margin):
+            images, labels = self._crop(images, labels, y0, x0)
         return {"image": images[:, None].float(), "label": labels[:, None].long()}
+
+    def _crop(self, images: torch.Tensor, labels: torch.Tensor, y0: torch.Tensor,
+              x0: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+        """Gather each patch (with its margin) by index; zeros where the margin leaves the slice."""
+        (ph, pw), (my, mx), dev = self.patch, self.margin, images.device
+        h, w = images.shape[1:]
+        rows = y0[:, None] - my + torch.arange(ph + 2 * my, device=dev)
+        cols = x0[:, None] - mx + torch.arange(pw + 2 * mx, device=dev)
+        b = torch.arange(self.batch_size, device=dev)[:, None, None]
+        at = (b, rows.clamp(0, h - 1)[:, :, None], cols.clamp(0, w - 1)[:, None, :])
+        images, labels = images[at], labels[at]
+        if my or mx:
+            inside = (((rows >= 0) & (rows < h))[:, :, None]) & (((cols >= 0) & (cols < w))[:, None, :])
+            images, labels = images * inside, labels * inside
+        return images, labels
 
     def state(self) -> Dict[str, Any]:
         """Nothing beyond the generator (saved with the checkpoint's RNG state)."""

@@ -157,12 +157,15 @@ def build_optimisation(cfg: ExperimentConfig, model: torch.nn.Module, init: Any)
 
 def build_regime(cfg: ExperimentConfig, run_model: torch.nn.Module, optimizer: torch.optim.Optimizer, dims: int,
                  generator: torch.Generator, device: torch.device, amp: Optional[torch.dtype],
-                 unlabelled: Optional[Iterator[Dict[str, torch.Tensor]]]) -> Any:
-    """The registered regime, set up on its step context."""
+                 unlabelled: Optional[Iterator[Dict[str, torch.Tensor]]],
+                 patch_size: Optional[Sequence[int]] = None) -> Any:
+    """The registered regime, set up on its step context (its augmenter cuts source patches to ``patch_size``)."""
     regime = REGIMES.get(cfg.regime.name)()
     params = from_dict(REGIMES.meta(cfg.regime.name)["params"], cfg.regime.params, f"regime.params ({cfg.regime.name})")
+    # 2D batches may come as larger source patches (`engine.train.source_margin`); 3D slabs never do.
+    augmenter = build_augmenter(cfg.augment, dims, cfg.data.plan, patch_size if dims == 2 else None)
     ctx = StepContext(model=run_model, optimizer=optimizer, loss_fn=DiceCELoss(cfg.loss, cfg.model.num_classes),
-                      augmenter=build_augmenter(cfg.augment, dims, cfg.data.plan), generator=generator, device=device,
+                      augmenter=augmenter, generator=generator, device=device,
                       amp_dtype=amp, num_classes=cfg.model.num_classes, mixup_p=cfg.augment.mixup,
                       mixup_alpha=cfg.augment.mixup_alpha, unlabelled=unlabelled)
     regime.setup(ctx, params)
@@ -313,7 +316,7 @@ def fit(cfg: ExperimentConfig, train_batches: Iterator[Dict[str, torch.Tensor]],
     optimizer, scheduler = build_optimisation(cfg, model, init)
     amp, dims = amp_dtype(cfg, device), spatial_dims(cfg.model.name)
     run_model = torch.compile(model) if cfg.optim.compile else model
-    regime = build_regime(cfg, run_model, optimizer, dims, generator, device, amp, unlabelled)
+    regime = build_regime(cfg, run_model, optimizer, dims, generator, device, amp, unlabelled, patch_size)
     run = Run(cfg=cfg, device=device, dims=dims, model=model, run_model=run_model, divisible=divisible,
               optimizer=optimizer, scheduler=scheduler, regime=regime, amp=amp)
     state = restore_progress(run, ckpt, generator)

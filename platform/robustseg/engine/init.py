@@ -69,7 +69,7 @@ def _from_run(uri: str, tracking_uri: Optional[str]) -> InitState:
     from mlflow import MlflowClient
     from mlflow.exceptions import MlflowException
 
-    from robustseg.tracking import require_store
+    from robustseg.tracking_store import require_store
 
     run_id = uri[len("runs:/"):].strip("/").split("/", 1)[0]
     if tracking_uri:
@@ -94,11 +94,11 @@ def resolve_init(cfg: ExperimentConfig) -> Optional[InitState]:
     if not spec:
         return None
     if spec.startswith("runs:/"):
-        from robustseg.tracking import resolve_tracking_uri
+        from robustseg.tracking_store import resolve_tracking_uri
 
         return _from_run(spec, resolve_tracking_uri(cfg))
     if spec.startswith("models:/"):
-        from robustseg.tracking import resolve_tracking_uri
+        from robustseg.tracking_store import resolve_tracking_uri
 
         return _from_ensemble(spec, cfg.model.name, cfg.regime.init_member, resolve_tracking_uri(cfg))
     if (Path(spec) / "spec.json").is_file():

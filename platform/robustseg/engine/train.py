@@ -13,6 +13,7 @@ from typing import Any, Callable, Optional, Sequence
 
 import torch
 
+from robustseg.augment import build_augmenter
 from robustseg.config import ExperimentConfig, absolute_workdir
 from robustseg.data.manifest import MANIFEST, Manifest, read_manifest
 from robustseg.data.storage import open_store
@@ -106,12 +107,14 @@ def train_from_config(cfg: ExperimentConfig, *, out_dir: Optional[Path] = None, 
         if dims == 3:
             if cfg.data.sampling_weights:
                 raise ConfigError("data.sampling_weights applies to 2D (slice) training; 3D batches sample cases")
-            batches = VolumeBatcher(train, cfg.optim.batch_size, patch, generator, rows=rows)
+            batches = VolumeBatcher(train, cfg.optim.batch_size, patch, generator, fg_fraction=cfg.data.fg_fraction,
+                                        rows=rows)
             if feed == "semi":
                 unlabelled = VolumeBatcher(train, cfg.optim.batch_size, patch, generator, rows="unlabelled")
         else:
             weights = cfg.data.sampling_weights or None
-            batches = SliceBatcher(train, cfg.optim.batch_size, patch, generator, dataset_weights=weights, rows=rows)
+            batches = SliceBatcher(train, cfg.optim.batch_size, patch, generator, fg_fraction=cfg.data.fg_fraction,
+                                   dataset_weights=weights, rows=rows, margin=source_margin(cfg, rows, patch))
             if feed == "semi":
                 unlabelled = SliceBatcher(train, cfg.optim.batch_size, patch, generator, rows="unlabelled")
         spacing = _median_spacing(train, dims)
@@ -133,6 +136,17 @@ def train_from_config(cfg: ExperimentConfig, *, out_dir: Optional[Path] = None, 
                class_names={int(k): v for k, v in manifest.class_names.items()}, spacing=spacing, device=device,
                extra_state=extra, resume=resume, callbacks=callbacks, progress=progress,
                model_wrapper=model_wrapper, write_checkpoints=write_checkpoints, rank=rank, unlabelled=unlabelled)
+
+
+def source_margin(cfg: ExperimentConfig, rows: str, patch: Sequence[int]) -> Sequence[int]:
+    """In-plane margin of the 2D source patches (``augment.source_patch``), for labelled batches.
+
+    Only the labelled stream goes through the augmenter in every regime (an unlabelled or
+    self-supervised stream may skip it), so only that stream comes with a margin.
+    """
+    if not cfg.augment.source_patch or rows != "labelled":
+        return (0, 0)
+    return build_augmenter(cfg.augment, 2, cfg.data.plan).source_margin(patch)
 
 
 def regime_data(name: str) -> str:

@@ -75,7 +75,7 @@ def _existing_store(tracking_uri: Optional[str]) -> str:
     """
     import mlflow
 
-    from robustseg.tracking import require_store
+    from robustseg.tracking_store import require_store
 
     return require_store(tracking_uri or mlflow.get_tracking_uri())
 

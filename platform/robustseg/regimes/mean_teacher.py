@@ -64,7 +64,7 @@ from robustseg.augment.mixup import asymmetric_mixup_batch, mixup_batch
 from robustseg.config import ConfigError, doc
 from robustseg.engine.checkpoint import CheckpointError, unwrap
 from robustseg.engine.losses import to_soft
-from robustseg.engine.pseudo_labels import load_pseudo_labels
+from robustseg.engine.pseudo_labels_files import load_pseudo_labels
 from robustseg.errors import DataError
 from robustseg.models import size_multiple
 from robustseg.registry import REGIMES
