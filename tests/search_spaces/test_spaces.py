@@ -179,7 +179,7 @@ def test_apply_sample_keeps_params_of_same_backbone_drops_on_switch():
 
 
 def test_apply_sample_lists_replace_and_bad_keys_fail():
-    base = ExperimentConfig.from_dict({"model": {"name": "attention_unet", "params": {"channels": [4, 8, 16]}}})
+    base = ExperimentConfig.from_dict({"model": {"name": "attention_unet", "params": {"channels": [4, 8, 16], "strides": [2, 2]}}})
     out = apply_sample(base.to_dict(), {"model/params/channels": [2, 4]})
     assert out["model"]["params"]["channels"] == [2, 4]
     with pytest.raises(ConfigError, match="no_such"):

@@ -141,10 +141,11 @@ def train_from_config(cfg: ExperimentConfig, *, out_dir: Optional[Path] = None, 
 def source_margin(cfg: ExperimentConfig, rows: str, patch: Sequence[int]) -> Sequence[int]:
     """In-plane margin of the 2D source patches (``augment.source_patch``), for labelled batches.
 
-    Only the labelled stream goes through the augmenter in every regime (an unlabelled or
-    self-supervised stream may skip it), so only that stream comes with a margin.
+    Only a regime registered with ``source_patches=True`` gets them: it promises to pass every
+    labelled batch through the augmenter (which cuts the patch back out). An unlabelled or
+    self-supervised stream, or a regime that reads raw batches, gets plain patches.
     """
-    if not cfg.augment.source_patch or rows != "labelled":
+    if not cfg.augment.source_patch or rows != "labelled" or not REGIMES.meta(cfg.regime.name).get("source_patches"):
         return (0, 0)
     return build_augmenter(cfg.augment, 2, cfg.data.plan).source_margin(patch)
 

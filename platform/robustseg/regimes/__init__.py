@@ -11,6 +11,9 @@ Optional parts of the contract:
   training-labelled slices), ``"images"`` (every training slice, labelled or not; labels are
   not used, e.g. self-supervised restoration) or ``"semi"`` (labelled batches, plus
   ``ctx.unlabelled`` yielding batches of the slices without a usable label).
+* ``source_patches=True`` at registration promises that every labelled batch goes through
+  ``ctx.augmenter``: 2D labelled batches may then come as larger source patches
+  (``augment.source_patch``), which the augmenter cuts back to the patch.
 * ``validate(val_cases) -> dict`` replaces the fit loop's Dice validation; it must return a
   ``"val_score"`` (higher is better) that selects the best checkpoint and drives early
   stopping (e.g. minus the restoration error of a pre-training regime).

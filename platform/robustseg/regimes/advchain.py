@@ -246,7 +246,7 @@ def frozen(model: torch.nn.Module) -> Iterator[None]:
             m.training = mode
 
 
-@REGIMES.register("advchain", params=AdvChainParams)
+@REGIMES.register("advchain", params=AdvChainParams, source_patches=True)
 class AdvChainRegime:
     """Supervised training with AdvChain adversarial consistency (see the module docstring)."""
 

@@ -280,7 +280,7 @@ def softmax_mse(student_logits: torch.Tensor, teacher_probs: torch.Tensor) -> to
     return ((torch.softmax(student_logits.float(), dim=1) - teacher_probs.float()) ** 2).mean()
 
 
-@REGIMES.register("mean_teacher", params=MeanTeacherParams, data="semi")
+@REGIMES.register("mean_teacher", params=MeanTeacherParams, data="semi", source_patches=True)
 class MeanTeacher:
     """Mean-teacher semi-supervised training with optional pseudo labels (see the module docstring)."""
 

@@ -24,7 +24,7 @@ class SupervisedParams:
             raise ConfigError("regime.params.grad_clip must be >= 0")
 
 
-@REGIMES.register("supervised", params=SupervisedParams)
+@REGIMES.register("supervised", params=SupervisedParams, source_patches=True)
 class Supervised:
     """Plain supervised training on labelled batches."""
 
