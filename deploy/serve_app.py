@@ -302,7 +302,8 @@ def build_app(args: Optional[Mapping[str, Any]] = None) -> serve.Application:
 
 def start_local(settings: ServeSettings, host: str = "127.0.0.1", port: int = 8000, *, num_replicas: int = 1,
                 num_cpus: float = 1.0, num_gpus: float = 0.0, timeout_s: float = 120.0, name: str = APP_NAME,
-                route_prefix: str = "/") -> str:
+                route_prefix: str = "/", resources: Optional[Dict[str, float]] = None,
+                max_replicas_per_node: Optional[int] = None) -> str:
     """Start Serve in this process's Ray (a local one if none) and deploy the service.
 
     A model that cannot load fails on the first attempt (no constructor retries: a load
@@ -318,6 +319,8 @@ def start_local(settings: ServeSettings, host: str = "127.0.0.1", port: int = 80
         timeout_s: How long to wait for ``/v1/health`` to answer.
         name: Serve application name (several can share one Serve).
         route_prefix: Where the application's routes start (``/v1/...`` below it).
+        resources: Custom Ray resources per replica (placement on chosen nodes).
+        max_replicas_per_node: At most this many replicas on one node (None: no limit).
 
     Returns:
         The base URL of the application (``http://127.0.0.1:8000``, plus the route prefix).
@@ -338,9 +341,12 @@ def start_local(settings: ServeSettings, host: str = "127.0.0.1", port: int = 80
         if "Failed to bind" in str(exc) or "address already in use" in str(exc).lower():
             raise port_error(host, port) from None
         raise
+    actor = {"num_cpus": float(num_cpus), "num_gpus": float(num_gpus)}
+    if resources:
+        actor["resources"] = dict(resources)
+    spread = {"max_replicas_per_node": int(max_replicas_per_node)} if max_replicas_per_node else {}
     deployment = SegmentationService.options(num_replicas=int(num_replicas), max_constructor_retry_count=1,
-                                             ray_actor_options={"num_cpus": float(num_cpus),
-                                                                "num_gpus": float(num_gpus)})
+                                             ray_actor_options=actor, **spread)
     try:
         serve.run(deployment.bind(settings.to_dict()), name=name, route_prefix=route_prefix, blocking=False)
     except RuntimeError as exc:

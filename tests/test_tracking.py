@@ -247,3 +247,51 @@ def test_require_store_never_creates_and_names_the_path(tmp_path: Path) -> None:
     db.parent.mkdir()
     db.touch()
     assert tracking.require_store(f"sqlite:///{db}") == f"sqlite:///{db}"
+
+
+def test_fit_tracker_logs_best_weights_and_no_scratch_paths(cfg: ExperimentConfig, client: Any, tmp_path: Path) -> None:
+    """The best weights become the run artifact ``checkpoints/best.pt`` (what ``regime.init: runs:/<id>``
+    loads); a checkpoint folder under the temp folder (a worker's scratch) is never recorded."""
+    import tempfile
+
+    import torch
+
+    from robustseg.engine.checkpoint import CheckpointError, save_checkpoint
+    from robustseg.engine.init import apply_init, resolve_init
+    from robustseg.models import build_model
+
+    assert str(tmp_path).startswith(str(Path(tempfile.gettempdir()).resolve()))  # scratch, as a worker's is
+    model = build_model(cfg.model, (64, 64), None)
+    weights = {k: v.clone() for k, v in model.state_dict().items()}
+    ckpt = save_checkpoint(tmp_path / "last.pt", {"model": weights, "config": cfg.to_dict(), "backbone": cfg.model.name})
+    result = SimpleNamespace(best_score=0.7, best_epoch=1, epochs_run=1, stopped_early=False, history=_history()[:1],
+                             last_checkpoint=ckpt, best_checkpoint=None)  # no best.pt: last.pt is logged as best
+    tracker = tracking.FitTracker(cfg, cfg.tracking.tracking_uri, EXPERIMENT, "weights-run")
+    tracker.on_epoch(1, {"loss": 1.0}, tmp_path / "last.pt")
+    tracker.finish(result, tmp_path)
+    tags = client.get_run(tracker.run_id).data.tags
+    assert tags["best_checkpoint"] == f"runs:/{tracker.run_id}/checkpoints/best.pt"
+    assert "last_checkpoint" not in tags and not any(str(tmp_path) in v for v in tags.values())
+    assert "checkpoints/best.pt" in _artifacts(client, tracker.run_id)
+
+    # Durable copies are recorded as given.
+    other = tracking.FitTracker(cfg, cfg.tracking.tracking_uri, EXPERIMENT, "durable-run")
+    other.finish(result, tmp_path, last_checkpoint="s3://bucket/runs/fold0/checkpoint_000001/last.pt")
+    assert client.get_run(other.run_id).data.tags["last_checkpoint"] == \
+        "s3://bucket/runs/fold0/checkpoint_000001/last.pt"
+
+    # regime.init: runs:/<id> downloads the artifact, even once the fit's folder is gone.
+    (tmp_path / "last.pt").unlink()
+    init_cfg = cfg.with_overrides([f"regime.init=runs:/{tracker.run_id}"])
+    fresh = build_model(cfg.model, (64, 64), None)
+    state = apply_init(fresh, resolve_init(init_cfg), init_cfg)
+    assert "checkpoints/best.pt" in state.where
+    assert all(torch.equal(fresh.state_dict()[k], weights[k]) for k in weights)
+
+    # A run without the artifact whose tags name nothing that exists: every attempt is listed.
+    bare = tracking.FitTracker(cfg, cfg.tracking.tracking_uri, EXPERIMENT, "bare-run")
+    tracking.end_run(cfg.tracking.tracking_uri, bare.run_id, "FINISHED")
+    client.set_tag(bare.run_id, "best_checkpoint", str(tmp_path / "gone" / "best.pt"))
+    with pytest.raises(CheckpointError, match=r"checkpoint not found; tried artifact checkpoints/best.pt.*"
+                                              r"best_checkpoint tag .*gone/best.pt: not found"):
+        resolve_init(cfg.with_overrides([f"regime.init=runs:/{bare.run_id}"]))

@@ -11,6 +11,11 @@
    ``ensemble`` run nested under the sweep run.
 4. Build the `robustseg.ensemble.Ensemble` over all backbones x folds, log it as a pyfunc
    model in that run and register it (alias ``champion`` by default).
+
+Where things live (`robustseg.durable`): the sweep, its fold runs and the ensemble folder
+(``<sweep>/ensemble/model``) are in the durable storage (``tracking.storage_uri``, a local folder
+or S3 reached with ``data.storage``); the registered model's artifacts are in MLflow's artifact
+store. For a sweep on S3 the folder is built in a local temp folder and copied up.
 """
 from __future__ import annotations
 
@@ -24,7 +29,8 @@ from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple
 
 import torch
 
-from robustseg.config import ExperimentConfig
+from robustseg import durable
+from robustseg.config import ExperimentConfig, StorageConfig
 from robustseg.ensemble import Ensemble, EnsembleSpec, MemberSpec, label_convention
 from robustseg.errors import RobustsegError
 from search_spaces import apply_sample
@@ -62,29 +68,36 @@ class EnsembleBuild:
     run_id: Optional[str] = None
     model_uri: Optional[str] = None
     version: Optional[str] = None
-
-
-def _exists(path: str) -> bool:
-    import pyarrow.fs as pafs
-
-    fs, p = pafs.FileSystem.from_uri(path) if "://" in path else (pafs.LocalFileSystem(), path)
-    return fs.get_file_info(p).type != pafs.FileType.NotFound
+    #: Where the ensemble folder lives durably (== ``folder`` when that is already durable).
+    stored: str = ""
 
 
 def resolve_sweep(sweep: str, *, storage_path: Optional[str] = None, cfg: Optional[ExperimentConfig] = None,
                   tracking_uri: Optional[str] = None, experiment: str = "") -> str:
     """The folder of a sweep given as a folder, a name under the storage path, or an MLflow run id/name.
 
+    Args:
+        sweep: Sweep folder (path or URI), name, or MLflow run id / name.
+        storage_path: Overrides the config's storage (`robustseg.durable.storage_uri`).
+        cfg: Config naming the storage (``tracking.storage_uri``) and its S3 settings (``data.storage``).
+        tracking_uri: MLflow store to look a run id or name up in.
+        experiment: MLflow experiment of a sweep given by name.
+
     Raises:
         SweepError: nothing matches (the message lists what was tried).
     """
+    cfg = cfg or ExperimentConfig(name="ensemble")
+    io = cfg.data.storage
+
+    def has_sweep(folder: str) -> bool:
+        return durable.exists(durable.join(folder, SWEEP_FILE), io)
+
     tried = [sweep]
-    if _exists(f"{sweep.rstrip('/')}/{SWEEP_FILE}"):
-        return sweep.rstrip("/")
-    root = storage_root(cfg or ExperimentConfig(name="ensemble"), storage_path)
-    cand = f"{root.rstrip('/')}/{sweep}"
+    if has_sweep(sweep):
+        return durable.absolute(sweep)
+    cand = durable.join(storage_root(cfg, storage_path), sweep)
     tried.append(cand)
-    if _exists(f"{cand}/{SWEEP_FILE}"):
+    if has_sweep(cand):
         return cand
     if tracking_uri:
         from mlflow import MlflowClient
@@ -104,20 +117,26 @@ def resolve_sweep(sweep: str, *, storage_path: Optional[str] = None, cfg: Option
                                           "tags.`robustseg.role` = 'sweep'", order_by=["attributes.start_time DESC"])
                 tags = runs[0].data.tags if runs else {}
         tried.append(f"MLflow run {sweep} at {tracking_uri}")
-        if tags.get(SWEEP_PATH) and _exists(f"{tags[SWEEP_PATH]}/{SWEEP_FILE}"):
+        if tags.get(SWEEP_PATH) and has_sweep(tags[SWEEP_PATH]):
             return tags[SWEEP_PATH]
     raise SweepError(f"sweep {sweep!r} not found (tried: {'; '.join(tried)})")
 
 
-def choose_trials(path: str, backbones: Optional[Sequence[str]] = None) -> Tuple[ExperimentConfig, List[Choice], int]:
+def choose_trials(path: str, backbones: Optional[Sequence[str]] = None, storage: Optional[StorageConfig] = None
+                  ) -> Tuple[ExperimentConfig, List[Choice], int]:
     """Base config, the best trial per backbone, and the sweep's number of folds.
+
+    Args:
+        path: The sweep folder (path or URI).
+        backbones: Backbones wanted (default: all with a usable trial).
+        storage: S3 settings for a sweep on S3 (``data.storage``).
 
     Raises:
         EnsembleBuildError: a requested backbone has no usable trial.
     """
-    meta = read_json(f"{path}/{SWEEP_FILE}")
+    meta = read_json(durable.join(path, SWEEP_FILE), storage)
     base = ExperimentConfig.from_dict(meta["base"])
-    trials = read_json(f"{path}/{TRIALS_FILE}")
+    trials = read_json(durable.join(path, TRIALS_FILE), storage)
     best: Dict[str, Choice] = {}
     rank = {"COMPLETE": 1, "STOPPED": 0}
     for t in trials["trials"]:
@@ -138,15 +157,15 @@ def choose_trials(path: str, backbones: Optional[Sequence[str]] = None) -> Tuple
     return base, [best[b] for b in wanted], int(trials.get("folds", base.data.folds))
 
 
-def fetch_best(checkpoint_dir: str, dest: Path) -> Path:
-    """Copy ``best.pt`` from a (local or remote) Ray checkpoint folder to ``dest``."""
-    import pyarrow.fs as pafs
+def fetch_best(checkpoint_dir: str, dest: Path, storage: Optional[StorageConfig] = None) -> Path:
+    """Copy ``best.pt`` from a (local or remote) Ray checkpoint folder to ``dest``.
 
-    fs, p = pafs.FileSystem.from_uri(checkpoint_dir) if "://" in checkpoint_dir else (pafs.LocalFileSystem(), checkpoint_dir)
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    src = f"{p.rstrip('/')}/{BEST_FILE}"
-    pafs.copy_files(src, str(dest), source_filesystem=fs, destination_filesystem=pafs.LocalFileSystem())
-    return dest
+    Args:
+        checkpoint_dir: ``run_fold(...)["checkpoint"]``: a path or a complete URI.
+        dest: Local file to write.
+        storage: S3 settings for a URI (``data.storage``).
+    """
+    return durable.download_file(durable.join(checkpoint_dir, BEST_FILE), dest, storage)
 
 
 def fold_models(path: str, choice: Choice, folds: int, *, mlflow: Optional[Dict[str, Any]] = None
@@ -163,14 +182,15 @@ def fold_models(path: str, choice: Choice, folds: int, *, mlflow: Optional[Dict[
     out = {}
     for k in range(folds):
         name = f"{choice.trial}_fold{k}"
-        prior = stored_result(f"{path}/folds", name)
+        folds_path = durable.join(path, "folds")
+        prior = stored_result(folds_path, name, storage=choice.cfg.data.storage)
         if prior is None or float((prior.metrics or {}).get("epoch", 0)) < choice.cfg.optim.epochs:
             from trainables.ray_session import init_ray
 
             init_ray()
             print(f"  training {choice.backbone} fold {k} ({name}): not finished in the sweep", flush=True)
         ml = dict(mlflow, run_name=name) if mlflow else None
-        res = run_fold(fold_config(choice.cfg, k), storage_path=f"{path}/folds", run_name=name, mlflow=ml)
+        res = run_fold(fold_config(choice.cfg, k), storage_path=folds_path, run_name=name, mlflow=ml)
         if res.get("error") or not res.get("checkpoint"):
             raise EnsembleBuildError(f"{choice.backbone} fold {k} ({name}): {res.get('error') or 'no checkpoint'}")
         out[k] = res
@@ -184,7 +204,8 @@ def build_ensemble(sweep: str, *, storage_path: Optional[str] = None, backbones:
                    register: Optional[str] = "robustseg-cmr", alias: Optional[str] = "champion",
                    tracking: bool = True, tracking_uri: Optional[str] = None, out_dir: Optional[Path] = None,
                    device: Optional[torch.device] = None, max_oof_cases: Optional[int] = None,
-                   progress: Optional[Callable[..., Any]] = None) -> EnsembleBuild:
+                   progress: Optional[Callable[..., Any]] = None, cfg: Optional[ExperimentConfig] = None
+                   ) -> EnsembleBuild:
     """Build, evaluate, log and register the fold-by-architecture ensemble of a sweep.
 
     Raises:
@@ -192,7 +213,9 @@ def build_ensemble(sweep: str, *, storage_path: Optional[str] = None, backbones:
 
     Args:
         sweep: Sweep folder, name under the storage path, or MLflow run id / name.
-        storage_path: Ray storage the sweep used (default ``<workdir>/ray_results``).
+        storage_path: Storage the sweep used; overrides the storage of ``cfg``
+            (`robustseg.durable.storage_uri`: ``tracking.storage_uri``, ``$ROBUSTSEG_STORAGE_URI``,
+            ``<workdir>/ray_results``).
         backbones: Backbones to include (default: every backbone with a usable trial).
         folds: Use the first N of the sweep's folds (default all; more than the sweep's K is
             refused: folds are fixed when the data is prepared).
@@ -207,10 +230,14 @@ def build_ensemble(sweep: str, *, storage_path: Optional[str] = None, backbones:
         alias: Alias for the new version (None: none).
         tracking: Log to MLflow (False: build and evaluate only; nothing registered).
         tracking_uri: MLflow URI (default: the sweep's).
-        out_dir: Where the ensemble folder and checkpoints go (default ``<sweep>/ensemble``, local).
+        out_dir: Where the ensemble folder and checkpoints go, locally (default ``<sweep>/ensemble``
+            for a local sweep; for a sweep on S3 a temp folder whose ``model`` folder is copied to
+            ``<sweep>/ensemble/model`` in the bucket, see ``EnsembleBuild.stored``).
         device: Evaluation/inference device.
         max_oof_cases: Most out-of-fold cases per fold.
         progress: tqdm-like factory.
+        cfg: Config naming the storage and its S3 settings (``data.storage``) to find the sweep
+            in; the sweep's own base config is used once found.
     """
     from robustseg.data.manifest import read_manifest
     from robustseg.data.storage import open_store
@@ -218,8 +245,9 @@ def build_ensemble(sweep: str, *, storage_path: Optional[str] = None, backbones:
     from robustseg.engine.predict import load_predictor
     from robustseg.tracking_store import resolve_tracking_uri
 
-    path = resolve_sweep(sweep, storage_path=storage_path, tracking_uri=tracking_uri)
-    base, choices, k_sweep = choose_trials(path, backbones)
+    io = (cfg or ExperimentConfig(name="ensemble")).data.storage
+    path = resolve_sweep(sweep, storage_path=storage_path, cfg=cfg, tracking_uri=tracking_uri)
+    base, choices, k_sweep = choose_trials(path, backbones, io)
     if select not in ("best", "all"):
         raise EnsembleBuildError(f"select must be 'best' or 'all', got {select!r}")
     k = folds or k_sweep
@@ -233,8 +261,9 @@ def build_ensemble(sweep: str, *, storage_path: Optional[str] = None, backbones:
 
         sweep_run = find_run_id(uri, base.tracking.experiment, sweep_name)
         trial_runs = {c.trial: find_run_id(uri, base.tracking.experiment, c.trial, sweep_run) for c in choices}
-    out = Path(out_dir) if out_dir else (Path(path) / "ensemble" if "://" not in path else
-                                         Path(tempfile.mkdtemp(prefix="robustseg-ensemble-")))
+    remote = out_dir is None and durable.is_remote(path)
+    out = Path(out_dir) if out_dir else (Path(tempfile.mkdtemp(prefix="robustseg-ensemble-")) if remote else
+                                         Path(path) / "ensemble")
     device = device or torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
     members, preds, by_arch = [], [], {}
@@ -246,7 +275,7 @@ def build_ensemble(sweep: str, *, storage_path: Optional[str] = None, backbones:
         by_arch[c.backbone] = {}
         for j, res in runs.items():
             name = f"{c.backbone}_fold{j}"
-            ckpt = fetch_best(res["checkpoint"], out / "checkpoints" / f"{name}.pt")
+            ckpt = fetch_best(res["checkpoint"], out / "checkpoints" / f"{name}.pt", c.cfg.data.storage)
             p = load_predictor(ckpt, device)
             by_arch[c.backbone][j] = p
             preds.append(p)
@@ -284,7 +313,9 @@ def build_ensemble(sweep: str, *, storage_path: Optional[str] = None, backbones:
                                     "trials": ",".join(f"{c.backbone}={c.trial}" for c in choices)})
     ens = Ensemble(spec, list(preds))
     folder = ens.save(out / "model")
-    build = EnsembleBuild(ens, folder, choices, summary, rows, sweep_path=path)
+    # A sweep on S3 keeps its ensemble folder there too: the local one is this node's copy.
+    stored = durable.upload_dir(folder, durable.join(path, "ensemble", "model"), io) if remote else str(folder)
+    build = EnsembleBuild(ens, folder, choices, summary, rows, sweep_path=path, stored=stored)
     if tracking:
         _track(build, base, uri, sweep_run, register, alias)
     return build
@@ -305,6 +336,8 @@ def _track(build: EnsembleBuild, base: ExperimentConfig, uri: str, sweep_run: Op
     client = MlflowClient(uri)
     spec = build.ensemble.spec
     tags = {ROLE: "ensemble", SWEEP: spec.provenance.get("sweep", "")}
+    if build.stored and not durable.is_scratch(build.stored):
+        tags["robustseg.ensemble_folder"] = build.stored
     if sweep_run:
         tags[PARENT] = sweep_run
     run = client.create_run(ensure_experiment(base, uri), run_name=f"ensemble-{spec.provenance.get('sweep')}", tags=tags)

@@ -6,6 +6,11 @@
 ``FailureConfig(max_failures=cfg.scaling.max_failures)`` so a killed worker resumes from the
 last reported epoch. `run_fold` fits it and returns a small summary dict for sweeps.
 
+Storage (`robustseg.durable`): ``storage_path`` is a local folder or a complete URI. An S3 URI
+is reached with ``cfg.data.storage`` (endpoint, credentials), and Ray gets that filesystem with
+the path without its scheme; the summary's checkpoint is a complete ``s3://`` URI again, so any
+node (and `history_of`, `trainables.ensemble_build.fetch_best`) can open it.
+
 Resuming in Ray 2.60 (Train V2). ``TorchTrainer.restore`` and ``TorchTrainer.can_restore``
 are deprecated stubs that raise ``DeprecationWarning``. V2 resumes by name instead: a new
 trainer with the same ``RunConfig(name, storage_path)`` loads the run's
@@ -19,12 +24,13 @@ that has one, so nothing is silently continued or overwritten.
 """
 from __future__ import annotations
 
+import json
 import logging
 import math
-from pathlib import Path
-from typing import Any, Callable, Dict, List, Optional, Sequence
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
-from robustseg.config import ExperimentConfig
+from robustseg import durable
+from robustseg.config import ExperimentConfig, StorageConfig
 from robustseg.errors import ConfigError
 
 log = logging.getLogger(__name__)
@@ -35,25 +41,31 @@ SNAPSHOT = "checkpoint_manager_snapshot.json"
 
 def storage_uri(storage_path: str) -> str:
     """An absolute local path or a URI as-is: Ray workers run in other directories."""
-    if "://" in str(storage_path):
-        return str(storage_path)
-    return str(Path(storage_path).expanduser().resolve())
+    return durable.absolute(storage_path)
 
 
-def can_resume(storage_path: str, run_name: str, storage_filesystem: Any = None) -> bool:
+def _ray_storage(storage_path: str, storage_filesystem: Any, storage: Optional[StorageConfig]) -> Tuple[str, Any]:
+    """``(path, filesystem)`` as Ray takes them: a given filesystem as-is (``storage_path`` is a
+    path in it), else `robustseg.durable.ray_storage` (S3 from ``storage``, local as a plain path)."""
+    if storage_filesystem is not None:
+        return str(storage_path), storage_filesystem
+    return durable.ray_storage(storage_uri(storage_path), storage)
+
+
+def can_resume(storage_path: str, run_name: str, storage_filesystem: Any = None,
+               storage: Optional[StorageConfig] = None) -> bool:
     """Whether ``<storage_path>/<run_name>`` holds a Ray Train run with reported checkpoints.
 
     Args:
-        storage_path: The ``RunConfig.storage_path`` of the run (path or URI).
+        storage_path: The run's storage (local path or URI such as ``s3://bucket/prefix``).
         run_name: The ``RunConfig.name`` of the run.
         storage_filesystem: A custom pyarrow filesystem (then ``storage_path`` is a path in it).
+        storage: S3 endpoint and credentials for a URI (``data.storage``).
     """
     import pyarrow.fs as pafs
 
-    if storage_filesystem is not None:
-        fs, root = storage_filesystem, str(storage_path)
-    else:
-        fs, root = pafs.FileSystem.from_uri(storage_uri(storage_path))
+    root, fs = _ray_storage(storage_path, storage_filesystem, storage)
+    fs = fs or pafs.LocalFileSystem()
     info = fs.get_file_info(f"{root.rstrip('/')}/{run_name}/{SNAPSHOT}")
     return info.type == pafs.FileType.File
 
@@ -65,14 +77,15 @@ def build_trainer(cfg: ExperimentConfig, *, storage_path: str, run_name: str, ml
 
     Args:
         cfg: The experiment; ``data.val_fold`` is held out, ``scaling`` sizes the workers.
-        storage_path: Where Ray persists checkpoints (local path or URI, e.g. ``s3://...``).
+        storage_path: Where Ray persists checkpoints (local path or URI, e.g. ``s3://...``; an S3
+            URI is reached with ``cfg.data.storage``, and Ray gets that filesystem).
         run_name: The run's folder under ``storage_path``; the same name resumes the run.
         mlflow: ``robustseg.tracking.FitTracker`` keyword arguments (tracking_uri, experiment,
             run_name, parent_run_id, tags) for rank 0, or None for no tracking.
         callbacks: Ray Train ``RunConfig`` callbacks (e.g. Tune's ``TuneReportCallback``).
         worker_callbacks: Picklable per-epoch callbacks run in every worker before the report
             (e.g. `trainables.train_worker.FailOnce`).
-        storage_filesystem: A custom pyarrow filesystem for ``storage_path``.
+        storage_filesystem: A custom pyarrow filesystem for ``storage_path`` (then a path in it).
         shuffle_buffer: Rows in each worker's local shuffle buffer (default: streaming's).
 
     Raises:
@@ -102,13 +115,15 @@ def build_trainer(cfg: ExperimentConfig, *, storage_path: str, run_name: str, ml
     weights = cfg.data.sampling_weights
     dataset = slice_dataset(cfg.data, manifest, exclude_folds=[cfg.data.val_fold], labelled_only=labelled_only,
                             columns=TRAIN_COLUMNS + (("dataset",) if weights else ()), shuffle_seed=cfg.optim.seed)
-    resources: Dict[str, float] = {"CPU": float(sc.cpus_per_worker)}
+    resources: Dict[str, float] = {**{k: float(v) for k, v in sc.resources_per_worker.items()},
+                                   "CPU": float(sc.cpus_per_worker)}
     if sc.use_gpu:
         resources["GPU"] = float(sc.gpus_per_worker)
     loop_config: Dict[str, Any] = {"experiment": cfg.to_dict(), "layout": manifest.layout.to_dict(),
                                    "mlflow": mlflow, "callbacks": list(worker_callbacks)}
     if shuffle_buffer is not None:
         loop_config["shuffle_buffer"] = int(shuffle_buffer)
+    ray_path, ray_fs = _ray_storage(storage_path, storage_filesystem, cfg.data.storage)
     if weights:
         loop_config["dataset_accept"] = acceptance_rates(counts, weights)
     return TorchTrainer(
@@ -118,8 +133,8 @@ def build_trainer(cfg: ExperimentConfig, *, storage_path: str, run_name: str, ml
         scaling_config=ScalingConfig(num_workers=sc.num_workers, use_gpu=sc.use_gpu, resources_per_worker=resources),
         run_config=RunConfig(
             name=run_name,
-            storage_path=storage_path if storage_filesystem is not None else storage_uri(storage_path),
-            storage_filesystem=storage_filesystem,
+            storage_path=ray_path,
+            storage_filesystem=ray_fs,
             failure_config=FailureConfig(max_failures=sc.max_failures),
             # Every checkpoint folder holds last.pt and best.pt: two keep a fallback, not a history.
             checkpoint_config=CheckpointConfig(num_to_keep=2),
@@ -155,11 +170,12 @@ def run_fold(cfg: ExperimentConfig, *, storage_path: str, run_name: str, mlflow:
     Raises:
         FileExistsError: ``resume=False`` and the run folder already holds a run.
     """
-    if not resume and can_resume(storage_path, run_name, storage_filesystem):
+    io = cfg.data.storage
+    if not resume and can_resume(storage_path, run_name, storage_filesystem, io):
         raise FileExistsError(f"{storage_path}/{run_name} already holds a Ray Train run: pass resume=True to "
                               "continue it, or choose another run name")
     if resume:
-        prior = stored_result(storage_path, run_name, storage_filesystem)
+        prior = stored_result(storage_path, run_name, storage_filesystem, io)
         # A run that reached its last epoch is returned as stored: starting workers only to
         # find nothing left to train costs a worker group start-up per fold on a resumed sweep.
         if prior is not None and float((prior.metrics or {}).get("epoch", 0)) >= cfg.optim.epochs:
@@ -174,7 +190,7 @@ def run_fold(cfg: ExperimentConfig, *, storage_path: str, run_name: str, mlflow:
         if mlflow:
             _mark_failed(cfg, mlflow, e)
         try:
-            result = stored_result(storage_path, run_name, storage_filesystem)
+            result = stored_result(storage_path, run_name, storage_filesystem, io)
         except Exception:  # nothing usable persisted: the error says why
             result = None
     return summarise(result, error)
@@ -190,42 +206,55 @@ def _mark_failed(cfg: ExperimentConfig, mlflow: Dict[str, Any], exc: BaseExcepti
         log.warning("could not mark the MLflow run %s FAILED: %s", mlflow.get("run_name"), e)
 
 
-def stored_result(storage_path: str, run_name: str, storage_filesystem: Any = None) -> Any:
-    """The ``ray.train.Result`` persisted for a run (latest checkpoint and its metrics), or None."""
+def stored_result(storage_path: str, run_name: str, storage_filesystem: Any = None,
+                  storage: Optional[StorageConfig] = None) -> Any:
+    """The ``ray.train.Result`` persisted for a run (latest checkpoint and its metrics), or None.
+
+    Args:
+        storage_path: The run's storage (local path or URI).
+        run_name: The run's name.
+        storage_filesystem: A custom filesystem (then ``storage_path`` is a path in it).
+        storage: S3 endpoint and credentials for a URI (``data.storage``).
+    """
     from ray.train import Result
 
-    if not can_resume(storage_path, run_name, storage_filesystem):
+    if not can_resume(storage_path, run_name, storage_filesystem, storage):
         return None
-    base = storage_uri(storage_path) if storage_filesystem is None else str(storage_path)
-    return Result.from_path(f"{base.rstrip('/')}/{run_name}", storage_filesystem)
+    root, fs = _ray_storage(storage_path, storage_filesystem, storage)
+    return Result.from_path(f"{root.rstrip('/')}/{run_name}", fs)
 
 
 def summarise(result: Any, error: Optional[str] = None) -> Dict[str, Any]:
-    """The `run_fold` summary of a Ray Train ``Result`` (or of none, for a run that failed early)."""
+    """The `run_fold` summary of a Ray Train ``Result`` (or of none, for a run that failed early).
+
+    ``checkpoint`` and ``path`` are complete: ``s3://bucket/...`` for S3 storage (Ray itself
+    returns them without the scheme), a plain path for local storage.
+    """
     metrics: Dict[str, Any] = dict(result.metrics or {}) if result is not None else {}
     best = metrics.get("best_val_dice", math.nan)
     ckpt = result.checkpoint if result is not None else None
+    path = getattr(result, "path", None)
+    fs = getattr(result, "filesystem", None)
     return {
         "val_dice": float(best) if best is not None else math.nan,
         "best_epoch": int(metrics.get("best_epoch", -1)),
         "metrics": metrics,
-        "checkpoint": ckpt.path if ckpt is not None else None,
-        "path": getattr(result, "path", None),
+        "checkpoint": durable.uri_of(ckpt.filesystem, ckpt.path) if ckpt is not None else None,
+        "path": durable.uri_of(fs, path) if path is not None and fs is not None else path,
         "error": error,
     }
 
 
-def history_of(checkpoint_path: str, storage_filesystem: Any = None) -> List[Dict[str, Any]]:
+def history_of(checkpoint_path: str, storage_filesystem: Any = None,
+               storage: Optional[StorageConfig] = None) -> List[Dict[str, Any]]:
     """The epoch history stored in a run checkpoint folder (``history.json``).
 
     Args:
-        checkpoint_path: ``run_fold(...)["checkpoint"]``.
-        storage_filesystem: The filesystem it lives in (default: local / from the URI).
+        checkpoint_path: ``run_fold(...)["checkpoint"]`` (a path or URI).
+        storage_filesystem: The filesystem it lives in (then a path in it).
+        storage: S3 endpoint and credentials for a URI (``data.storage``).
     """
-    import json
-
-    from ray.train import Checkpoint
-
-    ckpt = Checkpoint(checkpoint_path, filesystem=storage_filesystem)
-    with ckpt.as_directory() as d:
-        return json.loads((Path(d) / "history.json").read_text())
+    if storage_filesystem is not None:
+        with storage_filesystem.open_input_stream(f"{checkpoint_path.rstrip('/')}/history.json") as f:
+            return json.loads(f.read().decode())
+    return durable.read_json(durable.join(checkpoint_path, "history.json"), storage)

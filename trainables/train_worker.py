@@ -5,12 +5,15 @@ share of the training folds from Ray Data and calls `robustseg.engine.train.trai
 with three Ray hooks: DDP wrapping (``prepare_model``) when there are several ranks, rank-0-only
 checkpoint files, and a per-epoch callback that reports to Ray Train.
 
-Checkpoint protocol: every rank works in a private local folder. Rank 0's folder (``last.pt``,
+Checkpoint protocol: every rank works in a private local (scratch) folder, deleted at the end. Rank 0's folder (``last.pt``,
 ``best.pt``, ``history.json``) is reported as the Ray checkpoint after every epoch; the other
 ranks report metrics only, the same number of times (Ray Train needs one report per rank per
 epoch). After a failure Ray restarts the workers and ``ray.train.get_checkpoint()`` returns the
 latest reported checkpoint: every rank copies it into its folder and the fit loop resumes from
 ``last.pt`` at the next epoch, with the optimiser, scheduler and RNG state of that epoch.
+MLflow (rank 0) records the reported copies by their complete storage URI (``last_checkpoint``)
+and gets the best weights as the run artifact ``checkpoints/best.pt`` (``best_checkpoint`` =
+``runs:/<run id>/checkpoints/best.pt``): nothing recorded points into the scratch folder.
 """
 from __future__ import annotations
 
@@ -166,12 +169,23 @@ def _tracker(cfg: ExperimentConfig, mlflow: Optional[Dict[str, Any]]) -> Any:
     return FitTracker(cfg, **mlflow)
 
 
-def _persisted(local: Path) -> str:
-    """Where the just-reported copy of a checkpoint file lives in the run's storage."""
+def _persisted(local: Optional[Path]) -> Optional[str]:
+    """The complete URI of the just-reported copy of a checkpoint file in the run's storage.
+
+    ``s3://bucket/.../checkpoint_<n>/last.pt`` for S3 (Ray's own path lacks the scheme when it
+    was given a filesystem), a plain path for local storage: what any node can open. Without a
+    reported checkpoint the local path itself (scratch: the tracker does not record it).
+    """
     import ray.train
 
+    from robustseg import durable
+
+    if local is None:
+        return None
     ckpt = ray.train.get_checkpoint()  # the latest checkpoint this worker reported or restored
-    return f"{ckpt.path.rstrip('/')}/{Path(local).name}" if ckpt is not None else str(local)
+    if ckpt is None:
+        return str(local)
+    return durable.join(durable.uri_of(ckpt.filesystem, ckpt.path), Path(local).name)
 
 
 def _ddp(model: Any) -> Any:
@@ -244,7 +258,8 @@ def train_loop_per_worker(config: Dict[str, Any]) -> Dict[str, Any]:
             cfg, out_dir=out_dir, device=device, resume=True, callbacks=callbacks, train_batches=batches,
             model_wrapper=_ddp if world > 1 else None, write_checkpoints=rank == 0, rank=rank)
         if tracker is not None:
-            tracker.finish(result, out_dir)
+            # The weights go to MLflow; the tag names the durable copy, never this scratch folder.
+            tracker.finish(result, out_dir, last_checkpoint=_persisted(result.last_checkpoint))
     # Only Ctrl-C ends the MLflow run here. Other errors leave it RUNNING on purpose: Ray may
     # restart this worker, and the next attempt's FitTracker re-attaches the unfinished run. The
     # driver (`run_fold`) marks it FAILED once Ray gives up, which also covers a killed process.

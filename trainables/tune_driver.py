@@ -22,8 +22,14 @@ How the pieces fit Ray 2.60 (checked against the installed source):
   restart_errored=False)`` reloads ``tuner.pkl`` (param space, TuneConfig, RunConfig, callbacks
   included) and the searcher state (Optuna study and the count of trials created), continues
   unfinished and errored trials from their last checkpoint and creates the remaining ones.
-* The trial function holds only a sliver of CPU (``TRIAL_CPUS``): the TorchTrainer inside
-  asks for its own workers, and Ray Data needs free CPUs or the stream stalls.
+* Storage: `robustseg.durable.storage_uri` (``tracking.storage_uri``, ``--storage``). For S3,
+  ``RunConfig``, ``Tuner.can_restore`` and ``Tuner.restore`` get the S3 filesystem built from
+  ``data.storage`` (endpoint, credentials) with the path without its scheme, as Ray expects when
+  a ``storage_filesystem`` is given; ``sweep.json``/``trials.json`` go through the same settings.
+  Note that Tune pickles its ``RunConfig`` (filesystem included) into ``tuner.pkl``.
+* The trial function holds only a sliver of CPU (``TRIAL_CPUS``) on the head node
+  (``TRIAL_RESOURCES``): the TorchTrainer inside asks for its own workers, and Ray Data needs
+  free CPUs or the stream stalls.
 """
 from __future__ import annotations
 
@@ -38,7 +44,8 @@ from typing import Any, Callable, Dict, List, Optional, Sequence
 
 from ray.tune import Callback
 
-from robustseg.config import ExperimentConfig, absolute_workdir
+from robustseg import durable
+from robustseg.config import ExperimentConfig, StorageConfig, absolute_workdir
 from search_spaces import apply_sample, flatten_sample, get_space
 from trainables.tune_tracking import open_sweep_tracking
 from trainables.tune_trial import (FOLD_STORAGE, METRIC, MODE, SAMPLE_KEY, FoldFailedError, cv_objective,
@@ -47,6 +54,11 @@ from trainables.tune_trial import (FOLD_STORAGE, METRIC, MODE, SAMPLE_KEY, FoldF
 log = logging.getLogger(__name__)
 
 TRIAL_CPUS = 0.01
+#: Trials run on the head node. A fold's Train controller and its Ray Data split coordinator
+#: live on the node of the trial that started it: on a worker node, losing that node would
+#: fail the whole trial; on the head, it only costs the fold's workers, which Ray Train
+#: restarts elsewhere from the last checkpoint. (Ray's built-in head-node resource.)
+TRIAL_RESOURCES = {"CPU": TRIAL_CPUS, "node:__internal_head__": 0.001}
 BEST_CONFIG = "best_config.yaml"
 SWEEP_FILE = "sweep.json"
 #: Per-trial status, score and sampled point (what `trainables.ensemble_build` selects from).
@@ -142,13 +154,15 @@ def _is_uri(path: str) -> bool:
 
 
 def absolute_paths(cfg: ExperimentConfig) -> ExperimentConfig:
-    """``cfg`` with its local paths (workdir, shards, sources) made absolute.
+    """``cfg`` with its local paths (workdir, storage, shards, sources) made absolute.
 
     Trials and Train workers run in other working directories, so a relative path that is
     right for the driver would point elsewhere there.
     """
     d = cfg.to_dict()
     d["tracking"]["workdir"] = str(absolute_workdir(cfg))
+    if d["tracking"].get("storage_uri"):
+        d["tracking"]["storage_uri"] = durable.storage_uri(cfg)
     if not _is_uri(d["data"]["shards_uri"]):
         d["data"]["shards_uri"] = str(Path(os.path.expanduser(d["data"]["shards_uri"])).resolve())
     for src in d["data"]["sources"]:
@@ -157,33 +171,19 @@ def absolute_paths(cfg: ExperimentConfig) -> ExperimentConfig:
     return ExperimentConfig.from_dict(d)
 
 
-def storage_root(cfg: ExperimentConfig, storage_path: Optional[str]) -> str:
-    """Ray storage for the sweep: the given path/URI (local paths made absolute) or ``<workdir>/ray_results``."""
-    if storage_path and _is_uri(storage_path):
-        return str(storage_path)
-    return str(Path(os.path.expanduser(storage_path)).resolve()) if storage_path else str(absolute_workdir(cfg) / "ray_results")
+def storage_root(cfg: ExperimentConfig, storage_path: Optional[str] = None) -> str:
+    """Ray storage for sweeps: `robustseg.durable.storage_uri` with ``storage_path`` (``tune --storage``) as override."""
+    return durable.storage_uri(cfg, storage_path)
 
 
-def _fs(path: str) -> Any:
-    import pyarrow.fs as pafs
+def read_json(path: str, storage: Optional[StorageConfig] = None) -> Dict[str, Any]:
+    """A sweep's JSON file (local path or storage URI).
 
-    return pafs.FileSystem.from_uri(path) if _is_uri(path) else (pafs.LocalFileSystem(), path)
-
-
-def write_text(path: str, text: str) -> None:
-    """Write a small text file to a local path or a storage URI (parents created)."""
-    fs, p = _fs(path)
-    fs.create_dir(p.rsplit("/", 1)[0], recursive=True)
-    with fs.open_output_stream(p) as f:
-        f.write(text.encode())
-
-
-def read_json(path: str) -> Dict[str, Any]:
-    """Read a JSON file from a local path or a storage URI."""
-    fs, p = _fs(path)
+    Raises:
+        SweepError: the file is missing.
+    """
     try:
-        with fs.open_input_stream(p) as f:
-            return json.loads(f.read().decode())
+        return durable.read_json(path, storage)
     except FileNotFoundError:
         raise SweepError(f"{path}: missing (was this sweep started by run_sweep?)") from None
 
@@ -218,7 +218,10 @@ def run_sweep(cfg: ExperimentConfig, *, space: str, trials: int, concurrency: in
         concurrency: Trials at once.
         scheduler: None or ``"asha"`` (stop poor trials after their first folds).
         resume: Continue the interrupted sweep ``sweep_name``.
-        storage_path: Ray storage (local path or URI); default ``<workdir>/ray_results``.
+        storage_path: Overrides ``tracking.storage_uri`` (`robustseg.durable.storage_uri`: else
+            ``$ROBUSTSEG_STORAGE_URI``, else ``<workdir>/ray_results``): where Tune's results, the
+            sweep's ``sweep.json``/``trials.json``/``best_config.yaml`` and its fold runs go. S3 is
+            reached with ``cfg.data.storage``; Ray gets the same filesystem.
         sweep_name: Sweep (experiment) name; default ``<cfg.name>-<space>-<timestamp>``.
         fold_runner: ``fn(cfg, *, storage_path, run_name, mlflow) -> {"val_dice", "error", ...}``;
             default `trainables.train_fold.run_fold`.
@@ -256,9 +259,11 @@ def run_sweep(cfg: ExperimentConfig, *, space: str, trials: int, concurrency: in
         except ImportError:  # open_tracking warns below
             pass
     storage = storage_root(cfg, storage_path)
+    io = cfg.data.storage  # S3 endpoint and credentials for the storage (and for Ray, through `ray_fs`)
     name = sweep_name or f"{cfg.name}-{space}-{time.strftime('%Y%m%d-%H%M%S')}"
-    path = f"{storage.rstrip('/')}/{name}"
-    restorable = tune.Tuner.can_restore(path)
+    path = durable.join(storage, name)
+    ray_path, ray_fs = durable.ray_storage(path, io)
+    restorable = tune.Tuner.can_restore(ray_path, storage_filesystem=ray_fs)
     if resume and not restorable:
         raise SweepError(f"{path}: no sweep to resume (wrong name or storage path?)")
     if not resume and restorable:
@@ -267,7 +272,7 @@ def run_sweep(cfg: ExperimentConfig, *, space: str, trials: int, concurrency: in
         ray.init()
 
     if resume:
-        meta = read_json(f"{path}/{SWEEP_FILE}")
+        meta = read_json(durable.join(path, SWEEP_FILE), io)
         if meta.get("space") != space:
             raise SweepError(f"{path} was a sweep over space {meta.get('space')!r}, not {space!r}")
         if int(meta["trials"]) != trials:
@@ -283,14 +288,14 @@ def run_sweep(cfg: ExperimentConfig, *, space: str, trials: int, concurrency: in
 
             ensure_prepared(base)
         tracker = open_sweep_tracking(base, name, space, resume=False, path=path) if mlflow else None
-        write_text(f"{path}/{SWEEP_FILE}", json.dumps({
+        durable.write_text(durable.join(path, SWEEP_FILE), json.dumps({
             "space": space, "trials": trials, "seed": seed, "scheduler": scheduler, "concurrency": concurrency,
-            "mlflow": tracker is not None, "base": base.to_dict()}, indent=1))
+            "mlflow": tracker is not None, "base": base.to_dict()}, indent=1), io)
 
-    trainable = tune.with_resources(tune.with_parameters(cv_objective, fold_runner=fold_runner), {"CPU": TRIAL_CPUS})
+    trainable = tune.with_resources(tune.with_parameters(cv_objective, fold_runner=fold_runner), TRIAL_RESOURCES)
     if resume:
-        tuner = tune.Tuner.restore(path, trainable=trainable, resume_unfinished=True, resume_errored=True,
-                                   restart_errored=False)
+        tuner = tune.Tuner.restore(ray_path, trainable=trainable, resume_unfinished=True, resume_errored=True,
+                                   restart_errored=False, storage_filesystem=ray_fs)
     else:
         tuner = _new_tuner(trainable, base, space=space, trials=trials, concurrency=concurrency, scheduler=scheduler,
                            storage=storage, name=name, seed=seed, path=path, tracker=tracker,
@@ -302,7 +307,7 @@ def run_sweep(cfg: ExperimentConfig, *, space: str, trials: int, concurrency: in
         if tracker:
             tracker.end(status="KILLED" if isinstance(e, KeyboardInterrupt) else "FAILED", error=e)
         raise
-    return _summarise(grid, base, name=name, path=path, trials=trials, tracker=tracker)
+    return _summarise(grid, base, name=name, path=path, trials=trials, tracker=tracker, storage=io)
 
 
 def _new_tuner(trainable: Any, base: ExperimentConfig, *, space: str, trials: int, concurrency: int,
@@ -318,10 +323,12 @@ def _new_tuner(trainable: Any, base: ExperimentConfig, *, space: str, trials: in
                             sampler=optuna.samplers.TPESampler(seed=seed))
     # metric/mode come from TuneConfig: Tune refuses a scheduler that also carries them.
     sched = ASHAScheduler(max_t=k, grace_period=1, reduction_factor=2) if scheduler == "asha" else None
+    # Tune's experiment folder is ``path``; Ray wants it as (storage path without scheme, filesystem).
+    ray_storage, ray_fs = durable.ray_storage(storage, base.data.storage)
     param_space = {
         "base": base.to_dict(),
         "fold_concurrency": int(fold_concurrency),
-        FOLD_STORAGE: f"{path}/folds",
+        FOLD_STORAGE: durable.join(path, "folds"),  # a full URI: the folds' trainers build their filesystem from it
         "mlflow": tracker.info if tracker else None,
     }
     return tune.Tuner(
@@ -331,7 +338,7 @@ def _new_tuner(trainable: Any, base: ExperimentConfig, *, space: str, trials: in
                                     scheduler=sched, max_concurrent_trials=concurrency,
                                     trial_name_creator=trial_name, trial_dirname_creator=trial_name),
         run_config=tune.RunConfig(
-            name=name, storage_path=storage, callbacks=[*callbacks, *([SweepProgress(k, trials)] if verbose else [])],
+            name=name, storage_path=ray_storage, storage_filesystem=ray_fs, callbacks=[*callbacks, *([SweepProgress(k, trials)] if verbose else [])],
             # Tune's own heartbeat prints every trial's full config (the base included): too
             # much to read. SweepProgress prints one line per fold and per trial instead.
             verbose=0,
@@ -341,7 +348,8 @@ def _new_tuner(trainable: Any, base: ExperimentConfig, *, space: str, trials: in
     )
 
 
-def _summarise(grid: Any, base: ExperimentConfig, *, name: str, path: str, trials: int, tracker: Any) -> SweepResult:
+def _summarise(grid: Any, base: ExperimentConfig, *, name: str, path: str, trials: int, tracker: Any,
+               storage: Optional[StorageConfig] = None) -> SweepResult:
     """Results table, best trial, best config YAML, and MLflow end states."""
     k = base.data.folds
     rows, samples, names = [], {}, {}
@@ -381,12 +389,12 @@ def _summarise(grid: Any, base: ExperimentConfig, *, name: str, path: str, trial
         hint = f" (interrupted: resume with sweep_name={name!r}, resume=True)" if not complete else ""
         raise SweepError(f"sweep {name}: no trial completed all {k} folds{hint}. {errors}")
     best = max(done_rows, key=lambda r: r["cv_dice"])
-    write_text(f"{path}/{TRIALS_FILE}", json.dumps({
+    durable.write_text(durable.join(path, TRIALS_FILE), json.dumps({
         "best": best["trial"], "folds": k,
         "trials": [{"trial": r["trial"], "name": names[r["trial"]], "status": r["status"], "cv_dice": r["cv_dice"], "done_folds": r["done_folds"],
-                    "sample": samples[r["trial"]]} for r in table]}, indent=1, default=str))
+                    "sample": samples[r["trial"]]} for r in table]}, indent=1, default=str), storage)
     best_cfg = ExperimentConfig.from_dict(apply_sample(base.to_dict(), samples[best["trial"]]))
-    write_text(f"{path}/{BEST_CONFIG}", best_cfg.to_yaml())
+    durable.write_text(durable.join(path, BEST_CONFIG), best_cfg.to_yaml(), storage)
     per_fold = [float(best[f"fold{j}_dice"]) for j in range(k)]
     if tracker:
         tracker.end(status="FINISHED" if complete else "KILLED", best=float(best["cv_dice"]), best_trial=best["trial"])

@@ -323,15 +323,28 @@ class ScalingConfig:
     cpus_per_worker: float = doc(1.0, "Logical CPUs per worker.")
     gpus_per_worker: float = doc(1.0, "GPUs per worker when use_gpu (fractions allowed for small 2D models).")
     max_failures: int = doc(2, "Restarts from the last checkpoint after a worker dies.")
+    resources_per_worker: Dict[str, float] = doc(text="Custom Ray resources each Train worker asks for, to place "
+                                                      "folds on chosen nodes (e.g. {fold_worker: 0.01} for nodes "
+                                                      "started with that resource).", factory=dict)
 
 
 @dataclass
 class TrackingConfig:
-    """MLflow tracking and local working folder."""
+    """MLflow tracking, the local working folder and durable storage (`robustseg.durable`)."""
 
     workdir: str = doc("robustseg_work", "Working folder (made absolute): MLflow DB, artifacts, Ray storage.")
     tracking_uri: Optional[str] = doc(None, "MLflow tracking URI; default sqlite:///<workdir>/mlflow.db (or MLFLOW_TRACKING_URI).")
     experiment: str = doc("robustseg", "MLflow experiment name.")
+    storage_uri: Optional[str] = doc(None, "Durable storage for everything that must outlive a node: Ray Train/Tune "
+                                           "results, sweep bookkeeping (sweep.json, trials.json), ensemble folders, "
+                                           "registered-model artifacts. A local folder or s3://bucket/prefix (endpoint "
+                                           "and credentials from data.storage). Default: $ROBUSTSEG_STORAGE_URI, else "
+                                           "<workdir>/ray_results.")
+
+    def __post_init__(self) -> None:
+        if self.storage_uri is not None and not str(self.storage_uri).strip():
+            raise ConfigError("tracking.storage_uri: empty; leave it out (null) for $ROBUSTSEG_STORAGE_URI or "
+                              "<workdir>/ray_results")
 
 
 @dataclass

@@ -4,7 +4,8 @@ Layout of a sweep in MLflow (nesting through the ``mlflow.parentRunId`` tag, so 
 
     sweep run        robustseg.role=sweep   params: base config
       trial run      robustseg.role=trial   params: the trial's config; cv_val_dice, val_dice_fold<k>
-        fold run     robustseg.role=fold    params: the fold's config; per-epoch metrics, artifacts
+        fold run     robustseg.role=fold    params: the fold's config; per-epoch metrics, artifacts,
+                                            the best weights (checkpoints/best.pt)
 
 Everything goes through `MlflowClient` with explicit run ids, never the fluent "active run":
 Ray workers, threads and the Tune driver each hold their own run ids and cannot clobber one
@@ -16,7 +17,9 @@ Tags on every run: ``backbone``, ``regime``, ``fold``, ``data_manifest_uri``, ``
 (+ ``mlflow.source.git.commit``, ``git_dirty``) when the code is a git checkout, and
 ``version.<package>``. Per-epoch metric names are the fit loop's (``loss``, ``val_dice``,
 ``val_dice_LV``, ``lr``, ``slices_per_s``, ...) for every backbone and regime, so runs compare
-side by side in the MLflow UI.
+side by side in the MLflow UI. Training runs tag where their weights are: ``best_checkpoint``
+(``runs:/<run id>/checkpoints/best.pt``) and ``last_checkpoint`` (a durable storage URI, see
+`robustseg.durable`), never a node-local temp folder.
 
 Modules. This one keeps the import path of the whole tracking API; the code lives in
 `robustseg.tracking_store` (where runs go: URI, store, client, experiment),

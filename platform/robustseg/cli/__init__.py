@@ -3,7 +3,7 @@
 Groups: `data` (``prepare``, ``inspect``, ``sources``, ``config``), `train` (``train``,
 ``tune``, ``report``), `predict` (``predict``, ``evaluate``), `ensemble` (``ensemble``,
 ``registry``), `serve`, `robustness`, `analysis` (``svcca``), `pseudo` (``pseudo-labels``),
-`demo`. Shared helpers are in `common`. Errors the user can fix print one line naming the
+`demo`, `cluster` (a local multi-node cluster). Shared helpers are in `common`. Errors the user can fix print one line naming the
 file or URI and exit with status 2; no traceback.
 
 Layering: only this package imports ``trainables`` (Ray entry points) and ``deploy``; the
@@ -15,12 +15,12 @@ import argparse
 import sys
 from typing import Optional, Sequence
 
-from robustseg.cli import analysis, data, demo, ensemble, predict, pseudo, robustness, serve, train
+from robustseg.cli import analysis, cluster, data, demo, ensemble, predict, pseudo, robustness, serve, train
 from robustseg.cli.common import parse_source  # noqa: F401  (public: `robustseg.cli.parse_source`)
 from robustseg.errors import RobustsegError
 
 #: In `robustseg --help` order.
-GROUPS = (data, train, predict, ensemble, serve, robustness, analysis, pseudo, demo)
+GROUPS = (data, train, predict, ensemble, serve, robustness, analysis, pseudo, demo, cluster)
 
 
 def build_parser() -> argparse.ArgumentParser:

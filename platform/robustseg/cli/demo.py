@@ -51,7 +51,8 @@ def run_demo(workdir: str = "robustseg_work/demo", subjects: int = 8,
 
     Args:
         workdir: Output folder (shards land in ``<workdir>/shards``, MLflow in
-            ``<workdir>/mlflow.db``, Ray results in ``<workdir>/ray_results``).
+            ``<workdir>/mlflow.db``, Ray results in ``<workdir>/ray_results`` unless
+            ``$ROBUSTSEG_STORAGE_URI`` names durable storage).
         subjects: Number of synthetic subjects.
         progress: Optional tqdm-like progress factory.
         trials: Optuna trials of the sweep.
@@ -129,8 +130,8 @@ def _ensemble(scfg: ExperimentConfig) -> Any:
 
     print("[4/5] ensemble: best trial per backbone x 2 folds, two-stage centring, compared out of fold with its "
           "members, logged as an MLflow pyfunc model and registered as robustseg-cmr@champion")
-    build = build_ensemble("demo", storage_path=str(Path(scfg.tracking.workdir).resolve() / "ray_results"),
-                           max_oof_cases=8, device=torch.device("cpu"))
+    # The sweep's storage: tracking.storage_uri, else $ROBUSTSEG_STORAGE_URI, else <workdir>/ray_results.
+    build = build_ensemble("demo", cfg=scfg, max_oof_cases=8, device=torch.device("cpu"))
     print_ensemble_summary(build)
     return build
 

@@ -6,7 +6,6 @@ Registered by `robustseg.cli` (`register`). Prediction with an ensemble URI is i
 from __future__ import annotations
 
 import argparse
-from pathlib import Path
 from typing import Any, Dict, Optional
 
 from robustseg.config import ExperimentConfig
@@ -82,7 +81,7 @@ def cmd_ensemble(args: argparse.Namespace) -> int:
     backbones = [b.strip() for b in args.backbones.split(",")] if args.backbones else None
     locators = [b.strip() for b in args.locators.split(",")] if args.locators else None
     build = build_ensemble(
-        args.sweep, storage_path=args.storage_path or str(Path(cfg.tracking.workdir) / "ray_results"),
+        args.sweep, storage_path=args.storage_path, cfg=cfg,
         backbones=backbones, folds=args.folds, combine=args.combine, weights=_weights(args.weights),
         tta=args.tta, centring=args.centring, locators=locators, select=args.select,
         register=None if args.no_register else args.name, alias=args.alias, tracking=not args.no_tracking,
@@ -107,7 +106,8 @@ def print_ensemble_summary(build: Any) -> None:
     print(f"selected {spec.provenance.get('selected')}: {'+'.join(backbones)} x "
           f"{len({x.fold for x in spec.members})} folds = {len(spec.members)} members; out-of-fold Dice "
           f"{m['oof_dice_ensemble']:.3f} vs best single architecture {m['oof_dice_best_single']:.3f}")
-    print(f"ensemble folder: {build.folder}")
+    stored = getattr(build, "stored", "")
+    print(f"ensemble folder: {build.folder}" + (f" (stored at {stored})" if stored and stored != str(build.folder) else ""))
     if build.model_uri:
         print(f"MLflow run {build.run_id}; model {build.model_uri}")
     if build.version:
@@ -154,7 +154,9 @@ def register(sub: Any) -> None:
                     help="instead of --sweep: these trained models as members (no out-of-fold selection)")
     en.add_argument("--out", metavar="FOLDER", help="with --checkpoints: where the ensemble folder goes")
     en.add_argument("--config", metavar="YAML", help="the sweep's experiment config (workdir, tracking)")
-    en.add_argument("--storage-path", help="Ray storage of the sweep (default <workdir>/ray_results)")
+    en.add_argument("--storage-path", metavar="PATH_OR_URI",
+                    help="durable storage of the sweep: overrides tracking.storage_uri (default: "
+                         "$ROBUSTSEG_STORAGE_URI, else <workdir>/ray_results)")
     en.add_argument("--backbones", help="comma-separated backbones (default: all in the sweep)")
     en.add_argument("--folds", type=int, help="use the first N folds (default: all of the sweep's)")
     en.add_argument("--combine", choices=("mean", "vote"), default="mean", help="softmax mean or majority vote")

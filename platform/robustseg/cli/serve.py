@@ -12,13 +12,14 @@ is the normal way to stop (exit 0).
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import signal
 import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Union
+from typing import Any, Dict, Union
 
 # The light module only: building the parser must not import numpy, SimpleITK or torch.
 from robustseg.serve_settings import (DEFAULT_ADMISSION_WAIT_S, DEFAULT_MAX_DECODED_MB, DEFAULT_MAX_INFLIGHT_MB,
@@ -76,8 +77,25 @@ def register(subparsers: Any) -> argparse.ArgumentParser:
                     help="GPU share per replica, e.g. 0.25 (default 1 with --device cuda, else 0)")
     sp.add_argument("--max-batch-size", type=int, metavar="N", help="volumes per ensemble call (default 4)")
     sp.add_argument("--num-cpus", type=int, metavar="N", help="logical CPUs of the local Ray (default max(4, cores))")
+    sp.add_argument("--replica-resources", type=_resources, metavar="JSON", default={},
+                    help='custom Ray resources per replica, to place replicas on chosen nodes '
+                         '(e.g. \'{"serve_node": 0.01}\')')
+    sp.add_argument("--max-replicas-per-node", type=int, metavar="N",
+                    help="at most N replicas on one node (1: a dead node takes one replica with it)")
     sp.set_defaults(fn=cmd_serve)
     return sp
+
+
+def _resources(text: str) -> Dict[str, float]:
+    """``--replica-resources`` JSON: names to non-negative amounts."""
+    try:
+        value = json.loads(text)
+        if not isinstance(value, dict) or not all(isinstance(v, (int, float)) and v >= 0 for v in value.values()):
+            raise ValueError
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r}: expected a JSON object of resource amounts, "
+                                         'e.g. \'{"serve_node": 0.01}\'') from None
+    return {str(k): float(v) for k, v in value.items()}
 
 
 @dataclass
@@ -144,7 +162,8 @@ def _run_service(args: argparse.Namespace, settings: ServeSettings, started: _St
           f"{settings.max_decoded_mb:g} MB, in-flight budget {settings.max_inflight_mb:g} MB per replica ...",
           flush=True)
     started.serve = True
-    url = start_local(settings, args.host, args.port, num_replicas=args.replicas, num_cpus=cpus, num_gpus=gpus)
+    url = start_local(settings, args.host, args.port, num_replicas=args.replicas, num_cpus=cpus, num_gpus=gpus,
+                      resources=args.replica_resources, max_replicas_per_node=args.max_replicas_per_node)
     started.serving = True
     print(f"serving at {url}  (docs: {url}/docs)")
     for method, path, what in ENDPOINTS:

@@ -108,7 +108,9 @@ def register(sub: Any) -> None:
     tu.add_argument("--scheduler", choices=("asha",), help="early-stop poor trials after their first folds")
     tu.add_argument("--name", help="sweep name (needed to --resume)")
     tu.add_argument("--resume", action="store_true", help="continue an interrupted sweep of the same --name")
-    tu.add_argument("--storage", metavar="PATH_OR_URI", help="Ray storage (default <workdir>/ray_results)")
+    tu.add_argument("--storage", metavar="PATH_OR_URI",
+                    help="durable storage for Ray results and sweep files: overrides tracking.storage_uri "
+                         "(default: $ROBUSTSEG_STORAGE_URI, else <workdir>/ray_results)")
     tu.add_argument("--seed", type=int, default=0, help="TPE sampler seed")
     tu.add_argument("--num-cpus", type=int, help="logical CPUs of a local Ray (default max(4, cores))")
     tu.add_argument("overrides", nargs="*", metavar="key.path=value")

@@ -5,7 +5,10 @@
 * a checkpoint file (``best.pt``/``last.pt`` of `robustseg train`);
 * an ensemble folder or a registered model (``models:/robustseg-cmr@champion``): the member
   named by ``regime.init_member``, else the first member with the same backbone;
-* an MLflow run (``runs:/<run_id>``): the ``best_checkpoint`` its fit tracker recorded.
+* a checkpoint in durable storage (``s3://bucket/.../best.pt``; endpoint from ``data.storage``);
+* an MLflow run (``runs:/<run_id>``): its ``checkpoints/best.pt`` artifact (what the fit
+  tracker logs), else the run's ``best_checkpoint`` tag when that names an existing path or
+  URI, else ``best.pt`` beside its ``last_checkpoint``: any node can resolve it.
 
 Reset rules: the optimiser and LR schedule start fresh by default (``init_optimizer: fresh``,
 what fine-tuning after pre-training on another pool usually wants); ``init_optimizer:
@@ -17,13 +20,15 @@ another number of classes) and reports what it skipped. A run that resumes from 
 """
 from __future__ import annotations
 
+import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, List, Optional, Tuple
 
 import torch
 
-from robustseg.config import ExperimentConfig
+from robustseg import durable
+from robustseg.config import ExperimentConfig, StorageConfig
 from robustseg.engine.checkpoint import CheckpointError, load_checkpoint, load_model_state, unwrap
 
 
@@ -65,7 +70,39 @@ def _from_ensemble(uri: str, backbone: str, member: str, tracking_uri: Optional[
     raise CheckpointError(f"{uri}: no {want} among {names}; set regime.init_member")
 
 
-def _from_run(uri: str, tracking_uri: Optional[str]) -> InitState:
+def _from_uri(uri: str, storage: Optional[StorageConfig], where: Optional[str] = None) -> InitState:
+    """A checkpoint file at a path or storage URI (remote files are fetched to a temp folder first)."""
+    if not durable.is_remote(uri):
+        return _from_checkpoint(Path(durable.absolute(uri)))
+    with tempfile.TemporaryDirectory(prefix="robustseg-init-") as tmp:
+        state = _from_checkpoint(durable.download_file(uri, Path(tmp) / "best.pt", storage))
+    state.where = where or uri
+    return state
+
+
+def _run_artifact(run_id: str, tracking_uri: Optional[str], uri: str) -> Tuple[Optional[InitState], str]:
+    """The run's ``checkpoints/best.pt`` artifact, or None and why not."""
+    import mlflow.artifacts
+
+    from robustseg.tracking_fit import BEST_ARTIFACT
+
+    with tempfile.TemporaryDirectory(prefix="robustseg-init-") as tmp:
+        try:
+            local = mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path=BEST_ARTIFACT,
+                                                        tracking_uri=tracking_uri, dst_path=tmp)
+        except Exception as e:  # MlflowException, OSError: not there (an older run) or unreachable
+            return None, f"artifact {BEST_ARTIFACT} ({str(e).splitlines()[0][:200]})"
+        state = _from_checkpoint(Path(local))
+    state.where = f"{uri} ({BEST_ARTIFACT})"
+    return state, f"artifact {BEST_ARTIFACT}"
+
+
+def _from_run(uri: str, tracking_uri: Optional[str], storage: Optional[StorageConfig] = None) -> InitState:
+    """Weights of an MLflow training run: its artifact, else the checkpoints its tags name.
+
+    Raises:
+        CheckpointError: no such run, or none of the candidates exists (each one is listed).
+    """
     from mlflow import MlflowClient
     from mlflow.exceptions import MlflowException
 
@@ -78,10 +115,25 @@ def _from_run(uri: str, tracking_uri: Optional[str]) -> InitState:
         tags = MlflowClient(tracking_uri).get_run(run_id).data.tags
     except MlflowException as e:
         raise CheckpointError(f"{uri}: no such MLflow run ({str(e).splitlines()[0]})") from None
-    path = tags.get("best_checkpoint")
-    if not path:
-        raise CheckpointError(f"{uri}: the run records no best_checkpoint (was it a robustseg training run?)")
-    return _from_checkpoint(Path(path.replace("file://", "")))
+    state, tried = _run_artifact(run_id, tracking_uri, uri)
+    if state is not None:
+        return state
+    attempts = [tried]
+    candidates = [("best_checkpoint tag", tags.get("best_checkpoint"))]
+    if tags.get("last_checkpoint"):
+        candidates.append(("best.pt beside the last_checkpoint tag",
+                           durable.join(tags["last_checkpoint"].rsplit("/", 1)[0], "best.pt")))
+    for what, where in candidates:
+        if not where or where.startswith("runs:/"):  # a runs:/ tag is the artifact tried above
+            attempts.append(f"{what}: {where or 'not set'}")
+            continue
+        try:
+            if durable.exists(where, storage):
+                return _from_uri(where, storage, f"{uri} ({where})")
+            attempts.append(f"{what} {where}: not found")
+        except OSError as e:
+            attempts.append(f"{what} {where}: {e}")
+    raise CheckpointError(f"{uri}: checkpoint not found; tried " + "; ".join(attempts))
 
 
 def resolve_init(cfg: ExperimentConfig) -> Optional[InitState]:
@@ -96,11 +148,13 @@ def resolve_init(cfg: ExperimentConfig) -> Optional[InitState]:
     if spec.startswith("runs:/"):
         from robustseg.tracking_store import resolve_tracking_uri
 
-        return _from_run(spec, resolve_tracking_uri(cfg))
+        return _from_run(spec, resolve_tracking_uri(cfg), cfg.data.storage)
     if spec.startswith("models:/"):
         from robustseg.tracking_store import resolve_tracking_uri
 
         return _from_ensemble(spec, cfg.model.name, cfg.regime.init_member, resolve_tracking_uri(cfg))
+    if durable.is_remote(spec):
+        return _from_uri(spec, cfg.data.storage)
     if (Path(spec) / "spec.json").is_file():
         return _from_ensemble(spec, cfg.model.name, cfg.regime.init_member, None)
     return _from_checkpoint(Path(spec))
