@@ -9,7 +9,7 @@ import json
 import os
 import time
 from pathlib import Path
-from typing import Any, Callable, Dict, List, Optional
+from typing import Any, Callable, Dict, List
 
 import yaml
 
@@ -18,21 +18,17 @@ from deploy.local_cluster import S3_KEYS, Cluster
 TERMINAL = {"SUCCEEDED", "FAILED", "STOPPED"}
 
 
-def job_config(name: str, *, epochs: int, iters: int, subjects: int = 4) -> Dict[str, Any]:
-    """A tiny sweep config whose folds run only on worker nodes and whose shards are in S3."""
-    return {
-        "name": name,
-        "data": {"sources": [{"name": "synthetic_cmr", "path": "",
-                              "options": {"n_subjects": subjects, "motion_levels": [0]}}],
-                 "shards_uri": f"s3://robustseg/shards/{name}", "cmr": {"target_spacing": [1.5, 1.5], "crop_size": [64, 64]},
-                 "folds": 2},
-        "optim": {"epochs": epochs, "iters_per_epoch": iters, "batch_size": 4},
-        "inference": {"val_max_cases": 2, "tta": False},
-        # fold_worker: only the worker nodes have it, so no fold trains on the head.
-        "scaling": {"num_workers": 1, "cpus_per_worker": 1, "max_failures": 3,
-                    "resources_per_worker": {"fold_worker": 0.01}},
-        "tracking": {"experiment": name},
-    }
+REPO = Path(__file__).resolve().parents[1]
+
+
+def job_config(name: str, *, epochs: int, iters: int) -> Dict[str, Any]:
+    """``configs/cluster_tiny.yaml`` (the README's cluster sweep) renamed, with its own shards and experiment."""
+    cfg = yaml.safe_load((REPO / "configs" / "cluster_tiny.yaml").read_text())
+    cfg["name"] = name
+    cfg["data"]["shards_uri"] = f"s3://robustseg/shards/{name}"
+    cfg["optim"].update(epochs=epochs, iters_per_epoch=iters)
+    cfg["tracking"]["experiment"] = name
+    return cfg
 
 
 def submit(c: Cluster, staging: Path, cfg: Dict[str, Any], *, trials: int = 2, sweep: str) -> str:

@@ -183,10 +183,13 @@ def test_fit_tracker_survives_a_logging_failure(cfg: ExperimentConfig, client: A
         return real(*args, **kwargs)
 
     monkeypatch.setattr(shared, "log_batch", flaky)
-    tracker.on_epoch(1, {"loss": 1.0}, tmp_path / "last.pt")  # fails, kept for later
+    tracker.on_epoch(1, {"loss": 1.0}, tmp_path / "last.pt")  # fails in the background, kept and sent again
     tracker.on_epoch(2, {"loss": 0.5}, tmp_path / "last.pt")
+    assert tracker.flush(30)
     monkeypatch.undo()
+    assert calls["n"] >= 2
     assert sorted(m.step for m in client.get_metric_history(tracker.run_id, "loss")) == [1, 2]
+    assert client.get_run(tracker.run_id).data.tags["epochs_done"] == "2"
     tracker.fail(RuntimeError("worker lost"))
     run = client.get_run(tracker.run_id)
     assert run.info.status == "FAILED" and "worker lost" in run.data.tags["error"]

@@ -34,6 +34,8 @@ log = logging.getLogger(__name__)
 
 #: Files of a robustseg checkpoint folder (what a restore copies back).
 CHECKPOINT_FILES = ("last.pt", "best.pt", "history.json")
+#: How long a failing attempt waits for its queued MLflow epochs before Ray restarts it.
+FLUSH_ON_ERROR_S = 15.0
 
 
 def restore_into(checkpoint: Any, out_dir: Path, files: Sequence[str] = CHECKPOINT_FILES) -> List[Dict[str, Any]]:
@@ -169,6 +171,16 @@ def _tracker(cfg: ExperimentConfig, mlflow: Optional[Dict[str, Any]]) -> Any:
     return FitTracker(cfg, **mlflow)
 
 
+def _node_ip() -> str:
+    """This node's address as Ray knows it (the tracker's ``robustseg.node_ip``)."""
+    try:
+        import ray.util
+
+        return str(ray.util.get_node_ip_address())
+    except Exception:  # noqa: BLE001 - a label, never a reason to stop
+        return "unknown"
+
+
 def _persisted(local: Optional[Path]) -> Optional[str]:
     """The complete URI of the just-reported copy of a checkpoint file in the run's storage.
 
@@ -218,6 +230,9 @@ def train_loop_per_worker(config: Dict[str, Any]) -> Dict[str, Any]:
     from robustseg.engine.train import train_from_config
 
     cfg = ExperimentConfig.from_dict(config["experiment"])
+    # The tracker retries in the background itself; MLflow's own default (7 retries with
+    # exponential backoff, minutes per call) would only delay metrics after a server outage.
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "2")
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     device = ray.train.torch.get_device()
@@ -252,6 +267,8 @@ def train_loop_per_worker(config: Dict[str, Any]) -> Dict[str, Any]:
     tracker = _tracker(cfg, config.get("mlflow")) if rank == 0 else None
     callbacks: List[Callable[..., None]] = list(config.get("callbacks") or []) + [reporter]
     if tracker is not None:
+        # Which attempt this is, on which node, and where a restarted one resumed (sent in the background).
+        tracker.note_attempt(_node_ip(), int(history[-1]["epoch"]) if history else None)
         callbacks.append(lambda epoch, metrics, path: tracker.on_epoch(epoch, metrics, _persisted(path)))
     try:
         result = train_from_config(
@@ -266,6 +283,10 @@ def train_loop_per_worker(config: Dict[str, Any]) -> Dict[str, Any]:
     except KeyboardInterrupt as e:
         if tracker is not None:
             tracker.fail(e)
+        raise
+    except Exception:
+        if tracker is not None:  # the epochs already trained reach the run before this attempt dies (bounded)
+            tracker.flush(FLUSH_ON_ERROR_S)
         raise
     finally:
         # Every reported epoch is already in the run's storage: the local copy is scratch.

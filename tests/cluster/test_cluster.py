@@ -14,7 +14,6 @@ Needs root and namespaces: skipped with the reason elsewhere, a failure under CI
 from __future__ import annotations
 
 import os
-import signal
 import subprocess
 import sys
 import time
@@ -111,13 +110,161 @@ def test_sweep_survives_a_killed_worker_and_a_dead_tracking_server(cluster, tmp_
     assert runs and all(r.info.status == "FINISHED" for r in runs), [(r.info.run_name, r.info.status) for r in runs]
     folds = _fold_runs(c, name)
     assert len(folds) == 4, sorted(r.info.run_name for r in folds)  # one run per fold: none counted twice
-    resumed = [r for r in folds if r.data.tags.get("robustseg.reattached") == "true"]
-    assert resumed, "no fold run was re-attached after the node died"
+    resumed = [r for r in folds if "robustseg.resumed_after_epoch" in r.data.tags]
+    assert resumed, "no fold run resumed from a checkpoint after the node died"
+    assert all(r.data.tags.get("robustseg.reattached") == "true" for r in resumed)  # the same run, not a new one
     for r in folds:
         assert not any("/tmp/" in v or "robustseg-" in v and "-rank" in v for v in r.data.tags.values()
                        if isinstance(v, str) and not v.startswith(("runs:/", "s3://"))), r.data.tags
+    redone = {}
+    for r in folds:  # every epoch recorded; only epochs after the last checkpoint may be recorded twice
+        steps = _loss_steps(c, r.info.run_id)
+        assert set(steps) == set(range(1, 9)), (r.info.run_name, steps)
+        redone[r.info.run_name] = len(steps) - len(set(steps))
+    for r in resumed:
+        tags = r.data.tags
+        assert int(tags["robustseg.attempt"]) >= 2 and int(tags["robustseg.resumed_after_epoch"]) >= 2, tags
+        assert tags["robustseg.node_ip"] == c.nodes["worker2"].ip and "resumed after epoch" in tags["robustseg.restarts"]
     record("a_worker_killed", {"killed_pids": len(killed), "job_total_after_kill_s": round(total_s, 1),
-                               "resumed_runs": len(resumed), "trials_complete": len(trials["trials"])})
+                               "resumed_runs": len(resumed), "trials_complete": len(trials["trials"]),
+                               "resumed_after_epoch": [int(r.data.tags["robustseg.resumed_after_epoch"]) for r in resumed],
+                               "epochs_recorded_twice": redone})
     record("d_mlflow_down", {"down_s": round(ml_down_s, 1), "runs_finished": len(runs)})
     # Bring worker1 back for the tests that follow (as a pod restart would).
     lc.start_node(c, "worker1")
+
+
+def _loss_steps(c, run_id):
+    from mlflow import MlflowClient
+
+    return sorted(m.step for m in MlflowClient(c.tracking_uri).get_metric_history(run_id, "loss"))
+
+
+def test_sweep_survives_a_cut_link(cluster, tmp_path):
+    """Fault b: worker2's link down for 25 s mid-sweep, then up; the sweep finishes, nothing counted twice."""
+    c, name = cluster, "linksweep"
+    w2 = c.nodes["worker2"]
+    job = submit(c, tmp_path / "job", job_config(name, epochs=6, iters=6), trials=1, sweep=name)
+    wait_for(lambda: train_workers_on(c, w2.ip) and any(
+        r.info.status == "RUNNING" and int(r.data.tags.get("epochs_done", "0")) >= 1 for r in _fold_runs(c, name)),
+        400, "a fold training on worker2")
+    before = {nid for ip, nid in lc.alive_nodes(c) if ip == w2.ip}
+    t_cut = time.time()
+    lc.set_link(c, "worker2", False)
+    marked_dead_after = None
+    while time.time() - t_cut < 25:
+        if marked_dead_after is None and not any(ip == w2.ip for ip, _ in lc.alive_nodes(c)):
+            marked_dead_after = round(time.time() - t_cut, 1)
+        time.sleep(1)
+    lc.set_link(c, "worker2", True)
+    # After the link returns, either the same raylet is still a member (reconnected) or the head
+    # has declared it dead and it exits; then it is restarted, as a pod or VM would be.
+    time.sleep(10)
+    after = {nid for ip, nid in lc.alive_nodes(c) if ip == w2.ip}
+    reconnected = bool(before & after)
+    restarted = False
+    if not reconnected:
+        lc.kill_node(c, "worker2")
+        lc.start_node(c, "worker2")
+        restarted = True
+    status = wait_job(c, job, 900)
+    assert status == "SUCCEEDED", job_logs(c, job)[-4000:]
+    recovery_s = time.time() - t_cut
+
+    trials = s3_json(c, f"runs/{name}/trials.json")
+    assert [t["status"] for t in trials["trials"]] == ["COMPLETE"]
+    runs = mlflow_runs(c, name)
+    assert all(r.info.status == "FINISHED" for r in runs), [(r.info.run_name, r.info.status) for r in runs]
+    folds = _fold_runs(c, name)
+    assert len(folds) == 2
+    for r in folds:  # every epoch of every fold recorded exactly once: nothing lost, nothing counted twice
+        assert _loss_steps(c, r.info.run_id) == list(range(1, 7)), r.info.run_name
+    record("b_link_cut", {"cut_s": 25, "ray_marked_node_dead_after_s": marked_dead_after,
+                          "reconnected": reconnected, "node_restarted": restarted,
+                          "sweep_done_after_cut_s": round(recovery_s, 1), "trials_complete": len(trials["trials"]),
+                          "fold_runs": len(folds)})
+
+
+def _replica_nodes(c):
+    from ray.util.state import list_actors, list_nodes
+
+    nodes = {n.node_id: n.node_ip for n in list_nodes(address=c.ray_address, limit=100)}
+    actors = list_actors(address=c.ray_address, filters=[("state", "=", "ALIVE")], limit=1000,
+                         raise_on_missing_output=False)
+    return sorted(nodes.get(a.node_id) for a in actors if "SegmentationService" in (a.class_name or ""))
+
+
+def _volume_bytes():
+    import tempfile
+
+    import SimpleITK as sitk
+
+    from robustseg.data.synthetic import make_cardiac_subject
+
+    ed, _ = make_cardiac_subject(0, 5, n_slices=6, size=(64, 64))
+    with tempfile.TemporaryDirectory() as tmp:
+        p = Path(tmp) / "case.nii.gz"
+        sitk.WriteImage(ed.image if isinstance(ed.image, sitk.Image) else sitk.GetImageFromArray(ed.image), str(p))
+        return p.read_bytes()
+
+
+def test_ensemble_and_serve_survive_a_killed_replica_node(cluster, tmp_path):
+    """Item 3's ensemble, Serve on two workers and predict from the host; then fault c."""
+    import httpx
+    from ray.job_submission import JobSubmissionClient
+
+    c = cluster
+    jobs = JobSubmissionClient(c.ray_address)
+    build = jobs.submit_job(entrypoint="robustseg ensemble --sweep faultsweep --name cluster-cmr --alias champion "
+                                       "--max-oof-cases 2 --no-tta")
+    assert wait_job(c, build, 600) == "SUCCEEDED", job_logs(c, build)[-4000:]
+    serve_job = jobs.submit_job(entrypoint="robustseg serve --model models:/cluster-cmr@champion --host 0.0.0.0 "
+                                           "--replicas 2 --max-replicas-per-node 1 "
+                                           "--replica-resources '{\"serve_node\": 0.01}'")
+    url = f"http://{c.head.ip}:{lc.SERVE_PORT}"
+    try:
+        wait_for(lambda: lc._http_ok(f"{url}/v1/health") and len(set(_replica_nodes(c))) == 2, 300,
+                 f"2 replicas on 2 workers behind {url}", every_s=2)
+        assert set(_replica_nodes(c)) == {w.ip for w in c.workers}
+
+        # predict --endpoint from the host, through the head's proxy.
+        (tmp_path / "in").mkdir()
+        (tmp_path / "in" / "case.nii.gz").write_bytes(_volume_bytes())
+        res = subprocess.run([sys.executable, "-m", "robustseg.cli", "predict", "--endpoint", url, "--input",
+                              str(tmp_path / "in"), "--output", str(tmp_path / "out")], capture_output=True, text=True)
+        assert res.returncode == 0, res.stdout + res.stderr
+        assert (tmp_path / "out" / "case_seg.nii.gz").stat().st_size > 0
+
+        # c. A bounded client; the node of one replica is killed after the 5th request.
+        body, results, first_failures = _volume_bytes(), [], 0
+        victim = "worker1"
+        t_kill = None
+        with httpx.Client(timeout=60) as client:
+            for i in range(30):
+                if i == 5:
+                    lc.kill_node(c, victim)
+                    t_kill = time.time()
+                ok = False
+                for attempt in range(2):  # one client retry
+                    try:
+                        r = client.post(f"{url}/v1/segment", files={"file": ("case.nii.gz", body)})
+                        ok = r.status_code == 200
+                    except httpx.HTTPError:
+                        ok = False
+                    if ok:
+                        break
+                    first_failures += attempt == 0
+                results.append((time.time(), ok))
+        failed = sum(not ok for _, ok in results)
+        answered_after_kill = [t for t, ok in results if ok and t >= t_kill]
+        lc.start_node(c, victim)
+        t_back = wait_for(lambda: len(set(_replica_nodes(c))) == 2 and time.time(), 300, "the second replica back",
+                          every_s=2)
+        record("c_serve_node_killed", {"requests": len(results), "failed_after_one_retry": failed,
+                                       "failed_first_try": first_failures,
+                                       "first_answer_after_kill_s": round(answered_after_kill[0] - t_kill, 2)
+                                       if answered_after_kill else None,
+                                       "two_replicas_again_after_s": round(t_back - t_kill, 1)})
+        assert failed == 0, results
+    finally:
+        jobs.stop_job(serve_job)
