@@ -12,7 +12,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import subprocess
 import sys
 import tempfile
@@ -20,18 +19,11 @@ import time
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence
 
+from serve_latency import machine  # noqa: E402  (the benchmarks share one machine record)
+
 REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "benchmarks"))
 DEFAULT_OUT = REPO / "benchmarks" / "results" / "cluster_faults_cpu.json"
-
-
-def machine() -> Dict[str, Any]:
-    """Where the numbers come from."""
-    cpu = "unknown"
-    try:
-        cpu = next(line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
-    return {"cpu": cpu, "cores": os.cpu_count(), "python": platform.python_version(), "kernel": platform.release()}
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:

@@ -10,7 +10,8 @@ from typing import Any, Dict
 
 import pytest
 
-from robustseg.sweep_report import SweepNotFound, Trial, load_sweep, param_importance, write_report
+from robustseg.sweep_report import (MIN_IMPORTANCE_TRIALS, SweepNotFound, Trial, importance_screen, load_sweep,
+                                    param_importance, write_report)
 
 PNG_IMG = '<img src="data:image/png;base64,'
 # (name, params, per-fold val_dice curves; None = the fold run failed before validating)
@@ -100,20 +101,29 @@ def test_report_is_self_contained_html(report_html: str) -> None:
     assert "<style>" in html
     assert not re.search(r"https?://|<script|<link|@import|url\(", html), "report must not load anything external"
     images = re.findall(re.escape(PNG_IMG) + r"([A-Za-z0-9+/=]+)\"", html)
-    assert len(images) == 4  # per-fold Dice, learning curves, optimisation history, importance
+    assert len(images) == 3  # per-fold Dice, learning curves, optimisation history (importance: too few trials)
     assert all(base64.b64decode(b64)[:8] == b"\x89PNG\r\n\x1a\n" for b64 in images)
 
 
 def test_report_leaderboard(report_html: str) -> None:
     table = report_html[report_html.index("<h2>Leaderboard</h2>"):]
     table = table[: table.index("</table>")]
-    for header in ("CV Dice", "fold 0", "fold 1", "model.name", "optim.lr"):
+    for header in ("CV Dice", "fold 0", "fold 1", "model", "optim"):  # one column per config section
         assert f">{header}</th>" in table
-    assert "optim.epochs" not in table
+    assert "optim.epochs" not in table and ">optim.lr</th>" not in table and "number</th>" not in table
     assert table.index("trial-b") < table.index("trial-a") < table.index("trial-d") < table.index("trial-c")
-    assert "0.7750" in table and "0.8000" in table and "FAILED" in table
+    assert "0.7750" in table and "0.8000" in table and ">failed</td>" in table
+    assert '<td class="p"><b>dynunet</b></td>' in table and '<td class="p">lr=0.001</td>' in table
+    assert ">LV</th>" not in table and "HD95" not in table  # these fold runs logged no per-structure metrics
     assert "Best trial <b>trial-b</b>" in report_html
     assert "Spearman" in report_html  # the documented fallback importance
+
+
+def test_importance_is_skipped_with_few_trials_and_says_why(report_html: str) -> None:
+    section = report_html[report_html.index("<h2>Parameter importance</h2>"):]
+    assert f"at least {MIN_IMPORTANCE_TRIALS} completed trials" in section
+    assert '<p class="skipped">Parameter importance skipped: 3 completed trials, need &gt;= 8.</p>' in section
+    assert PNG_IMG not in section and '<table class="importance">' not in section
 
 
 def test_report_by_run_id_matches_by_name(store: Dict[str, Any], report_html: str, tmp_path: Path) -> None:
@@ -151,3 +161,106 @@ def test_report_uses_an_optuna_study_when_given(store: Dict[str, Any], tmp_path:
     html = write_report(store["uri"], "sweep-demo", tmp_path / "r.html", study=study).read_text()
     assert "fANOVA" in html and "Spearman" not in html
     assert html.count(PNG_IMG) == 4
+
+
+# --------------------------------------------------------------------------- a sweep big enough to rank
+def _big_trials() -> list:
+    """10 trials of the demo space's shape: the backbone fixes its params and optimiser; lr ranges differ.
+
+    Within SGD the Dice rises with lr, within Adam it falls: pooled, lr would mix the two.
+    """
+    out = []
+    for i in range(5):
+        lr = 3e-3 * 1.7 ** i
+        out.append(({"model.name": "unet2d", "model.params.filters_base": "8", "model.params.filters_max": "32",
+                     "model.params.max_stages": "4", "optim.name": "sgd_nesterov", "optim.momentum": "0.99", "optim.lr": repr(lr)}, 0.70 + 0.02 * i))
+        lr = 3e-4 * 1.7 ** i
+        out.append(({"model.name": "unet", "model.params.base": "8", "model.params.depth": "3",
+                     "optim.name": "adam", "optim.momentum": "0.9", "optim.lr": repr(lr)}, 0.80 - 0.03 * i))
+    return out
+
+
+@pytest.fixture(scope="module")
+def big(store: Dict[str, Any]) -> Dict[str, Any]:
+    from mlflow import MlflowClient
+    from mlflow.entities import Metric, Param
+
+    client = MlflowClient(tracking_uri=store["uri"])
+    exp = client.create_experiment("report-big")
+    sid = client.create_run(exp, run_name="sweep-big", tags={"robustseg.role": "sweep",
+                                                             "robustseg.sweep": "sweep-big"}).info.run_id
+    now = int(time.time() * 1000)
+    for n, (params, dice) in enumerate(_big_trials()):
+        name = f"trial_{n:03d}_{n:08x}"
+        tid = client.create_run(exp, run_name=name, tags={"mlflow.parentRunId": sid, "robustseg.role": "trial",
+                                                          "robustseg.trial_number": str(n)}).info.run_id
+        client.log_batch(tid, params=[Param(k, v) for k, v in params.items()],
+                         metrics=[Metric("cv_val_dice", dice, now, 0)])
+        rid = client.create_run(exp, run_name=f"fold0 · {name}", tags={"mlflow.parentRunId": tid, "fold": "0",
+                                                                       "robustseg.role": "fold"}).info.run_id
+        per = {"best_val_dice": dice, "best_val_dice_LV": dice + 0.1, "best_val_dice_MYO": dice - 0.1,
+               "best_val_dice_RV": dice, "best_val_hd95_LV": 4.25}
+        client.log_batch(rid, metrics=[Metric(k, v, now, 0) for k, v in per.items()])
+        for run_id in (rid, tid):
+            client.set_terminated(run_id, "FINISHED")
+    client.set_terminated(sid, "FINISHED")
+    html_text = write_report(store["uri"], "sweep-big", store["root"] / "out" / "big.html").read_text()
+    return {"uri": store["uri"], "html": html_text}
+
+
+def test_importance_merges_backbone_bound_params_and_ranks_lr_within_each_optimiser(big: Dict[str, Any]) -> None:
+    sweep = load_sweep(big["uri"], "sweep-big")
+    imp = importance_screen(sweep.trials, sweep.varying)
+    assert imp.skipped is None and imp.completed == 10
+    # Within each optimiser lr orders the trials perfectly; pooled it would not (and is not shown).
+    assert imp.values["optim.lr (adam)"] == pytest.approx(1.0)
+    assert imp.values["optim.lr (sgd_nesterov)"] == pytest.approx(1.0)
+    assert "optim.lr" not in imp.values
+    # Everything the backbone fixes is one entry, not one bar per parameter at the same value.
+    assert set(imp.values) == {"model.name", "optim.lr (adam)", "optim.lr (sgd_nesterov)"}
+    assert set(imp.same_as["model.name"]) == {"model.params.base", "model.params.depth", "model.params.filters_base",
+                                              "model.params.filters_max", "model.params.max_stages", "optim.momentum",
+                                              "optim.name"}
+    assert any(n.startswith("optim.lr ranked within each optimiser (ranges differ: adam 0.0003..") for n in imp.notes)
+    # The same rule cut at 10 trials skips, saying how many it had.
+    assert importance_screen(sweep.trials, sweep.varying, min_trials=11).skipped == \
+        "skipped: 10 completed trials, need >= 11"
+
+
+def test_report_importance_section_lists_what_it_ranked(big: Dict[str, Any]) -> None:
+    section = big["html"][big["html"].index("<h2>Parameter importance</h2>"):]
+    assert "skipped" not in section and section.count(PNG_IMG) == 1
+    rows = re.findall(r"<tr><td class=\"l\"><code>([^<]+)</code></td><td>([0-9.]+)</td>", section)
+    assert sorted(name for name, _ in rows) == ["model.name", "optim.lr (adam)", "optim.lr (sgd_nesterov)"]
+    assert "optim.lr ranked within each optimiser" in section
+
+
+def _column_widths(table: str) -> list:
+    """Rough rendered width per column: longest text (wrapping cells capped at 18em) x 7 px + padding."""
+    rows = [re.findall(r"<t[hd]( class=\"(\w+)\")?>(.*?)</t[hd]>", r) for r in re.findall(r"<tr[^>]*>(.*?)</tr>", table)]
+    widths = [0] * len(rows[0])
+    for row in rows:
+        for j, (_, css, text) in enumerate(row):
+            chars = len(html_unescape(re.sub(r"<[^>]+>", "", text)))
+            widths[j] = max(widths[j], min(chars * 7, 210) if css == "p" else chars * 7)
+    return [w + 16 for w in widths]
+
+
+def html_unescape(text: str) -> str:
+    import html
+
+    return html.unescape(text)
+
+
+def test_leaderboard_fits_and_shows_per_structure_metrics(big: Dict[str, Any]) -> None:
+    page = big["html"]
+    table = page[page.index("<h2>Leaderboard</h2>"):]
+    table = table[: table.index("</table>")]
+    headers = re.findall(r"<th[^>]*>([^<]*)</th>", table)
+    assert headers == ["#", "trial", "status", "CV Dice", "fold 0", "LV", "MYO", "RV", "HD95 LV", "model", "optim"]
+    first = re.findall(r"<tr class=\"best\">(.*?)</tr>", table)[0]
+    assert "trial_001_00000001" in first and "<td>0.9000</td><td>0.7000</td><td>0.8000</td><td>4.2</td>" in first
+    assert '<td class="p"><b>unet</b> base=8, depth=3</td>' in first
+    assert '<td class="p"><b>adam</b> lr=0.0003, momentum=0.9</td>' in first
+    assert sum(_column_widths(table)) <= 1600, _column_widths(table)
+    assert "max-width:1600px" in page

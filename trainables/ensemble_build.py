@@ -8,7 +8,10 @@
    `trainables.train_fold.run_fold`, under the same run names, so a rerun reuses them too.
 3. Evaluate every fold model and the cross-architecture ensemble out of fold on the same
    cases (`robustseg.engine.oof`) and log the comparison (table + plot) to an MLflow
-   ``ensemble`` run nested under the sweep run.
+   ``ensemble`` run nested under the sweep run. The run names what was selected (param
+   ``selected_backbones``, param ``selection``, tag ``robustseg.ensemble_kind``, description):
+   when one backbone wins, the model is a *fold ensemble of that backbone* and its
+   ``oof_dice_ensemble`` equals that backbone's out-of-fold Dice.
 4. Build the `robustseg.ensemble.Ensemble` over all backbones x folds, log it as a pyfunc
    model in that run and register it (alias ``champion`` by default).
 
@@ -35,6 +38,7 @@ from robustseg.ensemble import Ensemble, EnsembleSpec, MemberSpec, label_convent
 from robustseg.errors import RobustsegError
 from search_spaces import apply_sample
 from trainables.tune_driver import SWEEP_FILE, TRIALS_FILE, SweepError, read_json, storage_root
+from trainables.tune_tracking import fold_run_name, fold_storage_name, fold_tags
 from trainables.tune_trial import fold_config
 
 BEST_FILE = "best.pt"
@@ -180,8 +184,9 @@ def fold_models(path: str, choice: Choice, folds: int, *, mlflow: Optional[Dict[
     # Reading a finished run back logs a paragraph per fold about resuming: not news here.
     logging.getLogger("ray.train.v2._internal.execution.checkpoint.checkpoint_manager").setLevel(logging.WARNING)
     out = {}
+    sweep = path.rstrip("/").rsplit("/", 1)[-1]
     for k in range(folds):
-        name = f"{choice.trial}_fold{k}"
+        name = fold_storage_name(choice.trial, k)
         folds_path = durable.join(path, "folds")
         prior = stored_result(folds_path, name, storage=choice.cfg.data.storage)
         if prior is None or float((prior.metrics or {}).get("epoch", 0)) < choice.cfg.optim.epochs:
@@ -189,7 +194,7 @@ def fold_models(path: str, choice: Choice, folds: int, *, mlflow: Optional[Dict[
 
             init_ray()
             print(f"  training {choice.backbone} fold {k} ({name}): not finished in the sweep", flush=True)
-        ml = dict(mlflow, run_name=name) if mlflow else None
+        ml = dict(mlflow, run_name=fold_run_name(choice.trial, k), tags=fold_tags(sweep, choice.trial, k)) if mlflow else None
         res = run_fold(fold_config(choice.cfg, k), storage_path=folds_path, run_name=name, mlflow=ml)
         if res.get("error") or not res.get("checkpoint"):
             raise EnsembleBuildError(f"{choice.backbone} fold {k} ({name}): {res.get('error') or 'no checkpoint'}")
@@ -242,7 +247,6 @@ def build_ensemble(sweep: str, *, storage_path: Optional[str] = None, backbones:
     from robustseg.data.manifest import read_manifest
     from robustseg.data.storage import open_store
     from robustseg.engine import oof
-    from robustseg.engine.predict import load_predictor
     from robustseg.tracking_store import resolve_tracking_uri
 
     io = (cfg or ExperimentConfig(name="ensemble")).data.storage
@@ -266,24 +270,9 @@ def build_ensemble(sweep: str, *, storage_path: Optional[str] = None, backbones:
                                          Path(path) / "ensemble")
     device = device or torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
-    members, preds, by_arch = [], [], {}
-    for c in choices:
-        ml = None
-        if tracking and trial_runs.get(c.trial):
-            ml = {"tracking_uri": uri, "experiment": base.tracking.experiment, "parent_run_id": trial_runs[c.trial]}
-        runs = fold_models(path, c, k, mlflow=ml)
-        by_arch[c.backbone] = {}
-        for j, res in runs.items():
-            name = f"{c.backbone}_fold{j}"
-            ckpt = fetch_best(res["checkpoint"], out / "checkpoints" / f"{name}.pt", c.cfg.data.storage)
-            p = load_predictor(ckpt, device)
-            by_arch[c.backbone][j] = p
-            preds.append(p)
-            run_id = (find_run_id(uri, base.tracking.experiment, f"{c.trial}_fold{j}", trial_runs.get(c.trial))
-                      if tracking else None)
-            members.append(MemberSpec(name=name, backbone=c.backbone, fold=j, weight=float((weights or {}).get(c.backbone, 1.0)),
-                                      run_id=run_id or "", source=f"{res['checkpoint']}/{BEST_FILE}",
-                                      locator=not locators or c.backbone in locators))
+    members, preds, by_arch = _load_members(path, choices, k, out, device, weights=weights, locators=locators,
+                                            mlflow=({"tracking_uri": uri, "experiment": base.tracking.experiment}
+                                                    if tracking else None), trial_runs=trial_runs or {})
 
     use_tta = bool(choices[0].cfg.inference.tta) if tta is None else bool(tta)
     store = open_store(base.data.shards_uri, base.data.storage)
@@ -293,24 +282,14 @@ def build_ensemble(sweep: str, *, storage_path: Optional[str] = None, backbones:
     summary = oof.summarise(rows)
     chosen = oof.select(summary) if select == "best" else summary[-1]  # the last row combines every backbone
     keep = oof.combination_of(chosen["model"])
-    metrics = {f"oof_dice_{oof.metric_key(r['model'])}": float(r["dice_mean"]) for r in summary}
-    metrics["oof_dice_ensemble"] = float(chosen["dice_mean"])
-    metrics["oof_dice_best_single"] = max(float(r["dice_mean"]) for r in summary if r["model"] in by_arch)
     if keep != sorted(by_arch):
         dropped = sorted(set(by_arch) - set(keep))
         print(f"  selected {chosen['model']} (out-of-fold Dice {chosen['dice_mean']:.3f}); left out {dropped}: "
               "adding them lowered the out-of-fold Dice", flush=True)
     members, preds = zip(*[(m, p) for m, p in zip(members, preds) if m.backbone in keep])
-    first = preds[0]
-    from robustseg.tracking_tags import git_commit, manifest_uri
-
-    spec = EnsembleSpec(name=register or f"ensemble-{sweep_name}", task=first.task, class_names=dict(first.class_names),
-                        members=list(members), label_convention=label_convention(first.task, first.class_names),
-                        combine=combine, tta=use_tta, postprocess=bool(first.cfg.inference.postprocess),
-                        centring=centring, metrics=metrics,
-                        provenance={"sweep": sweep_name, "sweep_path": path, "data_manifest": manifest_uri(base),
-                                    "git_commit": git_commit(), "selected": chosen["model"],
-                                    "trials": ",".join(f"{c.backbone}={c.trial}" for c in choices)})
+    spec = _make_spec(register or f"ensemble-{sweep_name}", list(members), preds[0], base, choices, combine=combine,
+                      tta=use_tta, centring=centring, metrics=_oof_metrics(summary, chosen, by_arch),
+                      provenance={"sweep": sweep_name, "sweep_path": path, "selected": chosen["model"]})
     ens = Ensemble(spec, list(preds))
     folder = ens.save(out / "model")
     # A sweep on S3 keeps its ensemble folder there too: the local one is this node's copy.
@@ -319,6 +298,67 @@ def build_ensemble(sweep: str, *, storage_path: Optional[str] = None, backbones:
     if tracking:
         _track(build, base, uri, sweep_run, register, alias)
     return build
+
+
+def _load_members(path: str, choices: Sequence[Choice], k: int, out: Path, device: torch.device, *,
+                  weights: Optional[Mapping[str, float]], locators: Optional[Sequence[str]],
+                  mlflow: Optional[Dict[str, Any]], trial_runs: Mapping[str, Optional[str]]
+                  ) -> Tuple[List[MemberSpec], List[Any], Dict[str, Dict[int, Any]]]:
+    """Every chosen trial's fold models: member specs, predictors, and ``{backbone: {fold: predictor}}``."""
+    from robustseg.engine.predict import load_predictor
+    from robustseg.tracking_tags import find_run_id
+
+    members, preds, by_arch = [], [], {}
+    for c in choices:
+        parent = trial_runs.get(c.trial)
+        runs = fold_models(path, c, k, mlflow=dict(mlflow, parent_run_id=parent) if mlflow and parent else None)
+        by_arch[c.backbone] = {}
+        for j, res in runs.items():
+            name = f"{c.backbone}_fold{j}"
+            ckpt = fetch_best(res["checkpoint"], out / "checkpoints" / f"{name}.pt", c.cfg.data.storage)
+            p = load_predictor(ckpt, device)
+            by_arch[c.backbone][j] = p
+            preds.append(p)
+            run_id = None
+            if mlflow:  # fold runs of sweeps before `fold_run_name` carry the storage name
+                for run_name in (fold_run_name(c.trial, j), fold_storage_name(c.trial, j)):
+                    run_id = run_id or find_run_id(mlflow["tracking_uri"], mlflow["experiment"], run_name, parent)
+            members.append(MemberSpec(name=name, backbone=c.backbone, fold=j,
+                                      weight=float((weights or {}).get(c.backbone, 1.0)), run_id=run_id or "",
+                                      source=f"{res['checkpoint']}/{BEST_FILE}",
+                                      locator=not locators or c.backbone in locators))
+    return members, preds, by_arch
+
+
+def _make_spec(name: str, members: List[MemberSpec], first: Any, base: ExperimentConfig, choices: Sequence[Choice], *,
+               combine: str, tta: bool, centring: str, metrics: Dict[str, float], provenance: Dict[str, str]
+               ) -> EnsembleSpec:
+    """The spec of the selected members, with provenance naming what was selected.
+
+    ``selected_backbones`` and ``selection`` (`EnsembleSpec.composition`) say whether the
+    selection is one backbone's folds (a *fold ensemble of <backbone>*, whose out-of-fold Dice is
+    that backbone's) or an ensemble of architectures.
+    """
+    from robustseg.tracking_tags import git_commit, manifest_uri
+
+    spec = EnsembleSpec(name=name, task=first.task, class_names=dict(first.class_names), members=members,
+                        label_convention=label_convention(first.task, first.class_names), combine=combine, tta=tta,
+                        postprocess=bool(first.cfg.inference.postprocess), centring=centring, metrics=metrics,
+                        provenance={**provenance, "data_manifest": manifest_uri(base), "git_commit": git_commit(),
+                                    "trials": ",".join(f"{c.backbone}={c.trial}" for c in choices)})
+    spec.provenance.update(selected_backbones=",".join(spec.backbones), selection=spec.composition())
+    return spec
+
+
+def _oof_metrics(summary: Sequence[Mapping[str, Any]], chosen: Mapping[str, Any], by_arch: Mapping[str, Any]
+                 ) -> Dict[str, float]:
+    """Out-of-fold Dice of every row, of the selection (``oof_dice_ensemble``) and of the best single backbone."""
+    from robustseg.engine import oof
+
+    metrics = {f"oof_dice_{oof.metric_key(r['model'])}": float(r["dice_mean"]) for r in summary}
+    metrics["oof_dice_ensemble"] = float(chosen["dice_mean"])
+    metrics["oof_dice_best_single"] = max(float(r["dice_mean"]) for r in summary if r["model"] in by_arch)
+    return metrics
 
 
 def _track(build: EnsembleBuild, base: ExperimentConfig, uri: str, sweep_run: Optional[str],
@@ -335,7 +375,11 @@ def _track(build: EnsembleBuild, base: ExperimentConfig, uri: str, sweep_run: Op
 
     client = MlflowClient(uri)
     spec = build.ensemble.spec
-    tags = {ROLE: "ensemble", SWEEP: spec.provenance.get("sweep", "")}
+    oof_dice = spec.metrics
+    tags = {ROLE: "ensemble", SWEEP: spec.provenance.get("sweep", ""), "robustseg.ensemble_kind": spec.kind,
+            "mlflow.note.content": f"**{spec.composition()}**: out-of-fold Dice {oof_dice['oof_dice_ensemble']:.4f} "
+                                   f"(best single backbone {oof_dice['oof_dice_best_single']:.4f}). "
+                                   f"Candidates: {', '.join(c.backbone for c in build.choices)}."}
     if build.stored and not durable.is_scratch(build.stored):
         tags["robustseg.ensemble_folder"] = build.stored
     if sweep_run:
@@ -344,7 +388,9 @@ def _track(build: EnsembleBuild, base: ExperimentConfig, uri: str, sweep_run: Op
     run_id = run.info.run_id
     try:
         for key, value in {"backbones": ",".join(c.backbone for c in build.choices),
-                           "selected": spec.provenance.get("selected", ""), "folds": len(
+                           "selected": spec.provenance.get("selected", ""),
+                           "selected_backbones": ",".join(spec.backbones), "selection": spec.composition(),
+                           "folds": len(
                 {m.fold for m in spec.members}), "members": len(spec.members), "combine": spec.combine, "tta": spec.tta,
                 "centring": spec.centring, **{f"trial.{c.backbone}": c.trial for c in build.choices}}.items():
             client.log_param(run_id, key, str(value))

@@ -47,7 +47,7 @@ from ray.tune import Callback
 from robustseg import durable
 from robustseg.config import ExperimentConfig, StorageConfig, absolute_workdir
 from search_spaces import apply_sample, flatten_sample, get_space
-from trainables.tune_tracking import open_sweep_tracking
+from trainables.tune_tracking import Winner, open_sweep_tracking
 from trainables.tune_trial import (FOLD_STORAGE, METRIC, MODE, SAMPLE_KEY, FoldFailedError, cv_objective,
                                    fold_columns, trial_config)
 
@@ -352,7 +352,7 @@ def _summarise(grid: Any, base: ExperimentConfig, *, name: str, path: str, trial
                storage: Optional[StorageConfig] = None) -> SweepResult:
     """Results table, best trial, best config YAML, and MLflow end states."""
     k = base.data.folds
-    rows, samples, names = [], {}, {}
+    rows, samples, names, run_ids = [], {}, {}, {}
     for res in grid:
         m = dict(res.metrics or {})
         trial_id = m.get("trial_id") or str(res.path).rstrip("/").rsplit("/", 1)[-1]
@@ -371,6 +371,7 @@ def _summarise(grid: Any, base: ExperimentConfig, *, name: str, path: str, trial
         sample = flatten_sample((res.config or {}).get(SAMPLE_KEY) or {})
         samples[trial_id] = sample
         names[trial_id] = str(res.path).rstrip("/").rsplit("/", 1)[-1]  # trial_<n>_<id>: its fold runs' prefix
+        run_ids[trial_id] = m.get("mlflow_run_id")
         row: Dict[str, Any] = {"trial": trial_id, "status": status, "cv_dice": m.get(METRIC)}
         row.update(fold_columns(m, k))
         row["done_folds"] = done
@@ -397,7 +398,9 @@ def _summarise(grid: Any, base: ExperimentConfig, *, name: str, path: str, trial
     durable.write_text(durable.join(path, BEST_CONFIG), best_cfg.to_yaml(), storage)
     per_fold = [float(best[f"fold{j}_dice"]) for j in range(k)]
     if tracker:
-        tracker.end(status="FINISHED" if complete else "KILLED", best=float(best["cv_dice"]), best_trial=best["trial"])
+        tracker.end(status="FINISHED" if complete else "KILLED", winner=Winner(
+            trial=names[best["trial"]], trial_id=best["trial"], cv_dice=float(best["cv_dice"]), cfg=best_cfg,
+            sample=samples[best["trial"]], run_id=run_ids.get(best["trial"])))
     if not complete:
         log.warning("sweep %s was interrupted after %d of %d trials; resume with sweep_name=%r, resume=True",
                     name, sum(r["status"] in ("COMPLETE", "STOPPED", "ERROR") for r in table), trials, name)

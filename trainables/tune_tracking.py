@@ -6,12 +6,27 @@ is always ended: the trial ends its own run (FINISHED with ``cv_val_dice``, or F
 whose process was stopped from outside (an ASHA stop, an interruption) are ended KILLED by
 the driver, together with any fold runs still RUNNING under them. `robustseg.tracking` is
 imported lazily so that a sweep without MLflow never needs it.
+
+What the MLflow UI shows of a sweep:
+
+* the sweep run's params are the *base* config; when the sweep ends, the winner is logged
+  beside them under one prefix (`WINNER`): ``winner.<config key>`` params (the keys sampled or
+  different from the base; only once the sweep is complete: MLflow params cannot change),
+  metric ``winner_cv_dice``, tags ``winner.trial``, ``winner.trial_id``, ``winner.run_id`` and
+  ``winner.final``, and a run description linking to the winning trial's run;
+* trial and fold runs carry the sweep name (tag ``robustseg.sweep``, as on the sweep run),
+  the trial name (``robustseg.trial``) and ``fold``;
+* fold runs are named ``fold<k> · trial_<n>_<id>`` (`fold_run_name`): the fold first, so
+  the runs table, which cuts long names, tells them apart. Only the MLflow name: the Ray
+  storage folder of a fold keeps ``trial_<n>_<id>_fold<k>`` (`fold_storage_name`), which a
+  resumed sweep looks for.
 """
 from __future__ import annotations
 
 import logging
 import re
 import warnings
+from dataclasses import dataclass, field
 from typing import Any, Dict, Mapping, Optional
 
 from robustseg.config import ExperimentConfig
@@ -19,10 +34,76 @@ from robustseg.config import ExperimentConfig
 log = logging.getLogger(__name__)
 #: Tag of the sweep run holding the sweep folder (storage path or URI).
 SWEEP_PATH = "robustseg.sweep_path"
+#: Prefix of what the sweep run records about its winner (params, tags; metric ``winner_cv_dice``).
+WINNER = "winner."
+WINNER_METRIC = "winner_cv_dice"
+#: Config keys never worth a ``winner.`` param (the same for every trial, or per fold).
+_NOT_WINNER_PARAMS = ("name", "data.val_fold")
 
 
 class FoldFailedError(RuntimeError):
     """A fold of a trial failed; the trial fails with this message."""
+
+
+def fold_run_name(trial: str, k: int) -> str:
+    """MLflow run name of fold ``k`` of a trial: ``fold0 · trial_002_a6e19da6`` (fold first)."""
+    return f"fold{int(k)} · {trial}"
+
+
+def fold_storage_name(trial: str, k: int) -> str:
+    """Ray Train run (storage folder) name of fold ``k`` of a trial: ``trial_002_a6e19da6_fold0``.
+
+    Unchanged since the first sweeps: a resumed sweep finds its finished folds by it.
+    """
+    return f"{trial}_fold{int(k)}"
+
+
+def fold_tags(sweep: Optional[str], trial: str, k: int) -> Dict[str, str]:
+    """The grouping tags of a fold run: the sweep name, the trial name and the fold."""
+    from robustseg.tracking_tags import SWEEP, TRIAL
+
+    tags = {TRIAL: trial, "fold": str(int(k))}
+    if sweep:
+        tags[SWEEP] = sweep
+    return tags
+
+
+@dataclass
+class Winner:
+    """The best completed trial of a sweep, as the sweep run records it.
+
+    Attributes:
+        trial: Trial name (``trial_<n>_<id>``: its MLflow run name).
+        trial_id: Tune trial id.
+        cv_dice: Its cross-validated Dice.
+        cfg: Its resolved config.
+        sample: The sampled point (``"a/b"`` keys).
+        run_id: Its MLflow trial run (looked up by name under the sweep run when None).
+    """
+
+    trial: str
+    trial_id: str
+    cv_dice: float
+    cfg: ExperimentConfig
+    sample: Mapping[str, Any] = field(default_factory=dict)
+    run_id: Optional[str] = None
+
+
+def winner_params(base: ExperimentConfig, winner: ExperimentConfig, sample: Mapping[str, Any]) -> Dict[str, str]:
+    """``winner.<key>`` params: the winner's value of every sampled key and of every key that differs from the base.
+
+    Args:
+        base: The sweep's base config (the sweep run's own params).
+        winner: The winning trial's config.
+        sample: The winning trial's sampled point (``"a/b"`` keys, as in ``trials.json``).
+    """
+    from robustseg.tracking_tags import MAX_PARAM_KEY, flatten_config
+
+    flat_base, flat = flatten_config(base), flatten_config(winner)
+    sampled = {k.replace("/", ".") for k in sample}
+    keys = [k for k in flat if k not in _NOT_WINNER_PARAMS
+            and (flat_base.get(k) != flat[k] or k in sampled or any(k.startswith(s + ".") for s in sampled))]
+    return {(WINNER + k)[:MAX_PARAM_KEY]: flat[k] for k in sorted(keys)}
 
 
 class SweepTracking:
@@ -43,10 +124,12 @@ class SweepTracking:
         self._tracking = tracking_runs
         self.uri = resolve_tracking_uri(cfg)
         self.experiment = cfg.tracking.experiment
+        self.name, self.base = name, cfg
         self.run_id = tracking_runs.sweep_parent(cfg, name, resume=resume,
                                                  tags={"robustseg.space": space, SWEEP_PATH: path})
         #: What each trial needs to open its run under this sweep (goes into the trial config).
-        self.info = {"tracking_uri": self.uri, "experiment": self.experiment, "parent_run_id": self.run_id}
+        self.info = {"tracking_uri": self.uri, "experiment": self.experiment, "parent_run_id": self.run_id,
+                     "sweep": name}
 
     def end_trial(self, run_id: str, status: str) -> None:
         """End a trial run its own process could not end, and fold runs left RUNNING under it."""
@@ -65,19 +148,68 @@ class SweepTracking:
         except Exception:  # tracking trouble never hides the sweep's result
             log.warning("could not end MLflow run %s", run_id, exc_info=True)
 
-    def end(self, status: str, error: Optional[BaseException] = None, best: Optional[float] = None,
-            best_trial: Optional[str] = None) -> None:
-        """Log the best result on the sweep run and end it with ``status``."""
-        try:
-            if best is not None:
-                from mlflow.tracking import MlflowClient
+    def end(self, status: str, error: Optional[BaseException] = None, winner: Optional[Winner] = None) -> None:
+        """Record the winner on the sweep run (`log_winner`) and end it with ``status``.
 
-                client = MlflowClient(self.uri)
-                client.log_metric(self.run_id, "best_cv_dice", best)
-                client.set_tag(self.run_id, "robustseg.best_trial", str(best_trial))
+        Args:
+            status: FINISHED (every trial done), KILLED (interrupted) or FAILED.
+            error: What stopped the sweep, if anything.
+            winner: The best completed trial so far; its config becomes ``winner.*`` params
+                only when ``status`` is FINISHED (an interrupted sweep may still change winner).
+        """
+        try:
+            if winner is not None:
+                self.log_winner(winner, final=status == "FINISHED")
+        except Exception:  # tracking trouble never hides the sweep's result
+            log.warning("could not log the winner on the MLflow sweep run %s", self.run_id, exc_info=True)
+        try:
             self._tracking.end_run(self.uri, self.run_id, status, error=error)
         except Exception:
             log.warning("could not end the MLflow sweep run %s", self.run_id, exc_info=True)
+
+    def log_winner(self, winner: Winner, final: bool = True) -> None:
+        """The winner on the sweep run: ``winner_cv_dice``, ``winner.*`` tags, params (when ``final``) and a link.
+
+        A ``winner.*`` param already logged with another value (MLflow refuses to change a
+        param) is set as a tag of the same name instead, with a warning.
+        """
+        from mlflow.entities import Param, RunTag
+        from mlflow.tracking import MlflowClient
+
+        from robustseg.tracking_runs import log_metrics_batched
+        from robustseg.tracking_tags import find_run_id
+
+        client = MlflowClient(self.uri)
+        run = client.get_run(self.run_id)
+        run_id = winner.run_id or find_run_id(self.uri, self.experiment, winner.trial, self.run_id)
+        log_metrics_batched(client, self.run_id, {WINNER_METRIC: float(winner.cv_dice)})
+        tags = {WINNER + "trial": winner.trial, WINNER + "trial_id": winner.trial_id,
+                WINNER + "final": str(bool(final)).lower(), "mlflow.note.content": _winner_note(
+                    winner, run_id, run.info.experiment_id, final)}
+        if run_id:
+            tags[WINNER + "run_id"] = run_id
+        if final:
+            have = run.data.params
+            params = winner_params(self.base, winner.cfg, winner.sample)
+            clash = {k: v for k, v in params.items() if k in have and have[k] != v}
+            if clash:
+                log.warning("sweep run %s already holds other winner params %s: set as tags", self.run_id, sorted(clash))
+                tags.update(clash)
+            new = [Param(k, v) for k, v in params.items() if k not in have]
+            for i in range(0, len(new), 100):  # log_batch takes at most 100 params or tags
+                client.log_batch(self.run_id, params=new[i:i + 100])
+        items = [RunTag(k, str(v)[:5000]) for k, v in tags.items()]
+        for i in range(0, len(items), 100):
+            client.log_batch(self.run_id, tags=items[i:i + 100])
+
+
+def _winner_note(winner: Winner, run_id: Optional[str], experiment_id: str, final: bool) -> str:
+    """The sweep run's description (markdown): the winner in one line, with a link to its run."""
+    what = "Winner" if final else "Best so far (sweep interrupted)"
+    link = f"[{winner.trial}](#/experiments/{experiment_id}/runs/{run_id})" if run_id else f"`{winner.trial}`"
+    return (f"**{what}**: {link}: `{winner.cfg.model.name}`, optimiser `{winner.cfg.optim.name}`, "
+            f"lr {winner.cfg.optim.lr:.3g}; cross-validated Dice **{winner.cv_dice:.4f}**. The params without "
+            f"the `{WINNER}` prefix are the sweep's base config.")
 
 
 def open_sweep_tracking(cfg: ExperimentConfig, name: str, space: str, *, resume: bool,
@@ -100,19 +232,30 @@ class TrialTracking:
     """
 
     def __init__(self, info: Optional[Mapping[str, Any]], cfg: ExperimentConfig, name: str) -> None:
-        self.info, self.run_id = dict(info or {}), None
+        self.info, self.run_id, self.name, self.sweep = dict(info or {}), None, name, None
         if not self.info:
             return
+        from mlflow.tracking import MlflowClient
+
         from robustseg.tracking_runs import child_run
+        from robustseg.tracking_tags import SWEEP, TRIAL
 
-        self.run_id = child_run(cfg, self.info["parent_run_id"], name, trial_number=trial_number(name), role="trial")
+        self.run_id = child_run(cfg, self.info["parent_run_id"], name, trial_number=trial_number(name), role="trial",
+                                tags={TRIAL: name})
+        # Sweeps started before the name travelled in `info`: the trial run got it from the sweep run.
+        self.sweep = (self.info.get("sweep")
+                      or MlflowClient(self.info["tracking_uri"]).get_run(self.run_id).data.tags.get(SWEEP))
 
-    def fold_kwargs(self, run_name: str) -> Optional[Dict[str, Any]]:
-        """`robustseg.tracking.FitTracker` keyword arguments of one fold (None: tracking off)."""
+    def fold_kwargs(self, k: int) -> Optional[Dict[str, Any]]:
+        """`robustseg.tracking.FitTracker` keyword arguments of fold ``k`` (None: tracking off).
+
+        The run is named `fold_run_name` and tagged with the sweep, the trial and the fold (`fold_tags`).
+        """
         if not self.run_id:
             return None
         return {"tracking_uri": self.info["tracking_uri"], "experiment": self.info["experiment"],
-                "run_name": run_name, "parent_run_id": self.run_id}
+                "run_name": fold_run_name(self.name, k), "parent_run_id": self.run_id,
+                "tags": fold_tags(self.sweep, self.name, k)}
 
     def finish(self, fold_scores: Dict[int, float]) -> None:
         """Log ``cv_val_dice`` and the per-fold Dice, and end the run FINISHED."""
@@ -135,4 +278,5 @@ def trial_number(name: str) -> Optional[int]:
     return int(m.group(1)) if m else None
 
 
-__all__ = ["FoldFailedError", "SweepTracking", "TrialTracking", "open_sweep_tracking", "trial_number"]
+__all__ = ["FoldFailedError", "SWEEP_PATH", "SweepTracking", "TrialTracking", "WINNER", "WINNER_METRIC", "Winner",
+           "fold_run_name", "fold_storage_name", "fold_tags", "open_sweep_tracking", "trial_number", "winner_params"]

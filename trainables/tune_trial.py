@@ -18,7 +18,7 @@ from typing import Any, Callable, Dict, Mapping, Optional, Tuple
 
 from robustseg.config import ExperimentConfig
 from search_spaces import apply_sample
-from trainables.tune_tracking import FoldFailedError, TrialTracking
+from trainables.tune_tracking import FoldFailedError, TrialTracking, fold_storage_name
 
 log = logging.getLogger(__name__)
 
@@ -98,9 +98,10 @@ def cv_objective(config: Dict[str, Any], fold_runner: Optional[FoldRunner] = Non
     tracking = TrialTracking(config.get("mlflow"), cfg, name)
 
     def run(k: int) -> Tuple[Dict[str, Any], Optional[BaseException]]:
-        ml = tracking.fold_kwargs(f"{name}_fold{k}")
+        ml = tracking.fold_kwargs(k)  # MLflow run "fold<k> · <trial>", tagged with sweep, trial and fold
         try:
-            out = dict(runner(fold_config(cfg, k), storage_path=storage, run_name=f"{name}_fold{k}", mlflow=ml))
+            out = dict(runner(fold_config(cfg, k), storage_path=storage, run_name=fold_storage_name(name, k),
+                              mlflow=ml))
         except Exception as e:  # reported below with the fold's name; the traceback goes to the log
             log.exception("fold %d of %s raised", k, name)
             return {"val_dice": math.nan, "error": f"{type(e).__name__}: {e}"}, e
@@ -140,7 +141,7 @@ def cv_objective(config: Dict[str, Any], fold_runner: Optional[FoldRunner] = Non
             if failures:
                 break
     if failures:
-        msg = "; ".join(f"fold {k} ({name}_fold{k}): {err}" for k, (err, _) in sorted(failures.items()))
+        msg = "; ".join(f"fold {k} ({fold_storage_name(name, k)}): {err}" for k, (err, _) in sorted(failures.items()))
         tracking.fail(msg)
         first = next(iter(sorted(failures.items())))[1][1]
         raise FoldFailedError(f"trial {name} failed: {msg}") from first

@@ -6,15 +6,22 @@ CSS and base64 PNG plots, so it opens from disk or an e-mail attachment without 
 
 - leaderboard: trials ranked by cross-validated validation Dice (a trial's ``cv_val_dice``, or
   the mean best Dice of its folds once every fold run has FINISHED; a failed or incomplete
-  trial has no objective and ranks last), the parameters that differ between trials, and the
-  Dice of every fold;
+  trial has no objective and ranks last), the Dice of every fold, the per-structure best Dice
+  (LV/MYO/RV) and HD95 averaged over folds when the fold runs have them (``best_val_dice_<S>``,
+  ``best_val_hd95[_<S>]``), and the parameters that differ between trials, one column per
+  config section (``model``: name, params; ``optim``: name, lr, ...) so it stays ~1,600 px wide;
 - per-fold Dice of the best trials, learning curves (validation Dice and training loss per
   epoch, from the metric history of each fold run);
 - Optuna history: objective per trial number with the running best;
-- parameter importance: Optuna's own (fANOVA) when a study is passed in; otherwise a simple
-  screen: |Spearman rho| between a numeric parameter and the objective, and the correlation
-  ratio eta for a categorical one. Both lie in [0, 1]; they rank parameters by monotone/group
-  association with the objective, ignore interactions, and are noisy with few trials.
+- parameter importance, only with at least `MIN_IMPORTANCE_TRIALS` (8) completed trials (else
+  the section says it was skipped and why): Optuna's own (fANOVA) when a study is passed in;
+  otherwise a simple screen (`importance_screen`): |Spearman rho| between a numeric parameter
+  and the objective, and the correlation ratio eta for a categorical one. Both lie in [0, 1];
+  they rank parameters by monotone/group association with the objective, ignore interactions,
+  and are noisy with few trials. Parameters that split the trials exactly alike (all those the
+  backbone choice fixes: ``model.params.*``, ``optim.name`` ...) are one entry, and the
+  optimiser's numbers (``optim.lr``, ``optim.weight_decay``, ``optim.momentum``) are ranked
+  within each optimiser when the sweep mixes optimisers (their search ranges differ).
 
 Expected layout (what `robustseg.tracking` writes): sweep run -> trial runs (``cv_val_dice``,
 ``val_dice_fold<k>``) -> fold runs (``val_dice`` per epoch, ``best_val_dice``). A sweep whose
@@ -28,7 +35,7 @@ import io
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Sequence, Union
+from typing import Any, Dict, List, Mapping, Optional, Sequence, Union
 
 import numpy as np
 
@@ -36,6 +43,14 @@ from robustseg.errors import RobustsegError
 
 IGNORED_PARAMS = ("name", "data.val_fold")  # differ by construction between trials/folds
 MAX_PLOTTED_TRIALS = 8
+#: Fewest completed trials for which the report ranks parameters at all.
+MIN_IMPORTANCE_TRIALS = 8
+#: Parameters whose scale depends on the optimiser: ranked within each optimiser of a mixed sweep.
+PER_OPTIMISER = ("optim.lr", "optim.weight_decay", "optim.momentum")
+OPTIMISER = "optim.name"
+#: Per-structure columns of the leaderboard: fold-run metric prefix -> column label prefix.
+STRUCTURE_METRICS = (("best_val_dice_", ""), ("best_val_hd95_", "HD95 "))
+_STRUCTURE_ORDER = ("LV", "MYO", "RV")
 
 
 class SweepNotFound(RobustsegError, LookupError):
@@ -54,6 +69,8 @@ class Trial:
     objective: float
     fold_dice: Dict[int, float] = field(default_factory=dict)
     fold_run_ids: Dict[int, str] = field(default_factory=dict)
+    #: Per-structure best Dice and HD95 (``LV``, ``HD95 LV`` ...) averaged over the folds that have them.
+    structures: Dict[str, float] = field(default_factory=dict)
 
 
 @dataclass
@@ -121,6 +138,22 @@ def _best_dice(client: Any, run: Any) -> float:
     return max(hist) if hist else float("nan")
 
 
+def _structure_means(fold_runs: Any) -> Dict[str, float]:
+    """``{"LV": mean best Dice, "HD95 LV": mean HD95, ...}`` over the fold runs that logged them."""
+    values: Dict[str, List[float]] = {}
+    for run in fold_runs:
+        for key, value in run.data.metrics.items():
+            if not _finite(value):
+                continue
+            if key in ("best_val_hd95", "best_val_hd95_mean"):
+                values.setdefault("HD95", []).append(float(value))
+                continue
+            for prefix, label in STRUCTURE_METRICS:
+                if key.startswith(prefix):
+                    values.setdefault(label + key[len(prefix):], []).append(float(value))
+    return {k: float(np.mean(v)) for k, v in values.items()}
+
+
 def load_sweep(tracking_uri: str, sweep: str) -> Sweep:
     """Read a sweep's trials, fold results and params from MLflow.
 
@@ -154,7 +187,8 @@ def load_sweep(tracking_uri: str, sweep: str) -> Sweep:
         trials.append(Trial(run_id=run.info.run_id, name=run.info.run_name or run.info.run_id[:8],
                             number=int(number) if number and number.isdigit() else idx, status=run.info.status,
                             params=dict(run.data.params or folds[0].data.params), objective=float(objective),
-                            fold_dice=fold_dice, fold_run_ids={k: f.info.run_id for k, f in fold_runs.items()}))
+                            fold_dice=fold_dice, fold_run_ids={k: f.info.run_id for k, f in fold_runs.items()},
+                            structures=_structure_means(fold_runs.values())))
     trials.sort(key=lambda t: (not _finite(t.objective), -t.objective if _finite(t.objective) else 0, t.number))
     keys = sorted({k for t in trials for k in t.params})
     varying = [k for k in keys if k not in IGNORED_PARAMS and not k.startswith("tracking.")
@@ -204,6 +238,91 @@ def param_importance(trials: Sequence[Trial], keys: Sequence[str]) -> Dict[str, 
             between = sum(len(g) * (g.mean() - y.mean()) ** 2 for g in groups)
             out[key] = float(math.sqrt(between / ((y - y.mean()) ** 2).sum()))
     return dict(sorted(out.items(), key=lambda kv: -kv[1]))
+
+
+@dataclass
+class Importance:
+    """What the report's parameter-importance section shows.
+
+    Attributes:
+        values: ``{entry: importance in [0, 1]}``, highest first; an entry is a parameter, or
+            ``"<param> (<optimiser>)"`` for a parameter ranked within one optimiser.
+        same_as: ``{entry: [parameters]}`` that split the trials exactly as the entry does
+            (scored once, under the entry).
+        notes: Caveats (parameters ranked within each optimiser, groups too small to rank).
+        skipped: Why nothing is ranked (too few completed trials), or None.
+        completed: Completed trials (finite objective).
+    """
+
+    values: Dict[str, float]
+    same_as: Dict[str, List[str]] = field(default_factory=dict)
+    notes: List[str] = field(default_factory=list)
+    skipped: Optional[str] = None
+    completed: int = 0
+
+
+def _grouping(trials: Sequence[Trial], key: str) -> tuple:
+    """How a parameter splits the trials: its values relabelled in order of first appearance."""
+    seen: Dict[Optional[str], int] = {}
+    return tuple(seen.setdefault(t.params.get(key), len(seen)) for t in trials)
+
+
+def _merge_alike(trials: Sequence[Trial], keys: Sequence[str]) -> Dict[str, List[str]]:
+    """``{representative: [parameters splitting the trials exactly alike]}`` over ``keys``.
+
+    Only parameters with repeated values merge (a continuous parameter gives every trial its
+    own level, and so would every other one). ``model.name`` then ``optim.name`` represent their
+    group when in it: the backbone choice is what fixes its params and optimiser.
+    """
+    groups: Dict[tuple, List[str]] = {}
+    for key in keys:
+        split = _grouping(trials, key)
+        groups.setdefault(split if len(set(split)) < len(trials) else (key,), []).append(key)
+    out = {}
+    for members in groups.values():
+        rep = next((k for k in ("model.name", OPTIMISER) if k in members), sorted(members)[0])
+        out[rep] = [k for k in sorted(members) if k != rep]
+    return out
+
+
+def importance_screen(trials: Sequence[Trial], keys: Sequence[str],
+                      min_trials: int = MIN_IMPORTANCE_TRIALS) -> Importance:
+    """`param_importance` made readable: enough trials, alike parameters merged, optimisers apart.
+
+    Args:
+        trials: Trials; those without a finite objective are ignored.
+        keys: Parameters that vary between trials.
+        min_trials: Fewest completed trials to rank anything (default 8): with fewer, a rank
+            correlation over a handful of points ranks noise.
+    """
+    done = [t for t in trials if _finite(t.objective)]
+    if len(done) < min_trials:
+        return Importance({}, skipped=f"skipped: {len(done)} completed trials, need >= {min_trials}",
+                          completed=len(done))
+    optimisers = sorted({t.params[OPTIMISER] for t in done if t.params.get(OPTIMISER)})
+    by_opt = {o: [t for t in done if t.params.get(OPTIMISER) == o] for o in optimisers}
+    # Split only what varies within an optimiser; one value per optimiser is just the optimiser.
+    within = [k for k in keys if k in PER_OPTIMISER and len(optimisers) > 1
+              and any(len({t.params.get(k) for t in group}) > 1 for group in by_opt.values())]
+    merged = _merge_alike(done, [k for k in keys if k not in within])
+    values = param_importance(done, list(merged))
+    notes = []
+    for key in within:
+        ranges = []
+        for opt in optimisers:
+            group = [t for t in by_opt[opt] if _as_float(t.params.get(key)) is not None]
+            nums = [_as_float(t.params[key]) for t in group]
+            if nums:
+                ranges.append(f"{opt} {min(nums):.3g}..{max(nums):.3g}")
+            score = param_importance(group, [key]).get(key)
+            if score is None:
+                notes.append(f"{key} ({opt}): {len(group)} trials, too few or too alike to rank (need >= 3)")
+            else:
+                values[f"{key} ({opt})"] = score
+        notes.insert(0, f"{key} ranked within each optimiser (ranges differ: {'; '.join(ranges)})")
+    values = dict(sorted(values.items(), key=lambda kv: -kv[1]))
+    same_as = {k: v for k, v in merged.items() if v and k in values}
+    return Importance(values, same_as, notes, None, len(done))
 
 
 # --------------------------------------------------------------------------- plots
@@ -293,11 +412,14 @@ def _importance_plot(importance: Dict[str, float], title: str) -> Optional[str]:
 
 
 # --------------------------------------------------------------------------- HTML
-_CSS = """body{font-family:system-ui,-apple-system,Segoe UI,sans-serif;margin:2em auto;max-width:1200px;color:#222}
+_CSS = """body{font-family:system-ui,-apple-system,Segoe UI,sans-serif;margin:2em auto;max-width:1600px;color:#222}
 h1{font-size:1.5em}h2{font-size:1.15em;border-bottom:1px solid #ddd;padding-bottom:.2em;margin-top:1.6em}
 table{border-collapse:collapse;font-size:.85em}th,td{border:1px solid #ddd;padding:.25em .5em;text-align:right}
 th{background:#f3f3f3}td.l,th.l{text-align:left}tr.best{background:#eaf6ea}.muted{color:#777;font-size:.85em}
+td.p{text-align:left;white-space:normal;max-width:18em}td.p b{font-weight:600}
 img{max-width:100%;display:block;margin:.5em 0}code{background:#f5f5f5;padding:0 .2em}"""
+#: How the leaderboard abbreviates run states.
+_STATUS = {"FINISHED": "done", "FAILED": "failed", "KILLED": "killed", "RUNNING": "running", "SCHEDULED": "queued"}
 
 
 def _fmt(x: Optional[float]) -> str:
@@ -310,23 +432,109 @@ def _img(b64: Optional[str], alt: str) -> str:
     return f'<img src="data:image/png;base64,{b64}" alt="{html.escape(alt)}">'
 
 
+def _short(value: Optional[str]) -> str:
+    """A parameter value for a table cell: numbers to 3 significant digits (``0.00276``), text as is."""
+    x = _as_float(value)
+    if x is None or value is None or value.strip().lower() in ("nan", "inf", "-inf", "true", "false"):
+        return "-" if value is None else value
+    return str(int(x)) if x.is_integer() and abs(x) < 1e6 else f"{x:.3g}"
+
+
+def param_columns(varying: Sequence[str]) -> Dict[str, List[str]]:
+    """The leaderboard's parameter columns: ``{config section: its varying keys}``.
+
+    One column per section (``model``, ``optim``, ...) instead of one per key keeps the table
+    narrow; ``model`` and ``optim`` come first, their ``name`` first within them.
+    """
+    cols: Dict[str, List[str]] = {}
+    for key in varying:
+        cols.setdefault(key.split(".", 1)[0], []).append(key)
+    order = sorted(cols, key=lambda c: ({"model": 0, "optim": 1}.get(c, 2), c))
+    return {c: sorted(cols[c], key=lambda k: (k != f"{c}.name", k)) for c in order}
+
+
+def _param_cell(params: Mapping[str, str], section: str, keys: Sequence[str]) -> str:
+    """``<b>unet</b> base=8, depth=3``: the section's name in bold, then its other values (missing ones left out)."""
+    e = html.escape
+    parts = []
+    for key in keys:
+        if params.get(key) is None:
+            continue
+        short = key[len(section) + 1:]
+        short = short[len("params."):] if short.startswith("params.") else short
+        parts.append(f"<b>{e(_short(params[key]))}</b>" if short == "name" else f"{e(short)}={e(_short(params[key]))}")
+    return " ".join(parts[:1]) + (" " + ", ".join(parts[1:]) if parts[1:] else "") if parts else "-"
+
+
+def structure_columns(trials: Sequence[Trial]) -> List[str]:
+    """Per-structure leaderboard columns present in any trial: Dice (``LV``...) first, then HD95."""
+    keys = {k for t in trials for k in t.structures}
+
+    def order(k: str) -> tuple:
+        name = k.split(" ", 1)[-1] if k.startswith("HD95") else k
+        return (k.startswith("HD95"), k != "HD95", _STRUCTURE_ORDER.index(name) if name in _STRUCTURE_ORDER else 9, k)
+
+    return sorted(keys, key=order)
+
+
 def _leaderboard(sweep: Sweep) -> str:
     e = html.escape
     folds = sorted({k for t in sweep.trials for k in t.fold_dice})
-    # (header, left-aligned?) per column: names and parameter values read better left-aligned.
-    cols = ([("#", False), ("trial", True), ("number", False), ("status", True), ("CV Dice", False)]
-            + [(f"fold {k}", False) for k in folds] + [(k, True) for k in sweep.varying])
+    structures = structure_columns(sweep.trials)
+    params = param_columns(sweep.varying)
+    # (header, css class) per column: names and parameter values read better left-aligned.
+    cols = ([("#", ""), ("trial", "l"), ("status", "l"), ("CV Dice", "")] + [(f"fold {k}", "") for k in folds]
+            + [(k, "") for k in structures] + [(c, "p") for c in params])
 
-    def cell(tag: str, text: str, left: bool) -> str:
-        return f'<{tag} class="l">{text}</{tag}>' if left else f"<{tag}>{text}</{tag}>"
+    def cell(tag: str, text: str, css: str) -> str:
+        return f'<{tag} class="{css}">{text}</{tag}>' if css else f"<{tag}>{text}</{tag}>"
 
-    rows = ["<tr>" + "".join(cell("th", e(h), left) for h, left in cols) + "</tr>"]
+    rows = ["<tr>" + "".join(cell("th", e(h), "l" if css else "") for h, css in cols) + "</tr>"]
     for rank, t in enumerate(sweep.trials, 1):
-        values = ([str(rank), e(t.name), str(t.number), e(t.status), _fmt(t.objective)]
-                  + [_fmt(t.fold_dice.get(k)) for k in folds] + [e(t.params.get(k, "-")) for k in sweep.varying])
+        name = e(t.name) if str(t.number) in t.name else f"{e(t.name)} <span class=\"muted\">#{t.number}</span>"
+        values = ([str(rank), name, e(_STATUS.get(t.status, t.status.lower())), _fmt(t.objective)]
+                  + [_fmt(t.fold_dice.get(k)) for k in folds]
+                  + [(f"{t.structures[k]:.1f}" if k.startswith("HD95") else _fmt(t.structures[k]))
+                     if _finite(t.structures.get(k)) else "&mdash;" for k in structures]
+                  + [_param_cell(t.params, c, keys) for c, keys in params.items()])
         css = ' class="best"' if rank == 1 and _finite(t.objective) else ""
-        rows.append(f"<tr{css}>" + "".join(cell("td", v, left) for v, (_, left) in zip(values, cols)) + "</tr>")
-    return "<table>" + "".join(rows) + "</table>"
+        rows.append(f"<tr{css}>" + "".join(cell("td", v, c) for v, (_, c) in zip(values, cols)) + "</tr>")
+    note = ""
+    if structures:
+        note = ('<p class="muted">LV/MYO/RV: best validation Dice per structure, HD95: its 95th-percentile '
+                "Hausdorff distance, each the mean over the trial's folds.</p>")
+    return "<table>" + "".join(rows) + "</table>" + note
+
+
+def _importance_html(data: Sweep, study: Any) -> str:
+    """The parameter-importance section: the ranking and how it was made, or why it was skipped."""
+    e = html.escape
+    rule = f"Shown with at least {MIN_IMPORTANCE_TRIALS} completed trials."
+    if study is not None:
+        import optuna
+
+        done = sum(t.state == optuna.trial.TrialState.COMPLETE for t in study.trials)
+        method = "Optuna fANOVA importance (share of objective variance)"
+        if done < MIN_IMPORTANCE_TRIALS:
+            imp = Importance({}, skipped=f"skipped: {done} completed trials, need >= {MIN_IMPORTANCE_TRIALS}",
+                             completed=done)
+        else:
+            imp = Importance(dict(optuna.importance.get_param_importances(study)), completed=done)
+    else:
+        method = "|Spearman rho| (numeric) / correlation ratio eta (categorical) with the CV Dice"
+        imp = importance_screen(data.trials, data.varying)
+    head = f'<p class="muted">{e(method)}. {e(rule)}</p>'
+    if imp.skipped:
+        return head + f'<p class="skipped">Parameter importance {e(imp.skipped)}.</p>'
+    if not imp.values:
+        return head + '<p class="skipped">Parameter importance: no parameter varies with the CV Dice.</p>'
+    rows = "".join(f'<tr><td class="l"><code>{e(k)}</code></td><td>{v:.3f}</td><td class="l">'
+                   f'{e(", ".join(imp.same_as.get(k, [])))}</td></tr>' for k, v in imp.values.items())
+    notes = "".join(f'<p class="muted">{e(n)}.</p>' for n in imp.notes)
+    labelled = {(f"{k} (+{len(imp.same_as[k])} alike)" if imp.same_as.get(k) else k): v for k, v in imp.values.items()}
+    return (head + notes + _img(_importance_plot(labelled, method), "parameter importance")
+            + '<table class="importance"><tr><th class="l">parameter</th><th>importance</th>'
+            + f'<th class="l">same split of the trials as</th></tr>{rows}</table>')
 
 
 def write_report(tracking_uri: str, sweep: str, out_path: Union[str, Path], *, study: Any = None) -> Path:
@@ -349,22 +557,14 @@ def write_report(tracking_uri: str, sweep: str, out_path: Union[str, Path], *, s
 
     data = load_sweep(tracking_uri, sweep)
     client = MlflowClient(tracking_uri=tracking_uri)
-    if study is not None:
-        import optuna
-
-        importance = dict(optuna.importance.get_param_importances(study))
-        method = "Optuna fANOVA importance (share of objective variance)"
-    else:
-        importance = param_importance(data.trials, data.varying)
-        method = "|Spearman rho| (numeric) / correlation ratio eta (categorical) with the CV Dice"
     e = html.escape
     best = next((t for t in data.trials if _finite(t.objective)), None)
     failed = sum(t.status in ("FAILED", "KILLED") for t in data.trials)
     best_html = "<p>No finished trial yet.</p>" if best is None else (
         f"<p>Best trial <b>{e(best.name)}</b>: cross-validated Dice <b>{_fmt(best.objective)}</b> "
         f"over {len(best.fold_dice)} folds.</p><table>" + "".join(
-            f'<tr><td class="l"><code>{e(k)}</code></td><td class="l">{e(best.params.get(k, "-"))}</td></tr>'
-            for k in data.varying) + "</table>")
+            f'<tr><td class="l"><code>{e(k)}</code></td><td class="l">{e(best.params[k])}</td></tr>'
+            for k in data.varying if best.params.get(k) is not None) + "</table>")
     body = [
         f"<h1>Sweep {e(data.name)}</h1>",
         f'<p class="muted">MLflow run <code>{e(data.run_id)}</code> in experiment <code>{e(data.experiment)}</code> '
@@ -377,8 +577,7 @@ def write_report(tracking_uri: str, sweep: str, out_path: Union[str, Path], *, s
         f'<p class="muted">Best {min(len(data.trials), MAX_PLOTTED_TRIALS)} trials; line style = fold.</p>',
         _img(_curves_plot(client, data.trials) if data.trials else None, "learning curves"),
         "<h2>Optimisation history</h2>", _img(_history_plot(data.trials), "optimisation history"),
-        "<h2>Parameter importance</h2>", f'<p class="muted">{e(method)}.</p>',
-        _img(_importance_plot(importance, method), "parameter importance"),
+        "<h2>Parameter importance</h2>", _importance_html(data, study),
     ]
     doc = (f'<!DOCTYPE html><html lang="en"><head><meta charset="utf-8"><title>Sweep {e(data.name)}</title>'
            f"<style>{_CSS}</style></head><body>{''.join(body)}</body></html>")

@@ -425,7 +425,11 @@ class FitTracker:
     def _log_best(self, result: Any, history: Sequence[Dict[str, Any]], last: Optional[str] = None) -> None:
         from mlflow.entities import Metric
 
-        now, step = int(time.time() * 1000), max(int(result.best_epoch), 0)
+        # Summary values, not a series: step 0. The MLflow 3.17 UI charts a metric whose latest
+        # point has step >= 1 as a line (one dot here, at the best or the last epoch alike) and
+        # one at step 0 as a bar labelled with its value. A resumed run's newer point at step 0
+        # also replaces the earlier attempt's as the latest value (same step, later timestamp).
+        now, step = int(time.time() * 1000), 0
         best = {"epochs_run": float(result.epochs_run), "stopped_early": float(bool(result.stopped_early))}
         if math.isfinite(result.best_score):
             best.update(best_val_dice=float(result.best_score), best_epoch=float(result.best_epoch))

@@ -135,6 +135,26 @@ def ensure_experiment(cfg: ExperimentConfig, tracking_uri: Optional[str] = None)
     return _experiment_id(tracking_uri or resolve_tracking_uri(cfg), cfg.tracking.experiment, artifact_location(cfg))
 
 
+#: Where `mlflow ui` / `mlflow server` listen by default.
+DEFAULT_UI = "http://127.0.0.1:5000"
 
-__all__ = ["TrackingStoreError", "artifact_location", "ensure_experiment", "local_store_path", "require_store",
-           "resolve_tracking_uri"]
+
+def ui_runs_url(experiment_id: str, ui: str = DEFAULT_UI) -> str:
+    """Address of an experiment's runs table in the MLflow UI, in its model-training view.
+
+    The MLflow 3.17 UI shows an experiment in its GenAI view (traces, evaluations) or its
+    machine-learning view (runs, metric charts). Which one comes from the ``workflowType`` query
+    parameter of the page (``genai`` or ``machine_learning``), else the browser's last choice
+    (local storage), else GenAI. The experiment tag ``mlflow.experimentKind`` that older UIs
+    read is ignored there (the build hard-wires the workflow-type switch on), so the link carries
+    the parameter instead of tagging the experiment.
+
+    Args:
+        experiment_id: The experiment.
+        ui: Base address of the UI.
+    """
+    return f"{ui.rstrip('/')}/#/experiments/{experiment_id}/runs?workflowType=machine_learning"
+
+
+__all__ = ["DEFAULT_UI", "TrackingStoreError", "artifact_location", "ensure_experiment", "local_store_path",
+           "require_store", "resolve_tracking_uri", "ui_runs_url"]

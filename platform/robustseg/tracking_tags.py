@@ -1,6 +1,6 @@
 """What MLflow runs record about themselves: the config as params, and tags.
 
-The tag names of the sweep -> trial -> fold layout (`ROLE`, `SWEEP`, `TRIAL_NUMBER`,
+The tag names of the sweep -> trial -> fold layout (`ROLE`, `SWEEP`, `TRIAL`, `TRIAL_NUMBER`,
 `PARENT`), the resolved config as params within MLflow's limits (`flatten_config`, with
 credentials masked by `redacted_config`), and the tags naming what a run trained and with
 which code (`run_tags`: backbone, regime, fold, data manifest, git commit, package
@@ -22,6 +22,8 @@ from robustseg.config import ExperimentConfig
 from robustseg.tracking_store import _client
 
 ROLE, SWEEP, TRIAL_NUMBER, PARENT = "robustseg.role", "robustseg.sweep", "robustseg.trial_number", "mlflow.parentRunId"
+#: Tag naming the Tune trial (``trial_<n>_<id>``) on a trial run and on each of its fold runs.
+TRIAL = "robustseg.trial"
 MAX_PARAM_VALUE = 6000  # mlflow.utils.validation.MAX_PARAM_VAL_LENGTH in MLflow 3.17
 MAX_PARAM_KEY = 250
 _SECRET = re.compile(r"(secret|password|token|access_key|accesskey|credential)", re.I)
@@ -158,5 +160,5 @@ def run_tags(cfg: ExperimentConfig, **extra: Any) -> Dict[str, str]:
 
 
 
-__all__ = ["MAX_PARAM_KEY", "MAX_PARAM_VALUE", "PARENT", "ROLE", "SWEEP", "TRIAL_NUMBER", "find_run_id",
+__all__ = ["MAX_PARAM_KEY", "MAX_PARAM_VALUE", "PARENT", "ROLE", "SWEEP", "TRIAL", "TRIAL_NUMBER", "find_run_id",
            "flatten_config", "git_commit", "manifest_uri", "redacted_config", "run_tags"]

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import fnmatch
 import math
-import os
 import sys
 import tempfile
 import time
@@ -18,6 +17,7 @@ import pytest
 
 from robustseg import durable
 from robustseg.config import ExperimentConfig
+from ray_local import local_ray
 from tiny import tiny_cfg
 
 pytestmark = pytest.mark.slow
@@ -28,24 +28,12 @@ _AWS_ENV = ("AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "AWS_ACCESS_KEY_ID", "AWS
 
 @pytest.fixture(scope="module")
 def ray_session():
-    import ray
     import ray.cloudpickle
 
     ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])  # the stub fold runner, in trial actors
     # The endpoint and keys reach Ray only through the config: nothing in the environment.
-    saved = {k: os.environ.pop(k, None) for k in _AWS_ENV}
-    saved["RAY_TRAIN_HEALTH_CHECK_INTERVAL_S"] = os.environ.get("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S")
-    os.environ["RAY_TRAIN_HEALTH_CHECK_INTERVAL_S"] = "0.5"
-    ray.init(address="local", num_cpus=4, include_dashboard=False, log_to_driver=False)
-    try:
+    with local_ray({"RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.5"}, unset=_AWS_ENV) as ray:
         yield ray
-    finally:
-        ray.shutdown()
-        for k, v in saved.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
 
 
 def _storage(endpoint: str) -> Dict[str, str]:

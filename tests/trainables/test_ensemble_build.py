@@ -49,6 +49,14 @@ def test_choose_and_resolve(sweep):
     exp = client.get_experiment_by_name("robustseg")
     sweep_run = [r for r in client.search_runs([exp.experiment_id]) if r.data.tags.get("robustseg.role") == "sweep"][0]
     assert resolve_sweep(sweep_run.info.run_id, tracking_uri=_uri(root)) == res.path
+    # The sweep run names its winner beside the base config, and links its trial run.
+    tags = sweep_run.data.tags
+    assert sweep_run.data.params["winner.model.name"] == res.best_config.model.name and tags["winner.final"] == "true"
+    assert client.get_run(tags["winner.run_id"]).info.run_name == tags["winner.trial"]
+    folds = [r for r in client.search_runs([exp.experiment_id], "tags.`robustseg.sweep` = 's'")
+             if r.data.tags.get("robustseg.role") == "fold"]
+    assert len(folds) == 4 and all(r.info.run_name == f"fold{r.data.tags['fold']} · {r.data.tags['robustseg.trial']}"
+                                   for r in folds)
     with pytest.raises(SweepError, match="not found"):
         resolve_sweep("nope", storage_path=str(root / "ray"), tracking_uri=_uri(root))
 
@@ -64,7 +72,7 @@ def test_build_reuses_folds_evaluates_out_of_fold_and_registers(sweep):
     assert sorted(m.name for m in spec.members) == ["unet2d_fold0", "unet2d_fold1", "unet_fold0", "unet_fold1"]
     client = MlflowClient(_uri(root))
     for m in spec.members:  # each member names the MLflow fold run that trained it
-        assert client.get_run(m.run_id).info.run_name.endswith(f"_fold{m.fold}")
+        assert client.get_run(m.run_id).info.run_name.startswith(f"fold{m.fold} · trial_")
     assert [r["model"] for r in build.summary] == ["unet", "unet2d", "ensemble(unet+unet2d)"]
     assert len({r["n"] for r in build.summary}) == 1  # every model scored on the same cases
     assert spec.metrics["oof_dice_best_single"] == max(

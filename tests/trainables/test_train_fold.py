@@ -1,13 +1,13 @@
 """One fold on Ray Train: a 1-worker run, 2-worker gloo DDP, and a killed worker that resumes."""
 import importlib.util
 import math
-import os
 from pathlib import Path
 
 import pytest
 
 from robustseg.engine.checkpoint import load_checkpoint
 from robustseg.engine.train import ensure_prepared
+from ray_local import local_ray
 from tiny import tiny_cfg
 
 pytestmark = pytest.mark.slow
@@ -15,24 +15,12 @@ pytestmark = pytest.mark.slow
 
 @pytest.fixture(scope="module")
 def ray_session():
-    import ray
-
     env = {"RAY_DATA_DISABLE_PROGRESS_BARS": "1",
            # The controller polls workers this often: faster run ends, and the previous
            # report is collected well before the failure drill kills a worker.
            "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.5"}
-    saved = {k: os.environ.get(k) for k in env}
-    os.environ.update(env)
-    ray.init(address="local", num_cpus=4, include_dashboard=False, log_to_driver=False)
-    try:
+    with local_ray(env) as ray:
         yield ray
-    finally:
-        ray.shutdown()
-        for k, v in saved.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
 
 
 @pytest.fixture(scope="module")

@@ -86,13 +86,31 @@ def run_demo(workdir: str = "robustseg_work/demo", subjects: int = 8,
     frac = {manifest.class_names[str(i)]: f"{c / labels.size:.3f}" for i, c in enumerate(counts)}
     print(f"  fold 0: {images.shape[0]} slices {images.shape[1]}x{images.shape[2]}, "
           f"image mean {images.mean():+.3f} std {images.std():.3f}, label fractions {frac}")
+    scfg = None
     if sweep:
         scfg = _sweep(cfg, trials)
         build = _ensemble(scfg)
         _serve(scfg, build)
     print(f"demo finished in {time.perf_counter() - t0:.1f} s; shards at {summary.uri}")
     print(f"  inspect them: robustseg inspect {cfg.data.shards_uri} --cases")
+    if scfg is not None:
+        print(mlflow_hint(scfg))
     return 0
+
+
+def mlflow_hint(cfg: ExperimentConfig) -> str:
+    """How to browse the demo's runs: the ``mlflow ui`` command and its runs page for the experiment.
+
+    The link opens the runs table in the UI's machine-learning view (`robustseg.tracking_store.ui_runs_url`).
+    """
+    from mlflow import MlflowClient
+
+    from robustseg.tracking_store import resolve_tracking_uri, ui_runs_url
+
+    uri = resolve_tracking_uri(cfg)
+    exp = MlflowClient(tracking_uri=uri).get_experiment_by_name(cfg.tracking.experiment)
+    where = f"\n  then open {ui_runs_url(exp.experiment_id)}" if exp is not None else ""
+    return f"  browse the runs: mlflow ui --backend-store-uri {uri}{where}"
 
 
 def _sweep(cfg: ExperimentConfig, trials: int) -> ExperimentConfig:
@@ -117,7 +135,7 @@ def _sweep(cfg: ExperimentConfig, trials: int) -> ExperimentConfig:
     print(f"  best: {res.best_config.model.name} with cross-validated Dice {res.best_cv_dice:.3f}; "
           f"config {res.path}/best_config.yaml")
     print(f"  HTML report: {report}")
-    print(f"  browse the runs: mlflow ui --backend-store-uri {uri}")
+    print(mlflow_hint(scfg))
     return scfg
 
 

@@ -101,11 +101,7 @@ def print_ensemble_summary(build: Any) -> None:
     keys = ["model", "n"] + [k for k in build.summary[0] if k.startswith("dice_")] + ["hd95_mean"]
     print_table([{k: (f"{r[k]:.3f}" if isinstance(r.get(k), float) else r.get(k, "")) for k in keys}
                  for r in build.summary])
-    m = spec.metrics
-    backbones = sorted({x.backbone for x in spec.members})
-    print(f"selected {spec.provenance.get('selected')}: {'+'.join(backbones)} x "
-          f"{len({x.fold for x in spec.members})} folds = {len(spec.members)} members; out-of-fold Dice "
-          f"{m['oof_dice_ensemble']:.3f} vs best single architecture {m['oof_dice_best_single']:.3f}")
+    print(selection_line(spec))
     stored = getattr(build, "stored", "")
     print(f"ensemble folder: {build.folder}" + (f" (stored at {stored})" if stored and stored != str(build.folder) else ""))
     if build.model_uri:
@@ -113,6 +109,24 @@ def print_ensemble_summary(build: Any) -> None:
     if build.version:
         print(f"registered {build.ensemble.spec.name} version {build.version} "
               f"(see: robustseg registry list --name {build.ensemble.spec.name})")
+
+
+def selection_line(spec: Any) -> str:
+    """One line naming what was selected and how it scored out of fold.
+
+    One backbone's folds are called a fold ensemble of that backbone (its out-of-fold Dice is
+    the backbone's own, so it is not compared with itself as if architectures were combined).
+    """
+    m = spec.metrics
+    dice, single = float(m["oof_dice_ensemble"]), float(m["oof_dice_best_single"])
+    if len(spec.backbones) == 1:
+        candidates = [t.split("=", 1)[0] for t in spec.provenance.get("trials", "").split(",") if t]
+        why = ("the only candidate backbone" if len(candidates) <= 1 else
+               f"the best of {', '.join(candidates)}; no combination of architectures scored higher")
+        return (f"selected: {spec.composition()}, {len(spec.members)} members; out-of-fold Dice {dice:.3f} "
+                f"({why})")
+    return (f"selected: {spec.composition()}; out-of-fold Dice {dice:.3f} vs best single architecture "
+            f"{single:.3f}")
 
 
 def cmd_registry(args: argparse.Namespace) -> int:
@@ -188,4 +202,4 @@ def register(sub: Any) -> None:
     rg.set_defaults(fn=cmd_registry)
 
 
-__all__ = ["register", "cmd_ensemble", "cmd_registry", "tracking_uri_from_args"]
+__all__ = ["register", "cmd_ensemble", "cmd_registry", "selection_line", "tracking_uri_from_args"]

@@ -261,7 +261,7 @@ def finish(run: Run, val_cases: Sequence[Mapping[str, Any]], out_dir: Path, clas
     validate(run.scored_model(), val_cases, spatial_dims=run.dims, num_classes=run.cfg.model.num_classes,
              class_names=class_names, patch_size=patch_size, cfg=run.cfg.inference, divisible_by=run.divisible,
              amp=run.amp is not None, collect=collected)
-    write_validation_artifacts(collected, val_cases, out_dir)
+    write_validation_artifacts(collected, val_cases, out_dir, class_names=class_names)
 
 
 def fit(cfg: ExperimentConfig, train_batches: Iterator[Dict[str, torch.Tensor]], val_cases: Sequence[Mapping[str, Any]],

@@ -12,20 +12,46 @@ from robustseg.engine.inference import predict_volume
 from robustseg.engine.metrics import dice_per_class
 
 
-def write_validation_artifacts(collected: Sequence[Mapping[str, Any]], cases: Sequence[Mapping[str, Any]],
-                               out_dir: Path, n_overlays: int = 4) -> None:
-    """``val_cases.csv`` (per-case Dice) and ``overlays/<case>.png`` for the first cases.
+def overlay_picks(cases: Sequence[Mapping[str, Any]], n: int) -> List[int]:
+    """Indices of the ``n`` cases to draw: the phases in turn (ED, ES, ED, ...), each in case order.
 
-    These are what the MLflow tracker uploads as the run's per-case metrics and overlays.
+    Validation cases come grouped (a subject's ED volumes, then its ES ones), so the first few
+    alone would often show one phase only; cases without a phase count as one more group.
+    """
+    groups: Dict[Any, List[int]] = {}
+    for i, case in enumerate(cases):
+        groups.setdefault(case.get("phase") or None, []).append(i)
+    queues = [list(g) for g in groups.values()]
+    picks: List[int] = []
+    while len(picks) < n and any(queues):
+        for q in queues:
+            if q and len(picks) < n:
+                picks.append(q.pop(0))
+    return picks
+
+
+def write_validation_artifacts(collected: Sequence[Mapping[str, Any]], cases: Sequence[Mapping[str, Any]],
+                               out_dir: Path, n_overlays: int = 4,
+                               class_names: Optional[Mapping[int, str]] = None) -> None:
+    """``val_cases.csv`` (per-case Dice) and ``overlays/<case>.png`` for a few cases.
+
+    These are what the MLflow tracker uploads as the run's per-case metrics and overlays. The
+    overlays take the phases in turn (`overlay_picks`: ES as well as ED when the fold has both)
+    and name themselves: colour legend, case id, phase and per-structure Dice in the title.
     """
     from robustseg.engine.metrics import to_csv
     from robustseg.engine.plots import plot_overlay
 
     to_csv([c["row"] for c in collected], out_dir / "val_cases.csv")
     (out_dir / "overlays").mkdir(exist_ok=True)
-    for item, case in list(zip(collected, cases))[:n_overlays]:
+    pairs = list(zip(collected, cases))
+    for i in overlay_picks([case for _, case in pairs], n_overlays):
+        item, case = pairs[i]
+        row = item["row"]
+        dice = {k[len("dice_"):]: float(v) for k, v in row.items() if k.startswith("dice_") and v is not None}
         plot_overlay(case["image"].float().cpu().numpy(), item["pred"], case["label"].cpu().numpy(),
-                     out_dir / "overlays" / f"{case['case_id']}.png", title=str(case["case_id"]))
+                     out_dir / "overlays" / f"{case['case_id']}.png", class_names=class_names,
+                     case_id=str(case["case_id"]), phase=case.get("phase"), dice=dice or None)
 
 
 def validate(model: torch.nn.Module, cases: Sequence[Mapping[str, Any]], *, spatial_dims: int, num_classes: int,

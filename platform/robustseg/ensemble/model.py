@@ -120,6 +120,29 @@ class EnsembleSpec:
                 raise ValueError(f"member {m.name}: weight must be positive, got {m.weight}")
         self.class_names = {int(k): str(v) for k, v in self.class_names.items()}
 
+    @property
+    def backbones(self) -> List[str]:
+        """The members' backbones, sorted, each once."""
+        return sorted({m.backbone for m in self.members})
+
+    @property
+    def kind(self) -> str:
+        """``"single model"``, ``"fold ensemble"`` (one backbone's folds) or ``"architecture ensemble"``."""
+        if len(self.members) == 1:
+            return "single model"
+        return "fold ensemble" if len(self.backbones) == 1 else "architecture ensemble"
+
+    def composition(self) -> str:
+        """What the ensemble is, in words: ``fold ensemble of unet (2 folds)``,
+        ``architecture ensemble of unet+unet2d (2 backbones x 2 folds = 4 members)``."""
+        folds = len({m.fold for m in self.members})
+        if self.kind == "single model":
+            return f"single model {self.members[0].backbone}"
+        if self.kind == "fold ensemble":
+            return f"fold ensemble of {self.backbones[0]} ({folds} folds)"
+        return (f"architecture ensemble of {'+'.join(self.backbones)} ({len(self.backbones)} backbones x {folds} folds"
+                f" = {len(self.members)} members)")
+
     def to_dict(self) -> Dict[str, Any]:
         """JSON-ready dict (class keys as strings)."""
         d = dataclasses.asdict(self)
