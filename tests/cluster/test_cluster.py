@@ -86,8 +86,16 @@ def test_sweep_survives_a_killed_worker_and_a_dead_tracking_server(cluster, tmp_
     wait_for(fold_on_w1_after_two_epochs, 400, "a fold on worker1 past epoch 2")
     t_kill = time.time()
     killed = lc.kill_node(c, "worker1")
-    assert killed
+    try:
+        assert killed
+        _check_sweep_after_faults(c, name, job, killed, t_kill)
+    finally:
+        # Bring worker1 back for the tests that follow (as a pod restart would), pass or fail.
+        lc.start_node(c, "worker1")
 
+
+def _check_sweep_after_faults(c, name, job, killed, t_kill):
+    """Fault d on top of fault a, then what the finished sweep must show."""
     # d. Then the MLflow server goes away for 20 s while the other folds train on.
     time.sleep(5)
     lc.kill_service(c, "mlflow")
@@ -123,7 +131,9 @@ def test_sweep_survives_a_killed_worker_and_a_dead_tracking_server(cluster, tmp_
         redone[r.info.run_name] = len(steps) - len(set(steps))
     for r in resumed:
         tags = r.data.tags
-        assert int(tags["robustseg.attempt"]) >= 2 and int(tags["robustseg.resumed_after_epoch"]) >= 2, tags
+        # Resumed from a checkpoint, not from scratch. Ray collects a report at its next poll, so
+        # the last checkpoint it holds may be one epoch behind the MLflow tag the kill waited for.
+        assert int(tags["robustseg.attempt"]) >= 2 and int(tags["robustseg.resumed_after_epoch"]) >= 1, tags
         assert tags["robustseg.node_ip"] == c.nodes["worker2"].ip and "resumed after epoch" in tags["robustseg.restarts"]
     # Recovery: from the kill to the resumed fold's first new epoch (client-side metric timestamps).
     from mlflow import MlflowClient
@@ -143,8 +153,6 @@ def test_sweep_survives_a_killed_worker_and_a_dead_tracking_server(cluster, tmp_
                              "epochs_trained_while_down": during,
                              "dropped_tags": sum("robustseg.tracking_dropped" in r.data.tags for r in runs)})
     assert not any("robustseg.tracking_dropped" in r.data.tags for r in runs)
-    # Bring worker1 back for the tests that follow (as a pod restart would).
-    lc.start_node(c, "worker1")
 
 
 def _loss_steps(c, run_id):
