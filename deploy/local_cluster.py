@@ -11,7 +11,7 @@ tracking server (SQLite backend on the services node's private disk, artifacts i
 bucket, proxied by the server). Addresses come from 198.18.0.0/15, the range reserved for
 network tests (RFC 2544): never the machine's own or a private range.
 
-    robustseg cluster up        # or: python -m deploy.local_cluster up
+    robustseg cluster up
     eval "$(robustseg cluster env)"
     ray job submit --working-dir . --runtime-env deploy/runtime_env.yaml -- python -m deploy.job_entry ...
     robustseg cluster down
@@ -21,7 +21,6 @@ Only what `up` started is stopped: the namespaces, links and processes recorded 
 """
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import shlex
@@ -290,12 +289,16 @@ def _wait(ready, timeout_s: float, what: str, proc: Optional[subprocess.Popen] =
     raise ClusterError(f"{what} did not come up within {timeout_s:.0f} s")
 
 
-def _make_bucket(c: Cluster) -> None:
+def s3_client(c: Cluster) -> object:
+    """A boto3 S3 client for the cluster's own S3 server."""
     import boto3
 
-    s3 = boto3.client("s3", endpoint_url=c.s3_endpoint, aws_access_key_id=S3_KEYS["AWS_ACCESS_KEY_ID"],
-                      aws_secret_access_key=S3_KEYS["AWS_SECRET_ACCESS_KEY"], region_name=S3_KEYS["AWS_REGION"])
-    s3.create_bucket(Bucket=c.spec.bucket)
+    return boto3.client("s3", endpoint_url=c.s3_endpoint, aws_access_key_id=S3_KEYS["AWS_ACCESS_KEY_ID"],
+                        aws_secret_access_key=S3_KEYS["AWS_SECRET_ACCESS_KEY"], region_name=S3_KEYS["AWS_REGION"])
+
+
+def _make_bucket(c: Cluster) -> None:
+    s3_client(c).create_bucket(Bucket=c.spec.bucket)
 
 
 def _ray_argv(c: Cluster, n: Node) -> List[str]:
@@ -452,32 +455,3 @@ def default_state_dir() -> str:
     return os.environ.get("ROBUSTSEG_CLUSTER_DIR", "/var/tmp/robustseg-cluster")
 
 
-def main(argv: Optional[Sequence[str]] = None) -> int:
-    """``python -m deploy.local_cluster up|down|status|env``."""
-    p = argparse.ArgumentParser(prog="python -m deploy.local_cluster", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("action", choices=("up", "down", "status", "env"))
-    p.add_argument("--state-dir", default=default_state_dir())
-    p.add_argument("--workers", type=int, default=2)
-    p.add_argument("--prefix", default="rs")
-    args = p.parse_args(argv)
-    try:
-        if args.action == "up":
-            c = up(ClusterSpec(state_dir=args.state_dir, workers=args.workers, prefix=args.prefix))
-            print(f"cluster up in {c.started_s:.0f} s: head {c.head.ip}, workers "
-                  f"{', '.join(w.ip for w in c.workers)}; S3 {c.s3_endpoint}, MLflow {c.tracking_uri}")
-            print(f'point this shell at it: eval "$(python -m deploy.local_cluster env --state-dir {args.state_dir})"')
-        elif args.action == "down":
-            print("\n".join(f"stopped {line}" for line in down(args.state_dir)) or "nothing to stop")
-        elif args.action == "status":
-            print(json.dumps(status(args.state_dir), indent=1))
-        else:
-            print(env_lines(args.state_dir))
-    except ClusterError as e:
-        print(f"local_cluster {args.action}: error: {e}", file=sys.stderr)
-        return 2
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -13,7 +13,7 @@ from typing import Any, Callable, Dict, List
 
 import yaml
 
-from deploy.local_cluster import S3_KEYS, Cluster
+from deploy.local_cluster import Cluster, s3_client
 
 TERMINAL = {"SUCCEEDED", "FAILED", "STOPPED"}
 
@@ -97,22 +97,14 @@ def mlflow_runs(c: Cluster, experiment: str) -> List[Any]:
 
 def s3_keys(c: Cluster, prefix: str) -> List[str]:
     """Object keys under ``prefix`` in the cluster's bucket."""
-    import boto3
-
-    s3 = boto3.client("s3", endpoint_url=c.s3_endpoint, aws_access_key_id=S3_KEYS["AWS_ACCESS_KEY_ID"],
-                      aws_secret_access_key=S3_KEYS["AWS_SECRET_ACCESS_KEY"], region_name=S3_KEYS["AWS_REGION"])
     keys: List[str] = []
-    for page in s3.get_paginator("list_objects_v2").paginate(Bucket=c.spec.bucket, Prefix=prefix):
+    for page in s3_client(c).get_paginator("list_objects_v2").paginate(Bucket=c.spec.bucket, Prefix=prefix):
         keys += [o["Key"] for o in page.get("Contents", [])]
     return keys
 
 
 def s3_json(c: Cluster, key: str) -> Dict[str, Any]:
-    import boto3
-
-    s3 = boto3.client("s3", endpoint_url=c.s3_endpoint, aws_access_key_id=S3_KEYS["AWS_ACCESS_KEY_ID"],
-                      aws_secret_access_key=S3_KEYS["AWS_SECRET_ACCESS_KEY"], region_name=S3_KEYS["AWS_REGION"])
-    return json.loads(s3.get_object(Bucket=c.spec.bucket, Key=key)["Body"].read())
+    return json.loads(s3_client(c).get_object(Bucket=c.spec.bucket, Key=key)["Body"].read())
 
 
 def record(name: str, row: Dict[str, Any]) -> None:
