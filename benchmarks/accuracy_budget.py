@@ -210,14 +210,17 @@ def score_volume(pred: np.ndarray, gt: np.ndarray) -> Dict[str, Dict[str, float]
             "hd95": {n: hd95_px(pred == c, gt == c) for c, n in STRUCTURES.items()}}
 
 
-def evaluate(segment: Callable[[Any], np.ndarray], entries: Sequence[Dict[str, Any]], name: str) -> Dict[str, Any]:
+def evaluate(segment: Callable[[Any], np.ndarray], entries: Sequence[Dict[str, Any]], name: str,
+             per_case: Optional[Path] = None) -> Dict[str, Any]:
     """Score ``segment`` (Case -> label map on its grid) on every test volume at every level.
 
     Returns the result keys of one side except the training ones; inference seconds are the
     median over the clean (level 0) volumes, timed from the original-grid image to the final
-    label map (preprocessing, windows, TTA, post-processing).
+    label map (preprocessing, windows, TTA, post-processing). With ``per_case``, every
+    volume's scores at every level are also written there (JSON), to find the cases a lever
+    moved.
     """
-    dice_by, hd_by, seconds = {}, {}, []
+    dice_by, hd_by, seconds, cases = {}, {}, [], {}
     for level in LEVELS:
         rows = []
         for entry, case in motion_images(entries, level):
@@ -226,11 +229,15 @@ def evaluate(segment: Callable[[Any], np.ndarray], entries: Sequence[Dict[str, A
             if level == 0:
                 seconds.append(time.perf_counter() - t0)
             rows.append(score_volume(np.asarray(pred), case.label))
+            cases.setdefault(entry["case_id"], {})[f"l{level}"] = rows[-1]
         dice_by[f"l{level}"] = {n: float(np.nanmean([r["dice"][n] for r in rows])) for n in STRUCTURES.values()}
         hd_by[f"l{level}"] = {n: float(np.nanmean([r["hd95"][n] for r in rows])) for n in STRUCTURES.values()}
         mean = float(np.mean(list(dice_by[f"l{level}"].values())))
         print(f"  {name} level {level}: Dice {mean:.3f} "
               + " ".join(f"{n} {v:.3f}" for n, v in dice_by[f"l{level}"].items()), flush=True)
+    if per_case is not None:
+        per_case.parent.mkdir(parents=True, exist_ok=True)
+        per_case.write_text(json.dumps(cases, indent=1) + "\n")
     return {"dice_mean_l0": float(np.mean(list(dice_by["l0"].values()))),
             "dice_mean_l3": float(np.mean(list(dice_by["l3"].values()))),
             "dice": dice_by, "hd95_px": hd_by, "infer_s_per_volume": float(np.median(seconds))}
@@ -291,7 +298,7 @@ def run_robustseg(args: argparse.Namespace, cfg: Any, test: Sequence[Dict[str, A
     def segment(case: Any) -> np.ndarray:
         return predict_case(pred, case, **options)
 
-    res = evaluate(segment, test, "robustseg")
+    res = evaluate(segment, test, "robustseg", per_case=out_dir / "per_case.json")
     amp = autocast_dtype(cfg.optim.amp, torch.device("cpu"))
     return {**res, "train_s": train_s, "train_slices_per_s": args.epochs * args.iters * args.batch / loop_s,
             "settings": {"augment_preset": resolve_preset(cfg.augment.preset, cfg.data.plan),
@@ -377,7 +384,7 @@ def run_monai(args: argparse.Namespace, train: Sequence[Dict[str, Any]],
     out.parent.mkdir(parents=True, exist_ok=True)
     torch.save(model.state_dict(), out)  # for re-scoring or re-timing without retraining
     print(f"monai: trained in {train_s:.0f} s -> {out}", flush=True)
-    res = evaluate(lambda case: predict_monai(model, case.image), test, "monai")
+    res = evaluate(lambda case: predict_monai(model, case.image), test, "monai", per_case=out.parent / "per_case.json")
     return {**res, "train_s": train_s, "train_slices_per_s": args.epochs * args.iters * args.batch / loop_s}
 
 

@@ -121,6 +121,6 @@ def _deep_merge(dst: Dict[str, Any], src: Mapping[str, Any]) -> None:
 
 
 # Registration happens on import; imported last so the helpers above exist for them.
-from search_spaces import backbones, demo, regimes  # noqa: E402,F401
+from search_spaces import backbones, demo, regimes, tiny  # noqa: E402,F401
 
 __all__ = ["SpaceFn", "apply_sample", "flatten_sample", "get_space", "nest_sample", "space_names"]

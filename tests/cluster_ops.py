@@ -39,7 +39,7 @@ def submit(c: Cluster, staging: Path, cfg: Dict[str, Any], *, trials: int = 2, s
     (staging / "job.yaml").write_text(yaml.safe_dump(cfg))
     client = JobSubmissionClient(c.ray_address)
     return client.submit_job(
-        entrypoint=f"python -m deploy.job_entry --config job.yaml --space demo --trials {trials} --name {sweep}",
+        entrypoint=f"python -m deploy.job_entry --config job.yaml --space tiny --trials {trials} --name {sweep}",
         runtime_env={"working_dir": str(staging), "env_vars": {"RAY_DATA_DISABLE_PROGRESS_BARS": "1"}})
 
 

@@ -55,6 +55,7 @@ def test_unknown_key_lists_valid_keys():
         ("data.ct.hu_window=[250,-1250]", "hu_window"),
         ("optim.compile=maybe", "optim.compile must be true or false"),
         ("data.sources=[{path: x}]", "a source name is required"),
+        ("inference.val_max_cases=0", "inference.val_max_cases must be >= 1, got 0; leave it out"),
     ],
 )
 def test_validation_errors_name_the_key(override, message):

@@ -165,7 +165,7 @@ def test_report_uses_an_optuna_study_when_given(store: Dict[str, Any], tmp_path:
 
 # --------------------------------------------------------------------------- a sweep big enough to rank
 def _big_trials() -> list:
-    """10 trials of the demo space's shape: the backbone fixes its params and optimiser; lr ranges differ.
+    """10 trials of the tiny space's shape: the backbone fixes its params and optimiser; lr ranges differ.
 
     Within SGD the Dice rises with lr, within Adam it falls: pooled, lr would mix the two.
     """

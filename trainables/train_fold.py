@@ -70,6 +70,24 @@ def can_resume(storage_path: str, run_name: str, storage_filesystem: Any = None,
     return info.type == pafs.FileType.File
 
 
+def worker_cache(cfg: ExperimentConfig, rows: int, layout: Any) -> bool:
+    """Whether each Train worker reads its share of the slices once and samples it in memory.
+
+    Small data, the platform's usual case, fits: a few thousand slices decode to tens of MiB.
+    Streaming them again on every pass would start Ray Data tasks each time (on 2 cores a
+    fold of the demo spent more time in them than in training) and would crop uniformly,
+    while the in-memory batcher samples exactly as `robustseg train` does.
+
+    Args:
+        cfg: The experiment (``data.worker_cache_mb``, ``scaling.num_workers``).
+        rows: Training slices of the fold, all workers together.
+        layout: The shards' `SliceLayout` (slice height and width).
+    """
+    per_worker = -(-int(rows) // max(1, cfg.scaling.num_workers))
+    mib = per_worker * layout.height * layout.width * 5 / 2**20  # float32 image + uint8 label
+    return 0 < mib <= cfg.data.worker_cache_mb
+
+
 def build_trainer(cfg: ExperimentConfig, *, storage_path: str, run_name: str, mlflow: Optional[Dict[str, Any]] = None,
                   callbacks: Sequence[Any] = (), worker_callbacks: Sequence[Callable[..., None]] = (),
                   storage_filesystem: Any = None, shuffle_buffer: Optional[int] = None) -> "TorchTrainer":  # noqa: F821
@@ -113,19 +131,23 @@ def build_trainer(cfg: ExperimentConfig, *, storage_path: str, run_name: str, ml
                           f"{cfg.data.val_fold}, fewer than batch_size x num_workers = "
                           f"{cfg.optim.batch_size} x {sc.num_workers}")
     weights = cfg.data.sampling_weights
+    cache = worker_cache(cfg, rows, manifest.layout)
+    extra = ("case_id", "dataset") if cache else (("dataset",) if weights else ())
     dataset = slice_dataset(cfg.data, manifest, exclude_folds=[cfg.data.val_fold], labelled_only=labelled_only,
-                            columns=TRAIN_COLUMNS + (("dataset",) if weights else ()), shuffle_seed=cfg.optim.seed)
+                            columns=TRAIN_COLUMNS + extra, shuffle_seed=cfg.optim.seed)
     resources: Dict[str, float] = {**{k: float(v) for k, v in sc.resources_per_worker.items()},
                                    "CPU": float(sc.cpus_per_worker)}
     if sc.use_gpu:
         resources["GPU"] = float(sc.gpus_per_worker)
     loop_config: Dict[str, Any] = {"experiment": cfg.to_dict(), "layout": manifest.layout.to_dict(),
-                                   "mlflow": mlflow, "callbacks": list(worker_callbacks)}
+                                   "mlflow": mlflow, "callbacks": list(worker_callbacks), "cache": cache}
     if shuffle_buffer is not None:
         loop_config["shuffle_buffer"] = int(shuffle_buffer)
     ray_path, ray_fs = _ray_storage(storage_path, storage_filesystem, cfg.data.storage)
     if weights:
-        loop_config["dataset_accept"] = acceptance_rates(counts, weights)
+        accept = acceptance_rates(counts, weights)  # checks the names here, on the driver, in both modes
+        if not cache:  # the in-memory batcher weighs datasets itself
+            loop_config["dataset_accept"] = accept
     return TorchTrainer(
         train_loop_per_worker,
         train_loop_config=loop_config,

@@ -1,6 +1,6 @@
 """The Ray Train per-worker function: config in, the engine's fit loop, reports out.
 
-Each worker rebuilds the `ExperimentConfig` from its dict, picks its device, streams its
+Each worker rebuilds the `ExperimentConfig` from its dict, picks its device, reads its
 share of the training folds from Ray Data and calls `robustseg.engine.train.train_from_config`
 with three Ray hooks: DDP wrapping (``prepare_model``) when there are several ranks, rank-0-only
 checkpoint files, and a per-epoch callback that reports to Ray Train.
@@ -211,13 +211,56 @@ def _ddp(model: Any) -> Any:
     return ray.train.torch.prepare_model(model, parallel_strategy_kwargs={"find_unused_parameters": True})
 
 
+def cached_batches(shard: Any, layout: SliceLayout, cfg: ExperimentConfig, device: Any, generator: Any,
+                   patch: Sequence[int]) -> Any:
+    """Read this worker's share of the training slices once; sample batches from memory.
+
+    The batches are `robustseg train`'s (`SliceBatcher`: foreground oversampling, source
+    patches for the augmenter, dataset weights), drawn from the fit loop's generator, so a
+    resumed fold continues the same draws.
+
+    Args:
+        shard: ``ray.train.get_dataset_shard("train")`` streamed with ``case_id`` and ``dataset``.
+        layout: The shard layout.
+        cfg: The experiment.
+        device: Where the slices live (the training device).
+        generator: The fit loop's generator.
+        patch: The training patch.
+    """
+    import pyarrow as pa
+    import torch
+
+    from robustseg.data.streaming import decode_batch
+    from robustseg.engine.data import SliceBatcher, SliceSet
+    from robustseg.engine.train import regime_data, source_margin
+
+    table = pa.concat_tables(list(shard.iter_batches(batch_size=1024, batch_format="pyarrow")))
+    arrays = decode_batch(table, layout)
+    dtype = torch.float16 if device.type == "cuda" else torch.float32
+    images = torch.from_numpy(arrays["image"]).to(device=device, dtype=dtype)
+    labels = torch.from_numpy(arrays["label"]).to(device)
+    case_ids = table.column("case_id").to_pylist()
+    meta = {c: {"dataset": d} for c, d in zip(case_ids, table.column("dataset").to_pylist())}
+    n = len(case_ids)
+    # The stream holds labelled rows only, unless the regime learns from every slice.
+    rows = "all" if regime_data(cfg.regime.name) == "images" else "labelled"
+    data = SliceSet(images=images, labels=labels, labelled=torch.ones(n, dtype=torch.bool, device=device),
+                    foreground=labels.flatten(1).any(1), case_ids=case_ids,
+                    slice_index=torch.arange(n, device=device), meta=meta)
+    log.info("cached %d training slices (%.0f MiB) in memory", n, (images.nbytes + labels.nbytes) / 2**20)
+    return SliceBatcher(data, cfg.optim.batch_size, patch, generator, fg_fraction=cfg.data.fg_fraction,
+                        dataset_weights=cfg.data.sampling_weights or None, rows=rows,
+                        margin=source_margin(cfg, rows, patch))
+
+
 def train_loop_per_worker(config: Dict[str, Any]) -> Dict[str, Any]:
     """Train one fold on this Ray Train worker.
 
     Args:
         config: ``{"experiment": ExperimentConfig.to_dict(), "layout": SliceLayout dict or None,
             "mlflow": FitTracker kwargs or None, "callbacks": extra per-epoch callbacks (run
-            before the report, e.g. `FailOnce`), "shuffle_buffer": local shuffle rows}``.
+            before the report, e.g. `FailOnce`), "shuffle_buffer": local shuffle rows,
+            "cache": read the shard once and sample in memory (`cached_batches`)}``.
 
     Returns:
         Rank 0's summary (best score and epoch, epochs run); Ray keeps it as the result's
@@ -256,7 +299,9 @@ def train_loop_per_worker(config: Dict[str, Any]) -> Dict[str, Any]:
     shard = ray.train.get_dataset_shard("train")
     shuffle = config.get("shuffle_buffer", DEFAULT_SHUFFLE_BUFFER)
 
-    def batches(generator: Any, patch: Sequence[int]) -> RayDataBatches:
+    def batches(generator: Any, patch: Sequence[int]) -> Any:
+        if config.get("cache"):
+            return cached_batches(shard, layout, cfg, device, generator, patch)
         return RayDataBatches(shard, layout, cfg.optim.batch_size, device, patch_size=patch, generator=generator,
                               local_shuffle_buffer_size=shuffle, seed=cfg.optim.seed + rank,
                               accept=config.get("dataset_accept"))

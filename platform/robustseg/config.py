@@ -156,6 +156,10 @@ class DataConfig:
     val_fold: int = doc(0, "Fold held out for validation when training one model (cross-validation sweeps set it per run).")
     fg_fraction: float = doc(0.33, "Share of each training batch cropped around labelled foreground (nnU-Net's "
                                    "oversample_foreground_percent); the rest are uniform crops.")
+    worker_cache_mb: int = doc(2048, "Ray Train: a worker whose share of the training slices decodes to at most this "
+                                     "many MiB reads it once and samples it in memory as `robustseg train` does "
+                                     "(foreground oversampling, source patches); a larger share streams from Ray Data "
+                                     "on every pass (uniform crops). 0: always stream.")
 
     def __post_init__(self) -> None:
         _check_choice("data.slice_dtype", self.slice_dtype, ("uint8", "float16", "float32"))
@@ -176,6 +180,8 @@ class DataConfig:
             raise ConfigError(f"data.val_fold must be in [0, {self.folds}), got {self.val_fold}")
         if not (isinstance(self.fg_fraction, (int, float)) and 0 <= self.fg_fraction <= 1):
             raise ConfigError(f"data.fg_fraction must be a number in [0, 1], got {self.fg_fraction!r}")
+        if isinstance(self.worker_cache_mb, bool) or not isinstance(self.worker_cache_mb, int) or self.worker_cache_mb < 0:
+            raise ConfigError(f"data.worker_cache_mb must be an integer >= 0 (0: always stream), got {self.worker_cache_mb!r}")
 
 
 # --------------------------------------------------------------------------- model & training
@@ -297,6 +303,10 @@ class InferenceConfig:
             raise ConfigError(f"inference.overlap must be in [0, 1), got {self.overlap}")
         if self.batch_size < 1 or self.val_every < 1:
             raise ConfigError("inference.batch_size and inference.val_every must be >= 1")
+        # 0 would silently validate nothing (no Dice, no best epoch): "all cases" is null.
+        if self.val_max_cases is not None and self.val_max_cases < 1:
+            raise ConfigError(f"inference.val_max_cases must be >= 1, got {self.val_max_cases}; "
+                              "leave it out (null) to validate on every case of the fold")
 
 
 @dataclass

@@ -91,7 +91,7 @@ def test_submitted_sweep_succeeds_and_is_tracked(head):
     cfg_path.write_text(yaml.safe_dump(cfg))
     cmd = [str(BIN / "ray"), "job", "submit", "--address", address, "--working-dir", str(REPO),
            "--runtime-env", str(REPO / "deploy" / "runtime_env.yaml"), "--",
-           "python", "-m", "deploy.job_entry", "--config", str(cfg_path), "--space", "demo", "--trials", "1",
+           "python", "-m", "deploy.job_entry", "--config", str(cfg_path), "--space", "tiny", "--trials", "1",
            "--name", "jobsweep", "--storage", str(work / "ray_results")]
     res = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=900)
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]

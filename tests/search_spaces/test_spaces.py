@@ -67,7 +67,7 @@ def check_point(name: str, point: Dict[str, Any]) -> ExperimentConfig:
     assert all(isinstance(k, str) and "/" in k for k in point), point
     cfg = ExperimentConfig.from_dict(apply_sample(base_config().to_dict(), point))
     meta = SEARCH_SPACES.meta(name)
-    if "backbones" in meta:  # multi-backbone spaces (demo): the chosen one builds at the demo size
+    if "backbones" in meta:  # multi-backbone spaces (tiny): the chosen one builds at the demo size
         assert cfg.model.name in meta["backbones"]
         model = build_model(cfg.model, (64, 64), (1.5, 1.5))
         assert sum(p.numel() for p in model.parameters()) > 0

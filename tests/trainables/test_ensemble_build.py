@@ -21,8 +21,8 @@ def sweep(tmp_path_factory):
     root = tmp_path_factory.mktemp("ens_sweep")
     ray.init(address="local", num_cpus=4, include_dashboard=False, log_to_driver=False)
     try:
-        # TPE seed 0 samples unet then unet2d (the demo space's two backbones).
-        res = run_sweep(tiny_cfg(root), space="demo", trials=2, concurrency=1, fold_concurrency=2,
+        # TPE seed 0 samples unet then unet2d (the tiny space's two backbones).
+        res = run_sweep(tiny_cfg(root), space="tiny", trials=2, concurrency=1, fold_concurrency=2,
                         storage_path=str(root / "ray"), sweep_name="s", mlflow=True, seed=0, verbose=False)
         yield root, res
     finally:

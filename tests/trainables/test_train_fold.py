@@ -112,7 +112,8 @@ def test_failure_without_retries_is_reported(ray_session, root, tmp_path):
     from trainables.train_fold import run_fold
     from trainables.train_worker import FailOnce
 
-    cfg = tiny_cfg(root, **{"scaling.max_failures": 0, "optim.epochs": 2})
+    # Streamed from Ray Data on every pass (no worker cache): that path, too, trains and reports.
+    cfg = tiny_cfg(root, **{"scaling.max_failures": 0, "optim.epochs": 2, "data.worker_cache_mb": 0})
     mlflow = _mlflow(root, "fails")
     out = run_fold(cfg, storage_path=str(root / "ray"), run_name="fails", mlflow=mlflow,
                    worker_callbacks=[FailOnce(epoch=2, marker=str(tmp_path / "m"), hard=False)])
@@ -137,11 +138,15 @@ def test_sampling_weights_reach_the_stream(ray_session, root):
 
     manifest = ensure_prepared(tiny_cfg(root))
     datasets = sorted({c["dataset"] for c in manifest.cases})
-    cfg = tiny_cfg(root, **{"data.sampling_weights": {datasets[0]: 2.0}})
+    cfg = tiny_cfg(root, **{"data.sampling_weights": {datasets[0]: 2.0}, "data.worker_cache_mb": 0})
     trainer = build_trainer(cfg, storage_path=str(root / "ray"), run_name="weighted")
     loop = trainer.train_loop_config
-    assert loop["dataset_accept"] == {d: 1.0 for d in datasets}  # one dataset: every row kept
+    assert loop["dataset_accept"] == {d: 1.0 for d in datasets} and not loop["cache"]  # one dataset: every row kept
     assert "dataset" in trainer.datasets["train"].schema().names
+    # Cached in the worker (the default for small data): the in-memory batcher weighs datasets itself.
+    cached = build_trainer(cfg.with_overrides(["data.worker_cache_mb=2048"]), storage_path=str(root / "ray"),
+                           run_name="weighted-cached").train_loop_config
+    assert cached["cache"] and "dataset_accept" not in cached
     bad = tiny_cfg(root, **{"data.sampling_weights": {"nowhere": 1.0}})
     with pytest.raises(ConfigError, match="nowhere"):
         build_trainer(bad, storage_path=str(root / "ray"), run_name="weighted-bad")
@@ -162,3 +167,42 @@ def test_self_supervised_regime_streams_every_slice(ray_session, root, tmp_path)
                             run_name="gen")
     assert supervised.datasets["train"].count() == labelled
     assert genesis.datasets["train"].count() == every
+
+
+def test_worker_cache_decision(root):
+    """A worker caches its share when it decodes to at most data.worker_cache_mb MiB; 0 always streams."""
+    from robustseg.data.shards import SliceLayout
+    from trainables.train_fold import worker_cache
+
+    layout = SliceLayout(height=256, width=256)  # 5 bytes a pixel decoded: 0.3125 MiB a slice
+    cfg = tiny_cfg(root, **{"data.worker_cache_mb": 100})
+    assert worker_cache(cfg, 320, layout) and not worker_cache(cfg, 321, layout)
+    two = cfg.with_overrides(["scaling.num_workers=2"])
+    assert worker_cache(two, 640, layout)  # each of two workers holds half
+    assert not worker_cache(cfg.with_overrides(["data.worker_cache_mb=0"]), 1, layout)
+
+
+def test_cached_batches_sample_like_robustseg_train(ray_session, root):
+    """One pass over the shard, then in-memory batches: source patches, foreground oversampling."""
+    import torch
+
+    from robustseg.data.manifest import read_manifest
+    from robustseg.data.storage import open_store
+    from robustseg.data.streaming import TRAIN_COLUMNS, slice_dataset
+    from trainables.train_worker import cached_batches
+
+    cfg = tiny_cfg(root, **{"data.fg_fraction": 1.0})
+    manifest = read_manifest(open_store(cfg.data.shards_uri))
+    ds = slice_dataset(cfg.data, manifest, exclude_folds=[cfg.data.val_fold],
+                       columns=TRAIN_COLUMNS + ("case_id", "dataset"))
+    patch = (32, 32)
+    batches = cached_batches(ds, manifest.layout, cfg, torch.device("cpu"), torch.Generator().manual_seed(0), patch)
+    assert len(batches.data) == ds.count()  # every training slice, read once
+    train_cases = {c["case_id"] for c in manifest.cases if c["fold"] != cfg.data.val_fold}
+    assert set(batches.data.case_ids) <= train_cases
+    b = next(batches)
+    margin = batches.margin
+    assert b["image"].shape == (cfg.optim.batch_size, 1, patch[0] + 2 * margin[0], patch[1] + 2 * margin[1])
+    assert margin[0] > 0  # source patches for the augmenter (augment.source_patch)
+    centre = b["label"][:, :, margin[0]:margin[0] + patch[0], margin[1]:margin[1] + patch[1]]
+    assert bool((centre.flatten(1) > 0).any(1).all())  # fg_fraction 1: every patch shows foreground

@@ -29,7 +29,7 @@ def register(sub: Any) -> None:
                     "through a local path. `down` stops exactly what `up` recorded. Needs root.",
         epilog="examples:\n  sudo robustseg cluster up\n  eval \"$(robustseg cluster env)\"\n"
                "  ray job submit --working-dir DIR_WITH_CONFIG -- python -m deploy.job_entry --config job.yaml "
-               "--space demo --trials 2\n  robustseg cluster status\n  sudo robustseg cluster down",
+               "--space tiny --trials 2\n  robustseg cluster status\n  sudo robustseg cluster down",
         formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("action", choices=("up", "down", "status", "env"),
                    help="up: start; down: stop what up started; status: nodes and addresses; env: export lines")
