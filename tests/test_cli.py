@@ -81,6 +81,40 @@ def test_demo_runs(tmp_path, capsys):
     assert (tmp_path / "demo" / "shards" / "manifest.json").exists()
 
 
+def test_demo_sweep_validates_every_case_once():
+    """The demo's folds are scored on every held-out case, once, after the last epoch."""
+    from robustseg.cli.demo import sweep_config
+
+    scfg = sweep_config(demo_config("robustseg_work/demo", 8))
+    assert scfg.inference.val_max_cases is None and scfg.inference.val_every == scfg.optim.epochs
+    from search_spaces import get_space
+
+    class Trial:  # the one suggestion the demo space makes
+        def suggest_float(self, name, lo, hi, log=False):
+            assert name == "optim/lr" and lo < hi and log
+            return lo
+
+    point = get_space("demo")(Trial())
+    assert point["model/name"] == "unet" and point["optim/name"] == "adam"
+
+
+def test_demo_prints_served_function_beside_the_truth(capsys):
+    from robustseg.analysis.clinical import cardiac_function
+    from robustseg.cli.demo import mask_dice, print_function
+    from robustseg.data.synthetic import make_cardiac_dataset
+
+    ed, es = make_cardiac_dataset(1, seed=2026)[:2]
+    truth = cardiac_function(ed.label, es.label, ed.spacing, es.spacing)
+    assert 0 < truth["lv_ef"] < 100 and 0 < truth["rv_ef"] < 100
+    served = {**truth, "lv_ef": truth["lv_ef"] - 2.0, "rv_ef": None, "flags": []}
+    print_function(served, truth)
+    out = capsys.readouterr().out
+    assert f"EF {truth['lv_ef'] - 2.0:.1f} % (true {truth['lv_ef']:.1f} %, off by -2.0 points)" in out
+    assert f"RV: EDV {truth['rv_edv']:.1f} mL (true {truth['rv_edv']:.1f})" in out and "EF n/a %" in out
+    lv = ed.label == 1
+    assert mask_dice(lv, lv) == 1.0 and mask_dice(lv, ~lv) == 0.0 and mask_dice(lv & False, lv & False) == 1.0
+
+
 def test_console_script_help():
     exe = Path(sys.executable).with_name("robustseg")
     res = subprocess.run([str(exe), "prepare", "--help"], capture_output=True, text=True, check=True)
