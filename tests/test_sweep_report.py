@@ -264,3 +264,58 @@ def test_leaderboard_fits_and_shows_per_structure_metrics(big: Dict[str, Any]) -
     assert '<td class="p"><b>adam</b> lr=0.0003, momentum=0.9</td>' in first
     assert sum(_column_widths(table)) <= 1600, _column_widths(table)
     assert "max-width:1600px" in page
+
+
+def _chromium() -> str:
+    import os
+    import shutil
+
+    for name in (os.environ.get("ROBUSTSEG_CHROMIUM", ""), "chromium", "chromium-browser", "google-chrome",
+                 "google-chrome-stable", "headless_shell"):
+        path = shutil.which(name) if name else None
+        if path:
+            return path
+    return ""
+
+
+def test_report_in_a_real_browser_loads_nothing_from_outside(store: Dict[str, Any], report_html: str,
+                                                              tmp_path: Path) -> None:
+    """Optional (skipped without Chromium): the page renders its sections offline.
+
+    Every request the browser makes goes through a local proxy that records it and refuses it
+    (``--proxy-server``; loopback bypasses it only for 127.0.0.1): a report that fetched a
+    script, a font or a tracker would show up in the proxy's log.
+    """
+    import http.server
+    import socketserver
+    import subprocess
+    import threading
+
+    browser = _chromium()
+    if not browser:
+        pytest.skip("no Chromium on PATH (chromium, chromium-browser, google-chrome or $ROBUSTSEG_CHROMIUM)")
+    seen: list = []
+
+    class Refuse(http.server.BaseHTTPRequestHandler):
+        def _refuse(self) -> None:
+            seen.append(f"{self.command} {self.path}")
+            self.send_error(403)
+
+        do_GET = do_POST = do_HEAD = do_CONNECT = _refuse
+
+        def log_message(self, *args: Any) -> None:  # quiet: the list is the log
+            pass
+
+    with socketserver.ThreadingTCPServer(("127.0.0.1", 0), Refuse) as proxy:
+        threading.Thread(target=proxy.serve_forever, daemon=True).start()
+        report = store["root"] / "out" / "report.html"
+        dom = subprocess.run(
+            [browser, "--headless", "--no-sandbox", "--disable-gpu", "--no-first-run", "--disable-extensions",
+             "--disable-background-networking", "--disable-component-update", "--disable-sync",
+             f"--user-data-dir={tmp_path / 'profile'}", f"--proxy-server=http://127.0.0.1:{proxy.server_address[1]}",
+             "--proxy-bypass-list=<-loopback>", "--virtual-time-budget=3000", "--dump-dom", report.as_uri()],
+            capture_output=True, text=True, timeout=120)
+        proxy.shutdown()
+    assert dom.returncode == 0, dom.stderr[-2000:]
+    assert "<h2>Leaderboard</h2>" in dom.stdout and "parameter importance" in dom.stdout.lower()
+    assert seen == [], f"the report made requests off the machine: {seen}"
