@@ -557,11 +557,13 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     print(f"{doc['budget']['train']}; {doc['budget']['test']}; "
           f"{args.epochs} x {args.iters} x {args.batch}", flush=True)
     sides: Dict[str, Dict[str, Any]] = {}
+    # Each side names its machine: an --only run merges into results made elsewhere, and
+    # timings compare only within one machine.
     if args.only in (None, "robustseg"):
-        sides["robustseg"] = run_robustseg(args, cfg, test)
+        sides["robustseg"] = {**run_robustseg(args, cfg, test), "machine": doc["machine"]}
         merge_and_write(args.out, doc, dict(sides))  # a later crash of the other side keeps this one
     if args.only in (None, "monai"):
-        sides["monai"] = run_monai(args, train, test)
+        sides["monai"] = {**run_monai(args, train, test), "machine": doc["machine"]}
     out = merge_and_write(args.out, doc, sides)
     print_table(out)
     print(f"\nwrote {args.out}")

@@ -1,9 +1,11 @@
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
 
 from robustseg.config import ExperimentConfig, apply_overrides, explain
+from robustseg.engine.optim import build_optimizer
 from robustseg.errors import ConfigError
 
 REPO = Path(__file__).resolve().parents[1]
@@ -28,6 +30,21 @@ def test_dotted_overrides_parse_values():
     assert cfg.data.label_budget is None
     assert cfg.model.params == {"channels": [8, 16, 32, 64, 128]}
     assert cfg.data.stratify == "dataset"
+
+
+def test_optimiser_default_is_adamw_and_lr_follows_the_optimiser():
+    cfg = ExperimentConfig()
+    assert (cfg.optim.name, cfg.optim.lr, cfg.optim.initial_lr) == ("adamw", None, 2e-3)
+    # Naming nnU-Net's optimiser alone gives its learning rate, not AdamW's.
+    sgd = cfg.with_overrides(["optim.name=sgd_nesterov"])
+    assert (sgd.optim.name, sgd.optim.initial_lr) == ("sgd_nesterov", 1e-2)
+    assert sgd.with_overrides(["optim.lr=5e-4"]).optim.initial_lr == 5e-4
+    assert ExperimentConfig.from_dict(sgd.to_dict()).optim.initial_lr == 1e-2
+    assert ExperimentConfig.from_dict({"optim": {"name": "adam"}}).optim.initial_lr == 2e-3
+    opt = build_optimizer(sgd.optim, [torch.nn.Parameter(torch.zeros(1))])
+    assert isinstance(opt, torch.optim.SGD) and opt.param_groups[0]["lr"] == 1e-2
+    opt = build_optimizer(cfg.optim, [torch.nn.Parameter(torch.zeros(1))])
+    assert isinstance(opt, torch.optim.AdamW) and opt.param_groups[0]["lr"] == 2e-3
 
 
 def test_unknown_key_lists_valid_keys():

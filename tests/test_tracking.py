@@ -74,13 +74,16 @@ def test_flatten_config_dotted_stringified_redacted(cfg: ExperimentConfig) -> No
     c.data.sources = [SourceSpec(name="synthetic_cmr", path="", options={"blob": "x" * 10000})]
     flat = tracking.flatten_config(c)
     assert all(isinstance(v, str) for v in flat.values())
-    assert flat["optim.lr"] == "0.01" and flat["model.name"] == "unet2d"
+    assert flat["optim.lr"] == "0.002" and flat["model.name"] == "unet2d"  # AdamW's default rate
     assert flat["model.params.filters_base"] == "8"
     assert json.loads(flat["data.cmr.crop_size"]) == list(c.data.cmr.crop_size)  # lists as JSON
     assert flat["regime.params"] == "{}"
     assert flat["data.storage.secret_key"] == "***" and "abc" not in flat["data.shards_uri"]
     assert "very-secret" not in json.dumps(flat)
     assert len(flat["data.sources"]) == tracking.MAX_PARAM_VALUE and flat["data.sources"].endswith("...")
+    # optim.lr null = the optimiser's default: the param says which number trained.
+    assert tracking.flatten_config(c.with_overrides(["optim.lr=null", "optim.name=adamw"]))["optim.lr"] == "0.002"
+    assert tracking.flatten_config(c.with_overrides(["optim.lr=null", "optim.name=sgd"]))["optim.lr"] == "0.01"
 
 
 def test_run_tags(cfg: ExperimentConfig) -> None:

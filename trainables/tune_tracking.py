@@ -208,7 +208,7 @@ def _winner_note(winner: Winner, run_id: Optional[str], experiment_id: str, fina
     what = "Winner" if final else "Best so far (sweep interrupted)"
     link = f"[{winner.trial}](#/experiments/{experiment_id}/runs/{run_id})" if run_id else f"`{winner.trial}`"
     return (f"**{what}**: {link}: `{winner.cfg.model.name}`, optimiser `{winner.cfg.optim.name}`, "
-            f"lr {winner.cfg.optim.lr:.3g}; cross-validated Dice **{winner.cv_dice:.4f}**. The params without "
+            f"lr {winner.cfg.optim.initial_lr:.3g}; cross-validated Dice **{winner.cv_dice:.4f}**. The params without "
             f"the `{WINNER}` prefix are the sweep's base config.")
 
 

@@ -79,6 +79,8 @@ def flatten_config(cfg: ExperimentConfig) -> Dict[str, str]:
             out[_BAD_KEY.sub("_", prefix)[:MAX_PARAM_KEY]] = _param_value(node)
 
     walk("", redacted_config(cfg))
+    # A null optim.lr means "the optimiser's default": log the number that trained.
+    out["optim.lr"] = _param_value(cfg.optim.initial_lr)
     return out
 
 

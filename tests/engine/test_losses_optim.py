@@ -99,4 +99,4 @@ def test_schedules():
     for _ in range(50):
         opt.step()
         sched.step()
-    assert opt.param_groups[0]["lr"] == pytest.approx(1e-2 * 0.5 ** 0.9)
+    assert opt.param_groups[0]["lr"] == pytest.approx(poly.initial_lr * 0.5 ** 0.9)

@@ -7,6 +7,7 @@ import pytest
 from robustseg.data.labels import LV, MYO, RV
 from robustseg.engine.postprocess import (
     cardiac_postprocess,
+    enclosed_lv_component,
     keep_heart_column,
     keep_largest_per_class,
     keep_rv_beside_heart,
@@ -170,3 +171,27 @@ def test_cardiac_postprocess_leaves_a_clean_heart_and_its_input_alone() -> None:
     np.testing.assert_array_equal(vol, before)
     empty = np.zeros((3, 8, 8), np.uint8)
     np.testing.assert_array_equal(cardiac_postprocess(empty), empty)
+
+
+def test_lv_anchor_is_the_cavity_the_myocardium_encloses_not_a_larger_blob() -> None:
+    vol = heart(size=48)
+    noisy = vol.copy()
+    # A false LV blob (a bright vessel or the stomach) away from the heart, three times the
+    # cavity's size, half wrapped in false MYO: the largest LV component, but not a cavity.
+    noisy[1:7, 34:46, 30:42] = LV
+    noisy[1:7, 33, 30:42] = MYO
+    noisy[1:7, 34:46, 29] = MYO
+    assert (noisy == LV).sum() > 2 * (vol == LV).sum()
+    lv = noisy == LV
+    from robustseg.engine.postprocess import _components
+
+    labelled, sizes = _components(lv)
+    anchor = enclosed_lv_component(noisy, labelled, sizes)
+    assert labelled[3, 16, 18] == anchor  # the cavity's component
+    out = cardiac_postprocess(noisy)
+    np.testing.assert_array_equal(out == LV, vol == LV)
+    # The largest-component anchor keeps the blob and deletes the true cavity.
+    largest = keep_heart_column(noisy, (LV,), lv_anchor="largest")
+    assert not (largest[vol == LV] == LV).any() and (largest[3, 40, 36] == LV)
+    with pytest.raises(ValueError, match="lv_anchor"):
+        keep_heart_column(noisy, (LV,), lv_anchor="biggest")

@@ -165,7 +165,7 @@ def test_apply_sample_flat_nested_and_mixed_agree():
     assert outs[0] == outs[1] == outs[2]
     cfg = ExperimentConfig.from_dict(outs[0])
     assert cfg.optim.lr == 0.003 and cfg.model.params == {"filters_base": 16} and cfg.augment.preset == "light"
-    assert base["optim"]["lr"] == 0.01  # input untouched
+    assert base["optim"]["lr"] is None  # input untouched (null: the optimiser's default rate)
 
 
 def test_apply_sample_keeps_params_of_same_backbone_drops_on_switch():

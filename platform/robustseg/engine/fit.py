@@ -144,14 +144,14 @@ def initialise(cfg: ExperimentConfig, model: torch.nn.Module, resumed: bool) -> 
 
 def build_optimisation(cfg: ExperimentConfig, model: torch.nn.Module, init: Any) -> Any:
     """Optimiser and scheduler; after a transfer init, its lr scale and optionally its optimiser state."""
-    optim_cfg = cfg.optim if init is None else dataclasses.replace(cfg.optim, lr=cfg.optim.lr * cfg.regime.init_lr_scale)
+    optim_cfg = cfg.optim if init is None else dataclasses.replace(cfg.optim, lr=cfg.optim.initial_lr * cfg.regime.init_lr_scale)
     optimizer = build_optimizer(optim_cfg, model.parameters())
     if init is not None and cfg.regime.init_optimizer == "checkpoint":
         if init.optimizer is None:
             raise CheckpointError(f"{init.where}: regime.init_optimizer=checkpoint, but the source holds no optimiser state")
         optimizer.load_state_dict(init.optimizer)
         for group in optimizer.param_groups:  # the schedule below starts from this run's lr
-            group["lr"] = group["initial_lr"] = optim_cfg.lr
+            group["lr"] = group["initial_lr"] = optim_cfg.initial_lr
     return optimizer, build_scheduler(optim_cfg, optimizer)
 
 

@@ -18,12 +18,12 @@ def build_optimizer(cfg: OptimConfig, params: Iterable[torch.nn.Parameter]) -> t
     """The optimiser named by ``cfg.name``."""
     params = [p for p in params if p.requires_grad]
     if cfg.name == "sgd_nesterov":
-        return torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, nesterov=True, weight_decay=cfg.weight_decay)
+        return torch.optim.SGD(params, lr=cfg.initial_lr, momentum=cfg.momentum, nesterov=True, weight_decay=cfg.weight_decay)
     if cfg.name == "sgd":
-        return torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+        return torch.optim.SGD(params, lr=cfg.initial_lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
     if cfg.name == "adamw":
-        return torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
-    return torch.optim.Adam(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+        return torch.optim.AdamW(params, lr=cfg.initial_lr, weight_decay=cfg.weight_decay)
+    return torch.optim.Adam(params, lr=cfg.initial_lr, weight_decay=cfg.weight_decay)
 
 
 def lr_factor(cfg: OptimConfig, iteration: int) -> float:
