@@ -28,7 +28,7 @@ sys.path.insert(0, str(REPO / "platform"))
 
 from robustseg.config import ExperimentConfig  # noqa: E402
 from robustseg.engine.losses import DiceCELoss  # noqa: E402
-from robustseg.engine.precision import _cpu_has_amx  # noqa: E402
+from robustseg.engine.precision import cpu_native_bf16  # noqa: E402
 from robustseg.models import build_model  # noqa: E402
 
 
@@ -78,7 +78,7 @@ def main() -> int:
         res[name] = {"fp32_s": f32, "bf16_s": b16, "speedup": f32 / b16}
         print(f"{name}: fp32 {f32 * 1000:.0f} ms, bf16 {b16 * 1000:.0f} ms, x{f32 / b16:.2f}", flush=True)
     cpu = next((ln.split(":", 1)[1].strip() for ln in open("/proc/cpuinfo") if ln.startswith("model name")), "?")
-    doc = {"machine": f"{cpu}, {len(os.sched_getaffinity(0))} cores, AMX {'yes' if _cpu_has_amx() else 'no'}; "
+    doc = {"machine": f"{cpu}, {len(os.sched_getaffinity(0))} cores, native bf16 {cpu_native_bf16() or 'no'}; "
                       f"torch {torch.__version__} ({a.threads} threads), python {platform.python_version()}",
            "settings": {"model": "configs/acdc_budget.yaml DynUNet 16-256 deep supervision", "train_batch": a.batch,
                         "inference_windows": a.windows, "patch": [128, 128], "repeats": a.repeats},

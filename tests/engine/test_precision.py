@@ -27,11 +27,13 @@ def test_autocast_dtype_by_setting_device_and_override(monkeypatch, env, setting
     assert precision.inference_amp(device) is (precision.autocast_dtype("auto", device) is not None)
 
 
-def test_cpu_default_follows_the_amx_flag(monkeypatch):
+def test_cpu_default_follows_the_native_bf16_flags(monkeypatch):
     monkeypatch.delenv(precision.ENV, raising=False)
-    for has_amx in (True, False):
-        monkeypatch.setattr(precision, "_cpu_has_amx", lambda: has_amx)
-        assert precision.cpu_bf16_fast() is has_amx
+    # The flag parser itself, on this machine: whatever it reports is one of the known flags.
+    assert precision.cpu_native_bf16() in ("",) + precision.NATIVE_BF16_FLAGS
+    for flag, fast in (("amx_bf16", True), ("avx512_bf16", True), ("", False)):
+        monkeypatch.setattr(precision, "cpu_native_bf16", lambda: flag)
+        assert precision.cpu_bf16_fast() is fast
 
 
 class Bright(torch.nn.Module):

@@ -1,11 +1,13 @@
 """Numerics per device: when bf16 autocast pays.
 
 On CUDA, bf16 autocast is the default (tensor cores). On a CPU it pays only where the CPU
-multiplies bf16 natively: Intel AMX (Sapphire Rapids and later; oneDNN picks the AMX kernels
-by itself). Measured on a 2-core Xeon with AMX, DynUNet 16 -> 256 on 16 x 128 x 128 patches:
-a training step 2.1x and inference 2.2x faster than float32, weights and optimiser
-state staying float32 (`benchmarks/results/cpu_bf16.json`). Elsewhere (no AMX: most AMD and
-older Intel CPUs) bf16 is emulated and slower, so ``auto`` keeps float32 there.
+multiplies bf16 natively: Intel AMX (Sapphire Rapids and later) or the AVX-512 BF16 dot
+products (``avx512_bf16``: AMD Zen 4 and later, Cooper Lake); oneDNN picks those kernels by
+itself. Measured with DynUNet 16 -> 256 on 16 x 128 x 128 patches, weights and optimiser
+state staying float32 (`benchmarks/results/cpu_bf16.json`, `cpu_bf16_amd.json`): on a 2-core
+Xeon with AMX a training step 2.1x and inference 2.2x faster than float32; on a 2-core AMD
+EPYC with AVX-512 BF16 2.2x and 2.4x. Elsewhere (older CPUs) bf16 is emulated and slower,
+so ``auto`` keeps float32 there.
 
 ``ROBUSTSEG_CPU_BF16=0`` switches the CPU default off (``1`` forces it on), e.g. for
 bit-reproducible comparisons across machines.
@@ -22,24 +24,30 @@ import torch
 ENV = "ROBUSTSEG_CPU_BF16"
 
 
+#: /proc/cpuinfo flags of native bf16 matrix arithmetic (either one makes autocast pay).
+NATIVE_BF16_FLAGS = ("amx_bf16", "avx512_bf16")
+
+
 @functools.lru_cache(maxsize=1)
-def _cpu_has_amx() -> bool:
+def cpu_native_bf16() -> str:
+    """The first of `NATIVE_BF16_FLAGS` this CPU reports, or "" (none, or no /proc/cpuinfo)."""
     try:
         with open("/proc/cpuinfo") as f:
             for line in f:
                 if line.startswith("flags"):
-                    return "amx_bf16" in line.split()
+                    flags = set(line.split())
+                    return next((f for f in NATIVE_BF16_FLAGS if f in flags), "")
     except OSError:
         pass
-    return False
+    return ""
 
 
 def cpu_bf16_fast() -> bool:
-    """Whether bf16 autocast speeds this CPU up (AMX), unless ``ROBUSTSEG_CPU_BF16`` says otherwise."""
+    """Whether bf16 autocast speeds this CPU up (AMX or AVX-512 BF16), unless ``ROBUSTSEG_CPU_BF16`` says otherwise."""
     env = os.environ.get(ENV, "").strip()
     if env in ("0", "1"):
         return env == "1"
-    return _cpu_has_amx()
+    return bool(cpu_native_bf16())
 
 
 def autocast_dtype(setting: str, device: torch.device) -> Optional[torch.dtype]:
