@@ -120,7 +120,7 @@ def s3_stub_runner(cfg: ExperimentConfig, *, storage_path: str, run_name: str, m
     """Writes a marker where the fold run would live (proves the trial got a full s3:// URI and
     reaches the bucket with the config's settings) and returns a Dice that grows with lr."""
     durable.write_text(durable.join(storage_path, run_name, "stub.json"), '{"ok": true}', cfg.data.storage)
-    return {"val_dice": 0.5 + 0.1 * math.log10(cfg.optim.lr / 1e-3) + 0.01 * cfg.data.val_fold, "best_epoch": 1,
+    return {"val_dice": 0.5 + 0.1 * math.log10(cfg.optim.initial_lr / 1e-3) + 0.01 * cfg.data.val_fold, "best_epoch": 1,
             "metrics": {}, "checkpoint": None, "error": None}
 
 

@@ -42,7 +42,7 @@ def stub_dice(lr: float, fold: int) -> float:
 def stub_runner(cfg: ExperimentConfig, *, storage_path: str, run_name: str, mlflow: Any = None) -> Dict[str, Any]:
     _record(cfg, run_name)
     time.sleep(0.1)
-    return {"val_dice": stub_dice(cfg.optim.lr, cfg.data.val_fold), "best_epoch": 1, "metrics": {},
+    return {"val_dice": stub_dice(cfg.optim.initial_lr, cfg.data.val_fold), "best_epoch": 1, "metrics": {},
             "checkpoint": None, "error": None}
 
 
