@@ -264,7 +264,7 @@ class OptimConfig:
     seed: int = doc(0, "Training seed.")
 
     def __post_init__(self) -> None:
-        _check_choice("optim.name", self.name, ("sgd_nesterov", "sgd", "adamw", "adam"))
+        _check_choice("optim.name", self.name, tuple(DEFAULT_LR))
         _check_choice("optim.schedule", self.schedule, ("poly", "step", "cosine", "constant"))
         _check_choice("optim.amp", self.amp, ("auto", "bf16", "off"))
         if self.lr is not None and self.lr <= 0:

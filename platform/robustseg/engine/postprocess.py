@@ -194,13 +194,17 @@ def enclosed_lv_component(label_zyx: np.ndarray, labelled: np.ndarray, sizes: np
     """
     best, best_score = int(np.argmax(sizes)), -1.0
     myo = label_zyx == MYO
-    for k in np.flatnonzero(sizes):
-        comp = labelled == k
+    # Each component is scored inside its bounding box widened in-plane by the ring: a noisy
+    # prediction has many small components, and whole-volume dilations would cost one full
+    # pass each on every predicted volume.
+    for k, (z, y, x) in enumerate(ndimage.find_objects(labelled), start=1):
+        box = (z, slice(max(y.start - ring_px, 0), y.stop + ring_px), slice(max(x.start - ring_px, 0), x.stop + ring_px))
+        comp = labelled[box] == k
         ring = _in_plane_dilation(comp, ring_px) & ~comp
-        share = float(myo[ring].mean()) if ring.any() else 0.0
+        share = float(myo[box][ring].mean()) if ring.any() else 0.0
         score = float(sizes[k]) * share ** 2
         if score > best_score:
-            best, best_score = int(k), score
+            best, best_score = k, score
     return best
 
 
