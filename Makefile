@@ -9,11 +9,12 @@ STAMP := $(VENV)/.installed
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
-	$(BIN)/python -m pip install -q --upgrade pip
+	# --no-compile: pip would byte-compile every installed module (torch, ray, mlflow: tens of
+	# thousands of files, ~20 s on 2 cores); Python compiles the modules a run imports, once.
 	# CPU machines: install the CPU torch build first, so the unpinned `torch` requirement
 	# does not pull a multi-GB CUDA build. Machines with an NVIDIA GPU keep their own.
-	if ! command -v nvidia-smi >/dev/null 2>&1; then $(BIN)/python -m pip install -q torch==2.13.0; fi
-	$(BIN)/python -m pip install -q -e '.[dev]'
+	if ! command -v nvidia-smi >/dev/null 2>&1; then $(BIN)/python -m pip install -q --no-compile torch==2.13.0; fi
+	$(BIN)/python -m pip install -q --no-compile -e '.[dev]'
 	touch $(STAMP)
 
 install: $(STAMP)
