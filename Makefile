@@ -4,25 +4,31 @@ PY ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
+DEVSTAMP := $(VENV)/.installed-dev
 
 .PHONY: demo test install clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
-	# --no-compile: pip would byte-compile every installed module (torch, ray, mlflow: tens of
-	# thousands of files, ~20 s on 2 cores); Python compiles the modules a run imports, once.
+	$(BIN)/python -m pip install -q --upgrade pip
 	# CPU machines: install the CPU torch build first, so the unpinned `torch` requirement
 	# does not pull a multi-GB CUDA build. Machines with an NVIDIA GPU keep their own.
-	if ! command -v nvidia-smi >/dev/null 2>&1; then $(BIN)/python -m pip install -q --no-compile torch==2.13.0; fi
-	$(BIN)/python -m pip install -q --no-compile -e '.[dev]'
+	if ! command -v nvidia-smi >/dev/null 2>&1; then $(BIN)/python -m pip install -q torch==2.13.0; fi
+	$(BIN)/python -m pip install -q -e .
 	touch $(STAMP)
 
-install: $(STAMP)
+# The test suite's extras (pytest, the S3 test server, scikit-image) on top: `make demo` does
+# not wait for them.
+$(DEVSTAMP): $(STAMP)
+	$(BIN)/python -m pip install -q -e '.[dev]'
+	touch $(DEVSTAMP)
+
+install: $(DEVSTAMP)
 
 demo: $(STAMP)
 	$(BIN)/robustseg demo
 
-test: $(STAMP)
+test: $(DEVSTAMP)
 	RAY_DATA_DISABLE_PROGRESS_BARS=1 $(BIN)/python -m pytest -q tests
 
 clean:
