@@ -333,7 +333,7 @@ class AugmentConfig:
     """GPU batch augmentation preset and overrides."""
 
     preset: str = doc("auto", "auto (cardiac for the cmr plan, else nnunet), nnunet, cardiac (nnunet + respiratory "
-                      "motion p 0.3, levels 1-3), light (thesis) or none.")
+                      "motion p 0.5, levels 2-3), light (thesis) or none.")
     params: Dict[str, Any] = doc(text="Per-transform overrides of the preset.", factory=dict)
     mixup: float = doc(0.0, "Mixup probability per batch (0 disables).")
     mixup_alpha: float = doc(0.4, "Beta(alpha, alpha) parameter of the mixup ratio.")

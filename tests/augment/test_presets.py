@@ -64,7 +64,7 @@ def test_auto_preset_is_cardiac_for_cardiac_mr_and_nnunet_otherwise():
 
     assert AugmentConfig().preset == "auto"
     cardiac = build_augmenter(AugmentConfig(), 2, "cmr")
-    assert cardiac.preset == "cardiac" and cardiac.params["motion"] == {"p": 0.3, "levels": [1, 2, 3],
+    assert cardiac.preset == "cardiac" and cardiac.params["motion"] == {"p": 0.5, "levels": [2, 3],
                                                                         "phase_axis": "random"}
     assert {k: v for k, v in CARDIAC.items() if k != "motion"} == {k: v for k, v in NNUNET.items() if k != "motion"}
     for plan in ("ct", "slices2d", None):
