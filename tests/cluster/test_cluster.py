@@ -77,9 +77,12 @@ def test_sweep_survives_a_killed_worker_and_a_dead_tracking_server(cluster, tmp_
     job = submit(c, tmp_path / "job", job_config(name, epochs=8, iters=6), sweep=name)
     w1 = c.nodes["worker1"]
 
-    # a. Once a fold on worker1 has checkpointed two epochs, kill every process of that node.
+    # a. Once a fold on worker1 has checkpointed two epochs, kill every process of that node. The
+    # fold must be worker1's own (its node tag): a fold past epoch 2 on worker2 beside one that
+    # just started on worker1 would make the kill hit a fold with nothing to resume from.
     def fold_on_w1_after_two_epochs():
         running = [r for r in _fold_runs(c, name) if r.info.status == "RUNNING"
+                   and r.data.tags.get("robustseg.node_ip") == w1.ip
                    and int(r.data.tags.get("epochs_done", "0")) >= 2]
         return running if running and train_workers_on(c, w1.ip) else None
 
