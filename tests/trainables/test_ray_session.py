@@ -1,6 +1,7 @@
 """`init_ray`: what it asks of a local Ray before starting it (ray.init is replaced: no cluster)."""
 from __future__ import annotations
 
+import os
 from typing import Any, Dict, List
 
 import pytest
@@ -14,8 +15,6 @@ def calls(monkeypatch: pytest.MonkeyPatch) -> List[Dict[str, Any]]:
     seen: List[Dict[str, Any]] = []
 
     def fake_init(*args: Any, **kwargs: Any) -> None:
-        import os
-
         seen.append({"kwargs": kwargs, "footer_actors": os.environ.get(ray_session.FOOTER_ACTORS_ENV)})
 
     monkeypatch.setattr(ray, "is_initialized", lambda: False)

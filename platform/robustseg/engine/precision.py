@@ -36,7 +36,7 @@ def cpu_native_bf16() -> str:
             for line in f:
                 if line.startswith("flags"):
                     flags = set(line.split())
-                    return next((f for f in NATIVE_BF16_FLAGS if f in flags), "")
+                    return next((flag for flag in NATIVE_BF16_FLAGS if flag in flags), "")
     except OSError:
         pass
     return ""
