@@ -39,17 +39,20 @@ def demo_config(workdir: str, subjects: int = 8) -> ExperimentConfig:
 
 
 #: Training samples per fold: epochs x iterations x batch (see `sweep_config`).
-DEMO_EPOCHS, DEMO_ITERS, DEMO_BATCH = 5, 60, 8
+DEMO_EPOCHS, DEMO_ITERS, DEMO_BATCH = 5, 48, 8
 
 
 def sweep_config(cfg: ExperimentConfig) -> ExperimentConfig:
     """The demo's training settings: where two CPU cores' time buys accuracy.
 
-    Each fold trains one tiny U-Net (search space ``demo``) for 5 x 60 x 8 = 2,400 samples
+    Each fold trains one tiny U-Net (search space ``demo``) for 5 x 48 x 8 = 1,920 samples
     on one core (two folds or trials run side by side) and is validated once, after its last
     epoch, on every case of its held-out fold: the fold's Dice is then that of the model the
     ensemble uses, not of an epoch picked on the same cases. Per-epoch validation would cost
     more than the training itself; the per-epoch training loss still draws the learning curve.
+    1,920 rather than 2,400 samples (60 iterations): out of fold 0.874 instead of 0.880 (every
+    structure still >= 0.82) for 35 s less on a 2-core AMD EPYC, which brings a fresh clone's
+    ``make demo`` under five minutes there.
     """
     return cfg.with_overrides([
         f"optim.epochs={DEMO_EPOCHS}", f"optim.iters_per_epoch={DEMO_ITERS}", f"optim.batch_size={DEMO_BATCH}",
