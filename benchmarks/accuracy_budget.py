@@ -470,6 +470,8 @@ def largest_components_3d(labels: np.ndarray) -> np.ndarray:
 
 def run_tag(args: argparse.Namespace) -> str:
     tag = f"{'quick-' if args.quick else ''}e{args.epochs}_i{args.iters}_b{args.batch}"
+    # A seed replicate must not overwrite seed 0's checkpoints (seed 0 keeps its old folder names).
+    tag += f"_s{args.seed}" if args.seed else ""
     return f"{tag}-{args.tag}" if args.tag else tag
 
 
