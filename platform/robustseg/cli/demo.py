@@ -51,8 +51,8 @@ def sweep_config(cfg: ExperimentConfig) -> ExperimentConfig:
     ensemble uses, not of an epoch picked on the same cases. Per-epoch validation would cost
     more than the training itself; the per-epoch training loss still draws the learning curve.
     1,920 rather than 2,400 samples (60 iterations): out of fold 0.874 instead of 0.880 (every
-    structure still >= 0.82) for 35 s less on a 2-core AMD EPYC, which brings a fresh clone's
-    ``make demo`` under five minutes there.
+    structure still >= 0.82) for 17 s less on a 2-core AMD EPYC (215 s -> 198 s), part of what
+    brings a fresh clone's ``make demo`` under five minutes there.
     """
     return cfg.with_overrides([
         f"optim.epochs={DEMO_EPOCHS}", f"optim.iters_per_epoch={DEMO_ITERS}", f"optim.batch_size={DEMO_BATCH}",
