@@ -1,3 +1,5 @@
+import json
+import os
 import time
 
 import pytest
@@ -74,3 +76,46 @@ def test_unreachable_s3_fails_fast_naming_uri(monkeypatch):
     with pytest.raises(StorageError, match=r"s3://bucket/prefix: object store unreachable"):
         store.check_reachable()
     assert time.monotonic() - t0 < 60
+
+
+def _hold_lock_without_a_name(root) -> int:
+    """Take the store's writer lock the way a writer does in its first instant: flock, no record yet."""
+    import fcntl
+
+    from robustseg.data.storage import LOCK_FILE
+
+    root.mkdir(parents=True, exist_ok=True)
+    fd = os.open(str(root / LOCK_FILE), os.O_RDWR | os.O_CREAT, 0o644)
+    os.ftruncate(fd, 0)
+    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    return fd
+
+
+def test_a_writer_refused_before_the_holder_wrote_its_name_still_names_it(tmp_path):
+    import threading
+
+    fd = _hold_lock_without_a_name(tmp_path / "store")
+    record = json.dumps({"what": "prepare", "pid": 4242, "host": "h1", "since": "2026-12-07T01:00:00"}).encode()
+    threading.Timer(0.2, lambda: os.pwrite(fd, record, 0)).start()
+    try:
+        with pytest.raises(StorageError) as e:
+            with open_store(str(tmp_path / "store")).writer_lock("prepare"):
+                pytest.fail("the lock was granted while held")
+    finally:
+        os.close(fd)
+    assert "another prepare is writing to this store (pid 4242 on h1 since 2026-12-07T01:00:00)" in str(e.value)
+
+
+def test_a_holder_that_never_names_itself_is_reported_as_unknown(tmp_path, monkeypatch):
+    from robustseg.data import storage
+
+    monkeypatch.setattr(storage, "HOLDER_WAIT_S", 0.1)
+    fd = _hold_lock_without_a_name(tmp_path / "store")
+    try:
+        t0 = time.monotonic()
+        with pytest.raises(StorageError, match=r"another writer is writing to this store \(pid \? on \? since \?\)"):
+            with storage.open_store(str(tmp_path / "store")).writer_lock("prepare"):
+                pytest.fail("the lock was granted while held")
+        assert time.monotonic() - t0 < 1.0  # it waited HOLDER_WAIT_S, not forever
+    finally:
+        os.close(fd)

@@ -244,7 +244,7 @@ class ObjectStore:
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except BlockingIOError:
-                holder = _read_holder(fd)
+                holder = _wait_for_holder(fd)
                 raise StorageError(self.uri, f"another {holder.get('what', 'writer')} is writing to this store "
                                    f"(pid {holder.get('pid', '?')} on {holder.get('host', '?')} since "
                                    f"{holder.get('since', '?')}); wait for it to finish or stop it") from None
@@ -314,6 +314,24 @@ def _read_holder(fd: int) -> Dict[str, Any]:
         return json.loads(os.pread(fd, 4096, 0).decode() or "{}")
     except (OSError, ValueError):
         return {}
+
+
+#: How long a refused writer waits for the lock holder to write its name (seconds).
+HOLDER_WAIT_S = 1.0
+
+
+def _wait_for_holder(fd: int) -> Dict[str, Any]:
+    """The lock holder's record; empty only if none appears within `HOLDER_WAIT_S`.
+
+    The holder writes its record just after taking the lock, so a writer refused in that
+    instant reads an empty file. It waits briefly so that its error can name the holder.
+    """
+    deadline = time.monotonic() + HOLDER_WAIT_S
+    holder = _read_holder(fd)
+    while not holder and time.monotonic() < deadline:
+        time.sleep(0.02)
+        holder = _read_holder(fd)
+    return holder
 
 
 def open_store(uri: str, cfg: Optional[StorageConfig] = None) -> ObjectStore:
