@@ -29,6 +29,7 @@ from typing import Any, Callable, Dict, List, Optional, Sequence
 
 from robustseg.config import ExperimentConfig
 from robustseg.data.shards import SliceLayout
+from trainables.ray_session import HEALTH_CHECK_INTERVAL_ENV
 
 log = logging.getLogger(__name__)
 
@@ -151,7 +152,7 @@ class FailOnce:
             return
         if os.path.exists(self.marker):
             return
-        poll = float(os.environ.get("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "2.0"))
+        poll = float(os.environ.get(HEALTH_CHECK_INTERVAL_ENV, "2.0"))
         time.sleep(self.settle_s if self.settle_s is not None else 2 * poll + 0.5)
         Path(self.marker).write_text(f"killed after epoch {epoch} at {time.time()}\n")
         if self.hard:
