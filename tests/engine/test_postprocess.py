@@ -7,7 +7,9 @@ import pytest
 from robustseg.data.labels import LV, MYO, RV
 from robustseg.engine.postprocess import (
     cardiac_postprocess,
+    _components,
     enclosed_lv_component,
+    heart_region,
     keep_heart_column,
     keep_largest_per_class,
     keep_rv_beside_heart,
@@ -148,6 +150,27 @@ def test_heart_column_keeps_a_motion_shifted_slice_and_drops_a_blob_elsewhere() 
     assert not (keep_heart_column(shifted, (LV,), margin_px=0)[3] == LV)[28:31, 0:3].any()
 
 
+def test_a_motion_ghost_with_a_larger_cavity_does_not_take_the_lv_from_the_heart() -> None:
+    # Severe motion: the network segments a ghost copy of the heart (cavity in a MYO ring)
+    # with a larger LV than the true one, whose myocardium is larger on all slices together.
+    vol = heart(size=64)
+    ghost = np.zeros_like(vol)
+    yy, xx = np.mgrid[:64, :64]
+    r = np.hypot(yy - 50, xx - 48)
+    ghost[2:6][:, r < 9] = MYO
+    ghost[2:6][:, r < 7] = LV
+    noisy = np.where(ghost > 0, ghost, vol)
+    assert ((noisy == LV) & (ghost == LV)).sum() > (vol == LV).sum()  # the ghost's cavity is larger
+    labelled, sizes = _components(noisy == LV)
+    per_structure = keep_heart_column(noisy, (LV, MYO), anchor="enclosed")
+    assert not (per_structure[vol == LV] == LV).any()  # the old anchor took the ghost's LV
+    out = keep_heart_column(noisy, (LV, MYO))
+    np.testing.assert_array_equal(out == LV, vol == LV)
+    np.testing.assert_array_equal(out == MYO, vol == MYO)
+    region = heart_region(noisy)
+    assert region[16, 18] and not region[50, 48]
+
+
 def test_rv_beside_the_heart_wins_over_a_larger_rv_blob_elsewhere() -> None:
     vol = heart()
     noisy = vol.copy()
@@ -162,6 +185,23 @@ def test_rv_beside_the_heart_wins_over_a_larger_rv_blob_elsewhere() -> None:
     alone = noisy.copy()
     alone[vol == RV] = 0
     np.testing.assert_array_equal(keep_rv_beside_heart(alone), alone)
+
+
+def test_the_rv_keeps_its_motion_shifted_pieces_in_its_column() -> None:
+    vol = heart()
+    shifted = vol.copy()
+    # Slice 4 loses its RV and slice 5's RV moves 2 px up (a breath-hold of its own): the
+    # RV is now two 3D pieces, both beside the heart, both in the RV's column.
+    shifted[4][shifted[4] == RV] = 0
+    rv5 = shifted[5] == RV
+    shifted[5][rv5] = 0
+    shifted[5][np.roll(rv5, -2, axis=0) & (shifted[5] == 0)] = RV
+    labelled, sizes = _components(shifted == RV)
+    assert len(sizes) - 1 == 2
+    out = keep_rv_beside_heart(shifted)
+    np.testing.assert_array_equal(out == RV, shifted == RV)
+    # Keeping the anchor alone (the previous rule) deletes the shifted slice's RV.
+    assert not (keep_rv_beside_heart(shifted, column_px=0)[5] == RV).any()
 
 
 def test_cardiac_postprocess_leaves_a_clean_heart_and_its_input_alone() -> None:
@@ -191,7 +231,7 @@ def test_lv_anchor_is_the_cavity_the_myocardium_encloses_not_a_larger_blob() -> 
     out = cardiac_postprocess(noisy)
     np.testing.assert_array_equal(out == LV, vol == LV)
     # The largest-component anchor keeps the blob and deletes the true cavity.
-    largest = keep_heart_column(noisy, (LV,), lv_anchor="largest")
+    largest = keep_heart_column(noisy, (LV,), anchor="largest")
     assert not (largest[vol == LV] == LV).any() and (largest[3, 40, 36] == LV)
-    with pytest.raises(ValueError, match="lv_anchor"):
-        keep_heart_column(noisy, (LV,), lv_anchor="biggest")
+    with pytest.raises(ValueError, match="anchor must be"):
+        keep_heart_column(noisy, (LV,), anchor="biggest")

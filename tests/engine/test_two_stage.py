@@ -61,6 +61,24 @@ def test_heart_box_covers_the_largest_component_and_one_window():
     assert (ys.start, ys.stop) == (36, 92) and (xs.start, xs.stop) == (56, 114)
 
 
+def test_heart_box_keeps_a_heart_that_motion_split_into_one_piece_per_slice():
+    # Severe breathing motion: each slice is its own breath-hold, so the heart's cross-sections
+    # shift and no longer touch in 3D; each piece is under a tenth of a false blob elsewhere.
+    lab = torch.zeros((6, 200, 200), dtype=torch.long)
+    lab[:, 150:180, 150:180] = 1  # a false blob (a ghost, the stomach): 5,400 voxels
+    for z in range(6):
+        y0 = 40 + (z % 2) * 12  # alternate slices 12 px apart: no 3D contact
+        lab[z, y0:y0 + 10, 40:52] = 2  # 120 voxels per slice (2 % of the blob), 720 in the column (13 %)
+    ys, xs = heart_box(lab, (32, 32), margin=4)
+    assert ys.start <= 36 and xs.start <= 36  # the heart's column is inside the box
+    assert ys.stop >= 184 and xs.stop >= 184  # and so is the blob
+    # A speck of one slice is still ignored.
+    lab[:, 40:62, 40:52] = 0
+    lab[2, 10:12, 10:12] = 2
+    ys, xs = heart_box(lab, (32, 32), margin=4)
+    assert ys.start > 100 and xs.start > 100
+
+
 def test_two_stage_equals_one_sliding_window_for_a_pixelwise_model():
     case, disk = _case()
     img = torch.from_numpy((case.image - case.image.mean()) / case.image.std())

@@ -424,35 +424,45 @@ def predict_volume(
 
 
 def heart_box(labels_zyx: Tensor, patch_yx: Sequence[int], margin: int,
-              keep_fraction: float = 0.1) -> Optional[Tuple[slice, slice]]:
+              keep_fraction: float = 0.1, join_px: int = 8) -> Optional[Tuple[slice, slice]]:
     """In-plane box around the foreground of a coarse label map.
 
-    The box covers every 3D foreground component (26-connectivity) holding at least
-    ``keep_fraction`` of the largest one's voxels, on every slice, plus ``margin`` voxels:
-    a coarse pass may find a false blob as large as the heart, and the box must not drop the
-    heart for it (the final post-processing decides between them, as over the whole field).
-    It is at least the window size (so a window sees real image, not padding) and stays
-    inside the image. None when nothing was found.
+    Candidates are judged on the in-plane footprint, not in 3D: the foreground's projection
+    along the slice axis, widened by ``join_px``, is split into 2D regions, and a region's
+    mass is every foreground voxel under it, on all slices. The box covers each region
+    holding at least ``keep_fraction`` of the heaviest one's mass, plus ``margin`` voxels.
+    Why the footprint: each slice of a cine stack is its own breath-hold, so under
+    respiratory motion the heart's cross-sections shift between slices and fall apart into
+    one small 3D piece per slice, each of which a false blob elsewhere (a ghost, the stomach)
+    can outweigh ten times; stacked in their column they are the heart's whole mass again.
+    A coarse pass may find a false blob as large as the heart, and the box keeps both (the
+    final post-processing decides between them, as over the whole field). The box is at
+    least the window size (so a window sees real image, not padding) and stays inside the
+    image. None when nothing was found.
 
     Args:
         labels_zyx: Coarse labels ``(Z, Y, X)`` (any integer dtype; > 0 is foreground).
         patch_yx: Window size ``(Y, X)``.
         margin: Voxels added on each side.
-        keep_fraction: Components smaller than this share of the largest are speckle: ignored.
+        keep_fraction: Regions lighter than this share of the heaviest are speckle: ignored.
+        join_px: In-plane distance within which footprint pieces count as one region.
     """
     from scipy import ndimage
 
     fg = labels_zyx.cpu().numpy() > 0
     if not fg.any():
         return None
-    comp, n = ndimage.label(fg, structure=np.ones((3, 3, 3), dtype=bool))
+    mass = fg.sum(axis=0)
+    footprint = mass > 0
+    joined = ndimage.binary_dilation(footprint, iterations=join_px) if join_px > 0 else footprint
+    regions, n = ndimage.label(joined, structure=np.ones((3, 3), dtype=bool))
     if n > 1:
-        sizes = np.bincount(comp.ravel())
-        sizes[0] = 0
-        fg = np.isin(comp, np.flatnonzero(sizes >= keep_fraction * sizes.max()))
+        weight = np.bincount(regions.ravel(), weights=mass.ravel())
+        weight[0] = 0
+        footprint &= np.isin(regions, np.flatnonzero(weight >= keep_fraction * weight.max()))
     box = []
-    for axis, (size, patch) in enumerate(zip(fg.shape[1:], patch_yx)):
-        hit = np.flatnonzero(fg.any(axis=(0, 2 - axis)))
+    for axis, (size, patch) in enumerate(zip(footprint.shape, patch_yx)):
+        hit = np.flatnonzero(footprint.any(axis=1 - axis))
         lo, hi = int(hit[0]) - margin, int(hit[-1]) + 1 + margin
         if hi - lo < patch:  # grow to one window, centred on the structure
             extra = patch - (hi - lo)
