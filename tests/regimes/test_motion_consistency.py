@@ -32,14 +32,26 @@ def test_a_negative_weight_is_refused() -> None:
         SupervisedParams(motion_consistency=-1.0)
 
 
-def test_a_paired_step_trains_and_reports_the_consistency() -> None:
-    cfg = ExperimentConfig.from_dict({
+def paired_cfg(**augment) -> ExperimentConfig:
+    return ExperimentConfig.from_dict({
         "model": {"name": "unet2d", "params": {"filters_base": 4, "filters_max": 8, "max_stages": 3}},
         "regime": {"name": "supervised", "params": {"motion_consistency": 1.0}},
         "optim": {"batch_size": 4, "amp": "off"},
-        "augment": {"preset": "cardiac"},
+        "augment": {"preset": "cardiac", **augment},
         "data": {"plan": "cmr"},
     })
+
+
+def test_pairs_with_mixup_are_refused() -> None:
+    cfg = paired_cfg(mixup=0.5, mixup_alpha=0.4)
+    model = build_model(cfg.model, PATCH, None)
+    optimizer, _ = build_optimisation(cfg, model, None)
+    with pytest.raises(ConfigError, match="mixup"):
+        build_regime(cfg, model, optimizer, 2, torch.Generator().manual_seed(0), CPU, None, None)
+
+
+def test_a_paired_step_trains_and_reports_the_consistency() -> None:
+    cfg = paired_cfg()
     torch.manual_seed(0)
     model = build_model(cfg.model, PATCH, None).to(CPU)
     optimizer, _ = build_optimisation(cfg, model, None)

@@ -21,7 +21,8 @@ class SupervisedParams:
     motion_consistency: float = doc(
         0.0, "> 0: train on pairs (half the batch clean, half the same patches under respiratory motion, "
         "`Augmenter.motion_pairs`) and add this weight x KL(clean prediction || motion prediction), the clean "
-        "one a fixed target. Needs motion levels in augment.params.motion; replaces its p.")
+        "one a fixed target. Needs motion levels in augment.params.motion; replaces its p. Off by default: "
+        "at the issue-16 budget (ACDC, seed 0) weight 1.0 lost 0.027 clean Dice and did not cut the motion drop.")
 
     def __post_init__(self) -> None:
         if self.grad_clip < 0:
@@ -48,7 +49,14 @@ class Supervised:
     """Plain supervised training on labelled batches."""
 
     def setup(self, ctx: Any, params: SupervisedParams) -> None:
-        """Keep the step context and parameters."""
+        """Keep the step context and parameters.
+
+        Raises:
+            ConfigError: motion pairs together with mixup (a mixed pair is no pair).
+        """
+        if params.motion_consistency > 0 and ctx.mixup_p > 0:
+            raise ConfigError("regime.params.motion_consistency needs augment.mixup: 0 (mixing would break the "
+                              "clean/motion pairs)")
         self.ctx, self.params = ctx, params
 
     def train_step(self, batch: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
@@ -60,7 +68,7 @@ class Supervised:
         else:
             image, label = ctx.augmenter(batch["image"], batch["label"], ctx.generator)
         target: torch.Tensor = label
-        if not paired and ctx.mixup_p > 0 and float(torch.rand((), generator=ctx.generator, device=ctx.device)) < ctx.mixup_p:
+        if ctx.mixup_p > 0 and float(torch.rand((), generator=ctx.generator, device=ctx.device)) < ctx.mixup_p:
             from robustseg.augment import mixup_batch
 
             image, target = mixup_batch(image, to_soft(label, ctx.num_classes), ctx.mixup_alpha, ctx.generator)
