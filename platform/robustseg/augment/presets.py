@@ -309,12 +309,17 @@ class Augmenter:
         info: Dict[str, Tensor] = {}
         x, level = augment_motion(x, self.params["motion"], generator)
         info["motion"] = level > 0
-        x, y = augment_spatial(x, y, self.params, generator, info, self.out_shape)
-        x = augment_intensity(x, self.params, generator, info)
-        x, y = mirror(x, y, self.params["mirror"], generator, info)
+        x, y = self._after_motion(x, y, generator, info)
         self.last_info = info
         x = x.to(dtype)
         return (x, y, info) if return_info else (x, y)
+
+    def _after_motion(self, x: Tensor, y: Tensor, generator: torch.Generator,
+                      info: Dict[str, Tensor]) -> Tuple[Tensor, Tensor]:
+        """Spatial -> intensity -> mirroring: every step after motion, in nnU-Net's order."""
+        x, y = augment_spatial(x, y, self.params, generator, info, self.out_shape)
+        x = augment_intensity(x, self.params, generator, info)
+        return mirror(x, y, self.params["mirror"], generator, info)
 
     def motion_pairs(self, image: Tensor, label: Tensor, generator: torch.Generator) -> Tuple[Tensor, Tensor]:
         """Clean and motion-corrupted views of the same patches, for a consistency loss.
@@ -340,10 +345,7 @@ class Augmenter:
         views, labels = [], []
         for src in (x, moved):
             generator.set_state(state)  # the same draws for both views
-            info: Dict[str, Tensor] = {}
-            v, lab = augment_spatial(src, y.clone(), self.params, generator, info, self.out_shape)
-            v = augment_intensity(v, self.params, generator, info)
-            v, lab = mirror(v, lab, self.params["mirror"], generator, info)
+            v, lab = self._after_motion(src, y.clone(), generator, {})
             views.append(v)
             labels.append(lab)
         return torch.cat(views).to(dtype), torch.cat(labels)

@@ -218,7 +218,8 @@ def enclosed_lv_component(label_zyx: np.ndarray, labelled: np.ndarray, sizes: np
     return int(np.argmax(scores)) if scores.max() > 0 else int(np.argmax(sizes))
 
 
-def heart_region(label_zyx: np.ndarray, join_px: int = 5) -> np.ndarray:
+def heart_region(label_zyx: np.ndarray, join_px: int = 5,
+                 lv: Optional[Tuple[np.ndarray, np.ndarray]] = None) -> np.ndarray:
     """In-plane region ``(Y, X)`` of the heart: the heaviest column of LV and MYO.
 
     The LV/MYO prediction is projected along the slice axis, widened by ``join_px`` so the
@@ -234,6 +235,12 @@ def heart_region(label_zyx: np.ndarray, join_px: int = 5) -> np.ndarray:
     the column that holds the most heart on all slices is the true one. With no MYO
     anywhere, the LV voxels weigh instead.
 
+    Args:
+        label_zyx: Canonical cardiac labels ``(Z, Y, X)``.
+        join_px: In-plane distance within which LV/MYO pieces join into one region.
+        lv: ``(labelled, scores)`` of the LV components (`_components`, `_lv_scores`) when the
+            caller has them already; computed here otherwise.
+
     Returns:
         Boolean ``(Y, X)`` mask of the winning region (widened; all False without LV/MYO).
     """
@@ -246,12 +253,16 @@ def heart_region(label_zyx: np.ndarray, join_px: int = 5) -> np.ndarray:
     if n == 1:
         return joined
     weight = np.bincount(regions.ravel(), weights=(label_zyx == MYO).sum(axis=0).ravel(), minlength=n + 1)
-    lv_labelled, _ = _components(label_zyx == LV)
-    scores = _lv_scores(label_zyx, lv_labelled)
-    for k, (z, y, x) in enumerate(ndimage.find_objects(lv_labelled), start=1):
-        # A component's projection lies inside one region (the regions are all projections, widened).
-        zz, yy, xx = np.argwhere(lv_labelled[z, y, x] == k)[0]
-        weight[regions[y.start + yy, x.start + xx]] += scores[k]
+    if lv is None:
+        lv_labelled, _ = _components(label_zyx == LV)
+        lv = (lv_labelled, _lv_scores(label_zyx, lv_labelled))
+    lv_labelled, scores = lv
+    # Each LV component's projection lies inside one region (the regions are all the
+    # projections, widened), so any of its voxels names the region its score goes to.
+    in_lv = lv_labelled > 0
+    region_of = np.zeros(len(scores), dtype=np.intp)
+    region_of[lv_labelled[in_lv]] = np.broadcast_to(regions, lv_labelled.shape)[in_lv]
+    np.add.at(weight, region_of[1:], scores[1:])
     weight[0] = 0
     if weight.max() <= 0:
         weight = np.bincount(regions.ravel(), weights=heart.sum(axis=0).ravel(), minlength=n + 1)
@@ -285,13 +296,18 @@ def keep_heart_column(label_zyx: np.ndarray, classes: Iterable[int] = (LV, MYO),
         raise ValueError(f"anchor must be 'column', 'enclosed' or 'largest', got {anchor!r}")
     label = _check_3d(label_zyx, "label")
     out = label.copy()
-    region = heart_region(label, margin_px) if anchor == "column" else None
+    components = {c: _components(label == c) for c in classes}
+    lv_scores = _lv_scores(label, components[LV][0]) if LV in components and anchor != "largest" else None
+    region = None
+    if anchor == "column":
+        lv = (components[LV][0], lv_scores) if lv_scores is not None else None
+        region = heart_region(label, margin_px, lv)
     for c in classes:
         mask = label == c
-        labelled, sizes = _components(mask)
+        labelled, sizes = components[c]
         if len(sizes) <= 2:
             continue
-        score = (_lv_scores(label, labelled) if c == LV and anchor != "largest" else np.zeros_like(sizes, float))
+        score = lv_scores if c == LV and lv_scores is not None else np.zeros_like(sizes, float)
         if region is not None:
             inside = np.zeros(len(sizes), bool)
             inside[np.unique(labelled[mask & region[None]])] = True
