@@ -193,6 +193,12 @@ class ModelConfig:
     params: Dict[str, Any] = doc(text="Backbone parameters (see the backbone's params dataclass).", factory=dict)
     in_channels: int = doc(1, "Input channels.")
     num_classes: int = doc(4, "Output classes including background.")
+    slice_context: int = doc(0, "2D backbones: neighbouring slices on each side fed beside the slice as extra input "
+                                "channels (2.5D; 1 = the slices above and below). Each slice of a cine stack is its "
+                                "own breath-hold, so a neighbour is often less corrupted by motion. 0: plain 2D.")
+    slice_context_dropout: float = doc(0.0, "Training with slice_context: share of samples whose neighbour channels "
+                                            "repeat their own slice, so the network also learns to segment from one "
+                                            "slice.")
 
 
 @dataclass
@@ -462,6 +468,7 @@ def check_components(cfg: "ExperimentConfig") -> List[str]:
     if _named("model", BACKBONES, cfg.model.name, cfg.model.params, problems):
         dims = int(BACKBONES.meta(cfg.model.name).get("spatial_dims", dims))
     _named("regime", REGIMES, cfg.regime.name, cfg.regime.params, problems)
+    problems += _slice_context_problems(cfg, dims)
     if cfg.data.plan not in PLANS:
         problems.append(f"data.plan: unknown preprocessing plan {cfg.data.plan!r}; valid: {', '.join(PLANS.names())}")
     for i, src in enumerate(cfg.data.sources):
@@ -479,6 +486,23 @@ def check_components(cfg: "ExperimentConfig") -> List[str]:
         except ConfigError as e:
             problems.append(str(e))
     return problems
+
+
+def _slice_context_problems(cfg: "ExperimentConfig", dims: int) -> List[str]:
+    """``model.slice_context`` (an integer 0-4, 2D backbones, not image-restoring regimes) and its dropout."""
+    k = cfg.model.slice_context
+    if isinstance(k, bool) or not isinstance(k, int) or not 0 <= k <= 4:
+        return [f"model.slice_context must be an integer in [0, 4] (neighbouring slices on each side), got {k!r}"]
+    if k and dims != 2:
+        return [f"model.slice_context={k} stacks neighbouring slices as channels of a 2D backbone; "
+                f"{cfg.model.name!r} is {dims}D and sees the slices itself"]
+    p = cfg.model.slice_context_dropout
+    if isinstance(p, bool) or not isinstance(p, (int, float)) or not 0.0 <= p <= 1.0:
+        return [f"model.slice_context_dropout must be a probability in [0, 1], got {p!r}"]
+    if k and cfg.regime.name in REGIMES and REGIMES.meta(cfg.regime.name).get("data") == "images":
+        return [f"model.slice_context={k}: regime {cfg.regime.name!r} restores its input image, one channel; "
+                "train it with slice_context 0"]
+    return []
 
 
 # --------------------------------------------------------------------------- helpers

@@ -159,3 +159,29 @@ def test_each_transform_in_3d(name):
     out, lab = _only(name, dims=3)(x, y, torch.Generator().manual_seed(1))
     assert out.shape == x.shape and torch.isfinite(out).all() and not torch.equal(out, x)
     assert torch.equal(lab, y)
+
+
+@pytest.mark.parametrize("name", [n for n in INTENSITY if n != "noise"])
+def test_slice_channels_share_each_intensity_draw(name):
+    """2.5D: the channels are neighbouring slices of one acquisition, so every intensity
+    transform must treat three copies of one slice identically (nnU-Net's per-channel draws
+    would make them differ); as modalities (the default), the same copies come out different."""
+    cfg = {"p": 1.0, "p_per_channel": 0.5} if name in ("blur", "lowres") else {"p": 1.0}
+    copies = _smooth_images(b=16).repeat(1, 3, 1, 1)
+    y = _labels(copies)
+    shared = build_augmenter(AugmentConfig(preset="none", params={name: cfg}), 2, slice_channels=True)
+    out, _ = shared(copies, y, torch.Generator().manual_seed(7))
+    assert not torch.equal(out, copies)
+    assert torch.allclose(out[:, 0], out[:, 1]) and torch.allclose(out[:, 2], out[:, 1])
+    modalities = build_augmenter(AugmentConfig(preset="none", params={name: cfg}), 2)
+    out, _ = modalities(copies, y, torch.Generator().manual_seed(7))
+    assert not torch.allclose(out[:, 0], out[:, 1])
+
+
+def test_slice_channels_leave_single_channel_draws_unchanged():
+    """The flag changes nothing for one channel: same draws, bit-identical batches."""
+    x = _smooth_images()
+    cfg = AugmentConfig(preset="nnunet")
+    a, _ = build_augmenter(cfg, 2)(x, _labels(x), torch.Generator().manual_seed(3))
+    b, _ = build_augmenter(cfg, 2, slice_channels=True)(x, _labels(x), torch.Generator().manual_seed(3))
+    assert torch.equal(a, b)

@@ -154,3 +154,20 @@ def test_runs_on_cuda_like_on_cpu():
     assert out.is_cuda and torch.isfinite(out).all()
     cpu = motion_augment(x, g_cpu, p=1.0, levels=[3])
     assert float((out.cpu() - x).abs().mean()) == pytest.approx(float((cpu - x).abs().mean()), rel=0.5)
+
+
+def test_slice_channels_get_their_own_breath_hold():
+    """2.5D: three copies of one slice as channels come out of the motion step different (one
+    breathing trace per slice, as a cine stack is acquired) but at one level per sample;
+    as modalities they share the acquisition and stay identical."""
+    params = {"motion": {"p": 1.0, "levels": [3]}}
+    copies = torch.randn(4, 1, 48, 48, generator=torch.Generator().manual_seed(0)).repeat(1, 3, 1, 1)
+    label = torch.zeros(4, 1, 48, 48, dtype=torch.long)
+    cfg = AugmentConfig(preset="none", params=params)
+    out, _, info = build_augmenter(cfg, 2, slice_channels=True)(copies, label, torch.Generator().manual_seed(1),
+                                                               return_info=True)
+    assert info["motion"].all()
+    for i in range(4):
+        assert not torch.allclose(out[i, 0], out[i, 1]) and not torch.allclose(out[i, 1], out[i, 2])
+    shared, _ = build_augmenter(cfg, 2)(copies, label, torch.Generator().manual_seed(1))
+    assert torch.equal(shared[:, 0], shared[:, 1]) and torch.equal(shared[:, 1], shared[:, 2])

@@ -6,7 +6,7 @@ from robustseg.config import DataConfig, SourceSpec
 from robustseg.data.manifest import load_case_volume, read_manifest
 from robustseg.data.prepare import prepare
 from robustseg.data.storage import open_store
-from robustseg.engine.data import SliceBatcher, VolumeBatcher, load_slice_set
+from robustseg.engine.data import SliceBatcher, VolumeBatcher, context_rows, load_slice_set
 
 
 @pytest.fixture(scope="module")
@@ -106,3 +106,73 @@ def test_no_labelled_slices_is_clear(store):
     with pytest.raises(ValueError, match="no labelled training slices"):
         SliceBatcher(data.subset(torch.zeros(len(data), dtype=torch.bool).logical_or(~data.labelled)), 2, None,
                      torch.Generator())
+
+
+def test_context_rows_are_same_case_neighbours_with_repeated_ends(store):
+    st, m = store
+    data = load_slice_set(st, m)
+    ctx = context_rows(data, 2)
+    assert ctx.shape == (len(data), 5) and torch.equal(ctx[:, 2], torch.arange(len(data)))
+    for i in range(len(data)):
+        z = int(data.slice_index[i])
+        rows = ctx[i].tolist()
+        assert {data.case_ids[r] for r in rows} == {data.case_ids[i]}  # never another case's slice
+        n_slices = sum(c == data.case_ids[i] for c in data.case_ids)
+        want = [min(max(z + d, 0), n_slices - 1) for d in (-2, -1, 0, 1, 2)]
+        assert [int(data.slice_index[r]) for r in rows] == want  # clamped at the volume's ends
+
+
+@pytest.mark.parametrize("patch, margin", [((32, 32), (8, 8)), (None, (0, 0))])
+def test_slice_context_batches_stack_neighbours_around_the_same_patch(store, patch, margin):
+    """2.5D batches: the middle channel is exactly the plain batcher's image (same draws), the
+    others the same window of the neighbouring slices, which may be unlabelled ones."""
+    st, m = store
+    data = load_slice_set(st, m)
+    plain = next(SliceBatcher(data, 16, patch, torch.Generator().manual_seed(5), fg_fraction=0.5, margin=margin))
+    b = SliceBatcher(data, 16, patch, torch.Generator().manual_seed(5), fg_fraction=0.5, margin=margin, context=1)
+    batch = next(b)
+    assert batch["image"].shape == (16, 3) + plain["image"].shape[2:]
+    assert torch.equal(batch["image"][:, 1:2], plain["image"]) and torch.equal(batch["label"], plain["label"])
+    assert not torch.equal(batch["image"][:, 0], batch["image"][:, 1])  # real neighbours, not copies
+    # Each neighbour channel is a window of the slice next to the sampled one, at the same place.
+    vols = {v["case_id"]: v["image"] for v in data.volumes()}
+    for i in range(4):
+        centre = batch["image"][i, 1]
+        for cid, vol in vols.items():
+            hits = [z for z in range(vol.shape[0]) if _contains(vol[z], centre)]
+            if hits:
+                z = hits[0]
+                up, down = vol[max(z - 1, 0)], vol[min(z + 1, vol.shape[0] - 1)]
+                assert _contains(up, batch["image"][i, 0]) and _contains(down, batch["image"][i, 2])
+                break
+        else:
+            raise AssertionError("the centre patch is not a window of any training slice")
+
+
+def _contains(slice_hw: torch.Tensor, window: torch.Tensor) -> bool:
+    """``window`` (with zero margins allowed) occurs in ``slice_hw`` at some offset."""
+    inside = window != 0
+    rows, cols = inside.any(1).nonzero().flatten(), inside.any(0).nonzero().flatten()
+    w = window[rows[0]:rows[-1] + 1, cols[0]:cols[-1] + 1]
+    h, ww = w.shape
+    for y in range(slice_hw.shape[0] - h + 1):
+        for x in range(slice_hw.shape[1] - ww + 1):
+            if torch.equal(slice_hw[y:y + h, x:x + ww], w):
+                return True
+    return False
+
+
+def test_context_dropout_repeats_the_sampled_slice(store):
+    """Dropped samples carry their own slice in every channel; the others keep real neighbours;
+    the share follows the probability; without context the option does nothing."""
+    st, m = store
+    data = load_slice_set(st, m)
+    all_drop = next(SliceBatcher(data, 32, (32, 32), torch.Generator().manual_seed(6), context=1, context_dropout=1.0))
+    x = all_drop["image"]
+    assert torch.equal(x[:, 0], x[:, 1]) and torch.equal(x[:, 2], x[:, 1])
+    b = SliceBatcher(data, 256, (32, 32), torch.Generator().manual_seed(6), context=1, context_dropout=0.5)
+    x = next(b)["image"]
+    same = (x[:, 0] == x[:, 1]).flatten(1).all(1) & (x[:, 2] == x[:, 1]).flatten(1).all(1)
+    assert 0.35 < same.float().mean() < 0.65  # about half (an end slice's neighbour may be itself anyway)
+    plain = next(SliceBatcher(data, 8, None, torch.Generator().manual_seed(6), context_dropout=0.5))
+    assert plain["image"].shape == (8, 1, 64, 64)

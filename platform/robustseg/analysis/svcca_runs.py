@@ -259,8 +259,9 @@ def _check_probe_fits(models: Mapping[str, LoadedModel]) -> None:
         raise ConfigError(f"--runs: the models were trained on different patch sizes {patches}; SVCCA compares "
                           "activations of the same probe images, so both need the same input size")
     for label, m in models.items():
-        if m.cfg.model.in_channels != 1:
-            raise ConfigError(f"--runs {label}: {m.backbone} takes {m.cfg.model.in_channels} input channels; "
+        if m.cfg.model.in_channels != 1 or m.cfg.model.slice_context:
+            channels = m.cfg.model.in_channels * (1 + 2 * m.cfg.model.slice_context)
+            raise ConfigError(f"--runs {label}: {m.backbone} takes {channels} input channels; "
                               "probe slices have one")
 
 

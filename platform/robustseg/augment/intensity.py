@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-Transform = Callable[[Tensor, Mapping[str, Any], torch.Generator], Tuple[Tensor, Tensor]]
+Transform = Callable[..., Tuple[Tensor, Tensor]]  # (x, cfg, generator, shared_channels=False)
 
 
 # --------------------------------------------------------------------------- random draws
@@ -137,8 +137,22 @@ def _rows(x: Tensor) -> Tensor:
     return x.reshape(x.shape[0] * x.shape[1], 1, *x.shape[2:])
 
 
+def _per_channel(draw: Callable[[Tuple[int, ...]], Tensor], b: int, c: int, shared: bool,
+                 tail: Tuple[int, ...] = ()) -> Tensor:
+    """A ``(b, c, *tail)`` draw: one per sample and channel, or one per sample for every channel.
+
+    ``shared`` is for channels that are one acquisition's neighbouring slices (2.5D): the
+    scanner gives them one brightness, contrast and resolution. Unshared, the draw has the
+    same shape (and consumes the generator) exactly as before.
+    """
+    if not shared:
+        return draw((b, c, *tail))
+    return draw((b, 1, *tail)).expand(b, c, *tail)
+
+
 # --------------------------------------------------------------------------- transforms
-def gaussian_noise(x: Tensor, cfg: Mapping[str, Any], g: torch.Generator) -> Tuple[Tensor, Tensor]:
+def gaussian_noise(x: Tensor, cfg: Mapping[str, Any], g: torch.Generator,
+                   shared_channels: bool = False) -> Tuple[Tensor, Tensor]:
     """Additive Gaussian noise with a per-sample standard deviation U(std[0], std[1]).
 
     Args:
@@ -186,7 +200,8 @@ def _blur_axis(rows: Tensor, kernels: Tensor, axis: int) -> Tensor:
     return conv(padded, kernels.to(rows.dtype).reshape(shape), groups=n).reshape(rows.shape)
 
 
-def gaussian_blur(x: Tensor, cfg: Mapping[str, Any], g: torch.Generator) -> Tuple[Tensor, Tensor]:
+def gaussian_blur(x: Tensor, cfg: Mapping[str, Any], g: torch.Generator,
+                  shared_channels: bool = False) -> Tuple[Tensor, Tensor]:
     """Gaussian blur, sigma U(sigma[0], sigma[1]) drawn per sample, channel and axis.
 
     A selected sample blurs each channel with probability ``p_per_channel`` (nnU-Net 0.5).
@@ -201,8 +216,9 @@ def gaussian_blur(x: Tensor, cfg: Mapping[str, Any], g: torch.Generator) -> Tupl
     apply = bernoulli(cfg["p"], (b,), g, dev)
     if cfg["p"] <= 0:
         return x, apply
-    channel = bernoulli(cfg["p_per_channel"], (b, c), g, dev)
-    sigma = uniform(*cfg["sigma"], (b * c, nd), g, dev).clamp_min(1e-3)
+    channel = _per_channel(lambda sh: bernoulli(cfg["p_per_channel"], sh, g, dev), b, c, shared_channels)
+    sigma = _per_channel(lambda sh: uniform(*cfg["sigma"], sh, g, dev), b, c, shared_channels, (nd,))
+    sigma = sigma.reshape(b * c, nd).clamp_min(1e-3)
     radius = max(1, math.ceil(3.0 * cfg["sigma"][1]))
 
     def blur(rows: Tensor, idx: Tensor) -> Tensor:
@@ -215,7 +231,8 @@ def gaussian_blur(x: Tensor, cfg: Mapping[str, Any], g: torch.Generator) -> Tupl
     return on_subset(_rows(x), mask, blur).reshape(x.shape), apply
 
 
-def brightness(x: Tensor, cfg: Mapping[str, Any], g: torch.Generator) -> Tuple[Tensor, Tensor]:
+def brightness(x: Tensor, cfg: Mapping[str, Any], g: torch.Generator,
+               shared_channels: bool = False) -> Tuple[Tensor, Tensor]:
     """Multiplicative brightness, one factor per sample and channel (nnU-Net ``BGContrast``).
 
     Args:
@@ -227,11 +244,12 @@ def brightness(x: Tensor, cfg: Mapping[str, Any], g: torch.Generator) -> Tuple[T
     apply = bernoulli(cfg["p"], (b,), g, dev)
     if cfg["p"] <= 0:
         return x, apply
-    factor = around_one(*cfg["range"], (b, c), g, dev)
+    factor = _per_channel(lambda sh: around_one(*cfg["range"], sh, g, dev), b, c, shared_channels)
     return on_subset(x, apply, lambda sub, idx: sub * _per_row(factor[idx], sub)), apply
 
 
-def contrast(x: Tensor, cfg: Mapping[str, Any], g: torch.Generator) -> Tuple[Tensor, Tensor]:
+def contrast(x: Tensor, cfg: Mapping[str, Any], g: torch.Generator,
+             shared_channels: bool = False) -> Tuple[Tensor, Tensor]:
     """Contrast around the per-channel mean; ``preserve_range`` clips to the original min/max.
 
     Args:
@@ -243,7 +261,7 @@ def contrast(x: Tensor, cfg: Mapping[str, Any], g: torch.Generator) -> Tuple[Ten
     apply = bernoulli(cfg["p"], (b,), g, dev)
     if cfg["p"] <= 0:
         return x, apply
-    factor = around_one(*cfg["range"], (b, c), g, dev)
+    factor = _per_channel(lambda sh: around_one(*cfg["range"], sh, g, dev), b, c, shared_channels)
 
     def stretch(sub: Tensor, idx: Tensor) -> Tensor:
         dims = _spatial(sub)
@@ -278,7 +296,8 @@ def _lowres_indices(size: int, n: Tensor) -> Tuple[Tensor, Tensor, Tensor]:
     return source(k0), source(k1), w
 
 
-def simulate_lowres(x: Tensor, cfg: Mapping[str, Any], g: torch.Generator) -> Tuple[Tensor, Tensor]:
+def simulate_lowres(x: Tensor, cfg: Mapping[str, Any], g: torch.Generator,
+                    shared_channels: bool = False) -> Tuple[Tensor, Tensor]:
     """Low-resolution simulation: nearest downsampling by zoom U(zoom) then linear upsampling.
 
     The zoom is drawn per sample and channel and shared by the axes (nnU-Net
@@ -294,8 +313,8 @@ def simulate_lowres(x: Tensor, cfg: Mapping[str, Any], g: torch.Generator) -> Tu
     apply = bernoulli(cfg["p"], (b,), g, dev)
     if cfg["p"] <= 0:
         return x, apply
-    channel = bernoulli(cfg["p_per_channel"], (b, c), g, dev)
-    zoom = uniform(*cfg["zoom"], (b * c,), g, dev)
+    channel = _per_channel(lambda sh: bernoulli(cfg["p_per_channel"], sh, g, dev), b, c, shared_channels)
+    zoom = _per_channel(lambda sh: uniform(*cfg["zoom"], sh, g, dev), b, c, shared_channels).reshape(b * c)
     axes = range(nd) if (nd == 2 or cfg["slice_axis"]) else range(1, nd)
 
     def degrade(rows: Tensor, idx: Tensor) -> Tensor:
@@ -317,12 +336,13 @@ def simulate_lowres(x: Tensor, cfg: Mapping[str, Any], g: torch.Generator) -> Tu
     return on_subset(_rows(x), mask, degrade).reshape(x.shape), apply
 
 
-def _gamma(x: Tensor, cfg: Mapping[str, Any], g: torch.Generator, invert: bool) -> Tuple[Tensor, Tensor]:
+def _gamma(x: Tensor, cfg: Mapping[str, Any], g: torch.Generator, invert: bool,
+           shared_channels: bool = False) -> Tuple[Tensor, Tensor]:
     b, c, dev = x.shape[0], x.shape[1], x.device
     apply = bernoulli(cfg["p"], (b,), g, dev)
     if cfg["p"] <= 0:
         return x, apply
-    gamma = around_one(*cfg["gamma"], (b, c), g, dev)
+    gamma = _per_channel(lambda sh: around_one(*cfg["gamma"], sh, g, dev), b, c, shared_channels)
 
     def correct(sub: Tensor, idx: Tensor) -> Tensor:
         dims = _spatial(sub)
@@ -341,7 +361,8 @@ def _gamma(x: Tensor, cfg: Mapping[str, Any], g: torch.Generator, invert: bool) 
     return on_subset(x, apply, correct), apply
 
 
-def gamma(x: Tensor, cfg: Mapping[str, Any], g: torch.Generator) -> Tuple[Tensor, Tensor]:
+def gamma(x: Tensor, cfg: Mapping[str, Any], g: torch.Generator,
+          shared_channels: bool = False) -> Tuple[Tensor, Tensor]:
     """Gamma correction ``x' = x ** gamma`` on the channel's [min, max] range.
 
     Args:
@@ -349,10 +370,11 @@ def gamma(x: Tensor, cfg: Mapping[str, Any], g: torch.Generator) -> Tuple[Tensor
         cfg: ``{"p", "gamma", "retain_stats"}``.
         g: Generator.
     """
-    return _gamma(x, cfg, g, invert=False)
+    return _gamma(x, cfg, g, invert=False, shared_channels=shared_channels)
 
 
-def inverted_gamma(x: Tensor, cfg: Mapping[str, Any], g: torch.Generator) -> Tuple[Tensor, Tensor]:
+def inverted_gamma(x: Tensor, cfg: Mapping[str, Any], g: torch.Generator,
+                   shared_channels: bool = False) -> Tuple[Tensor, Tensor]:
     """Gamma on the negated image (stretches the bright end instead of the dark end).
 
     Args:
@@ -360,7 +382,7 @@ def inverted_gamma(x: Tensor, cfg: Mapping[str, Any], g: torch.Generator) -> Tup
         cfg: ``{"p", "gamma", "retain_stats"}``.
         g: Generator.
     """
-    return _gamma(x, cfg, g, invert=True)
+    return _gamma(x, cfg, g, invert=True, shared_channels=shared_channels)
 
 
 # nnU-Net v2 order: the blur acts on the noise, the gammas come last.
@@ -376,7 +398,7 @@ INTENSITY_TRANSFORMS: Dict[str, Transform] = {
 
 
 def augment_intensity(x: Tensor, params: Mapping[str, Mapping[str, Any]], g: torch.Generator,
-                      info: Dict[str, Tensor]) -> Tensor:
+                      info: Dict[str, Tensor], shared_channels: bool = False) -> Tensor:
     """Run every intensity transform in nnU-Net's order.
 
     Args:
@@ -384,7 +406,9 @@ def augment_intensity(x: Tensor, params: Mapping[str, Mapping[str, Any]], g: tor
         params: Resolved parameters by transform name (see ``presets.resolve_params``).
         g: Generator on ``x.device``.
         info: Receives each transform's ``(B,)`` "applied" mask under its name.
+        shared_channels: One draw per sample for all its channels (neighbouring slices,
+            2.5D) instead of one per channel (nnU-Net's modalities).
     """
     for name, fn in INTENSITY_TRANSFORMS.items():
-        x, info[name] = fn(x, params[name], g)
+        x, info[name] = fn(x, params[name], g, shared_channels=shared_channels)
     return x

@@ -274,6 +274,11 @@ class Augmenter:
             as its centre window of this shape, resampled from the whole source by the
             spatial step; motion, which runs first, corrupts the whole source. An input of
             this shape or smaller is augmented at its own shape.
+        slice_channels: The channels are neighbouring slices (2.5D, ``model.slice_context``):
+            motion gives each its own breath-hold (its own breathing trace, one level per
+            sample), as a cine stack is acquired, while the intensity transforms draw once per
+            sample for all of them (one scanner setting); otherwise channels are modalities of
+            one acquisition (shared motion, per-channel intensity draws, as nnU-Net).
     """
 
     preset: str
@@ -282,6 +287,7 @@ class Augmenter:
     mixup_p: float = 0.0
     mixup_alpha: float = 0.0
     out_shape: Optional[Tuple[int, ...]] = None
+    slice_channels: bool = False
     last_info: Optional[Dict[str, Tensor]] = field(default=None, repr=False, compare=False)
 
     def __call__(self, image: Tensor, label: Tensor, generator: torch.Generator,
@@ -307,18 +313,25 @@ class Augmenter:
         x = image.float() if dtype in (torch.float16, torch.bfloat16) else image.clone()
         y = label.clone()
         info: Dict[str, Tensor] = {}
-        x, level = augment_motion(x, self.params["motion"], generator)
+        x, level = self._motion(x, self.params["motion"], generator)
         info["motion"] = level > 0
         x, y = self._after_motion(x, y, generator, info)
         self.last_info = info
         x = x.to(dtype)
         return (x, y, info) if return_info else (x, y)
 
+    def _motion(self, x: Tensor, cfg: Mapping[str, Any], generator: torch.Generator) -> Tuple[Tensor, Tensor]:
+        """The motion step on ``x`` (written in place); slice channels become the slice axis."""
+        if self.slice_channels and x.dim() == 4:
+            _, level = augment_motion(x.unsqueeze(1), cfg, generator)  # (B, 1, S, H, W): a view of x
+            return x, level
+        return augment_motion(x, cfg, generator)
+
     def _after_motion(self, x: Tensor, y: Tensor, generator: torch.Generator,
                       info: Dict[str, Tensor]) -> Tuple[Tensor, Tensor]:
         """Spatial -> intensity -> mirroring: every step after motion, in nnU-Net's order."""
         x, y = augment_spatial(x, y, self.params, generator, info, self.out_shape)
-        x = augment_intensity(x, self.params, generator, info)
+        x = augment_intensity(x, self.params, generator, info, shared_channels=self.slice_channels)
         return mirror(x, y, self.params["mirror"], generator, info)
 
     def motion_pairs(self, image: Tensor, label: Tensor, generator: torch.Generator) -> Tuple[Tensor, Tensor]:
@@ -340,7 +353,7 @@ class Augmenter:
         dtype = image.dtype
         x = image[::2].float().clone()
         y = label[::2].clone()
-        moved, _ = augment_motion(x.clone(), {**self.params["motion"], "p": 1.0}, generator)
+        moved, _ = self._motion(x.clone(), {**self.params["motion"], "p": 1.0}, generator)
         state = generator.get_state()
         views, labels = [], []
         for src in (x, moved):
@@ -361,7 +374,7 @@ class Augmenter:
 
 
 def build_augmenter(cfg: AugmentConfig, spatial_dims: int, plan: Optional[str] = None,
-                    out_shape: Optional[Sequence[int]] = None) -> Augmenter:
+                    out_shape: Optional[Sequence[int]] = None, slice_channels: bool = False) -> Augmenter:
     """Resolve ``cfg`` into an `Augmenter` for 2D or 3D batches.
 
     Args:
@@ -370,6 +383,7 @@ def build_augmenter(cfg: AugmentConfig, spatial_dims: int, plan: Optional[str] =
         plan: The data's preprocessing plan (``data.plan``): what preset ``auto`` means.
         out_shape: The training patch (see `Augmenter`), when batches may come as larger
             source patches.
+        slice_channels: Channels are neighbouring slices (see `Augmenter`).
 
     Raises:
         ConfigError: unknown preset/transform/key, bad values, mirror axes beyond
@@ -390,7 +404,8 @@ def build_augmenter(cfg: AugmentConfig, spatial_dims: int, plan: Optional[str] =
     if mixup_alpha < 0 or (mixup_p > 0 and mixup_alpha == 0):
         raise ConfigError(f"augment.mixup_alpha must be > 0 when mixup is on, got {cfg.mixup_alpha!r}")
     return Augmenter(preset=preset, spatial_dims=spatial_dims, params=params, mixup_p=mixup_p,
-                     mixup_alpha=mixup_alpha, out_shape=None if out_shape is None else tuple(int(v) for v in out_shape))
+                     mixup_alpha=mixup_alpha, out_shape=None if out_shape is None else tuple(int(v) for v in out_shape),
+                     slice_channels=bool(slice_channels))
 
 
 @SECTION_CHECKS.register("augment")

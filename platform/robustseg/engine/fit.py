@@ -163,7 +163,8 @@ def build_regime(cfg: ExperimentConfig, run_model: torch.nn.Module, optimizer: t
     regime = REGIMES.get(cfg.regime.name)()
     params = from_dict(REGIMES.meta(cfg.regime.name)["params"], cfg.regime.params, f"regime.params ({cfg.regime.name})")
     # 2D batches may come as larger source patches (`engine.train.source_margin`); 3D slabs never do.
-    augmenter = build_augmenter(cfg.augment, dims, cfg.data.plan, patch_size if dims == 2 else None)
+    augmenter = build_augmenter(cfg.augment, dims, cfg.data.plan, patch_size if dims == 2 else None,
+                                slice_channels=cfg.model.slice_context > 0)
     ctx = StepContext(model=run_model, optimizer=optimizer, loss_fn=DiceCELoss(cfg.loss, cfg.model.num_classes),
                       augmenter=augmenter, generator=generator, device=device,
                       amp_dtype=amp, num_classes=cfg.model.num_classes, mixup_p=cfg.augment.mixup,

@@ -1,8 +1,11 @@
 """Sliding-window inference with Gaussian weighting, mirror TTA and model ensembles.
 
 One core (`_sliding_window`) runs every path. Its input is a batch of independent images
-``(B, *spatial)``: the slices of a volume for 2D models (B = Z, spatial = (Y, X)) or the
-volume itself for 3D models (B = 1, spatial = (Z, Y, X)). Windows from all images, each with
+``(B, channels, *spatial)``: the slices of a volume for 2D models (B = Z, spatial = (Y, X))
+or the volume itself for 3D models (B = 1, spatial = (Z, Y, X)). A 2D network trained with
+``model.slice_context = k`` (2.5D) takes each slice with its ``k`` neighbours on each side as
+channels; `sliding_window_2d` stacks them (edge slices repeated) once per volume, and each
+member of an ensemble reads the channels it was trained on. Windows from all images, each with
 its mirrored copies, are stacked into as few forward passes as ``batch_size`` allows, so a
 2D model sees ``ceil(Z * windows * flips / batch_size)`` launches per volume.
 
@@ -33,6 +36,15 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 ModelOrModels = Union[nn.Module, Sequence[nn.Module]]
+
+
+def slice_context(model: nn.Module) -> int:
+    """Neighbouring slices on each side a 2D network takes as extra channels (0: plain 2D).
+
+    `robustseg.models.build_model` sets it from ``model.slice_context``; networks built
+    elsewhere have none and are plain 2D.
+    """
+    return int(getattr(getattr(model, "_orig_mod", model), "slice_context", 0))
 
 
 def _as_tensor(image: Union[Tensor, np.ndarray]) -> Tensor:
@@ -151,9 +163,9 @@ def _checked_window_args(models: Sequence[nn.Module], images: Tensor, patch_size
         param = next(m.parameters(), None)
         if param is not None and param.device != images.device:
             raise ValueError(f"model is on {param.device} but the image is on {images.device}; move one of them")
-    nd = images.dim() - 1
+    nd = images.dim() - 2
     if patch_size is None:
-        patch = tuple(int(s) for s in images.shape[1:])
+        patch = tuple(int(s) for s in images.shape[2:])
     else:
         if len(patch_size) != nd:
             raise ValueError(f"patch_size {tuple(patch_size)} must have {nd} entries for {nd}D windows")
@@ -168,16 +180,44 @@ def _checked_window_args(models: Sequence[nn.Module], images: Tensor, patch_size
     return (None if weights is None else list(weights)), patch, div
 
 
+def _member_channels(models: Sequence[nn.Module], channels: int) -> List[slice]:
+    """Per member, the input channels it reads: its own slice context around the centre slice.
+
+    Raises:
+        ValueError: a member needs more neighbouring slices than the stacked input holds.
+    """
+    k_in = (channels - 1) // 2
+    out = []
+    for m in models:
+        k = slice_context(m)
+        if k > k_in:
+            raise ValueError(f"a model takes {k} neighbouring slices on each side but the input holds {k_in}")
+        out.append(slice(None) if k == k_in else slice(k_in - k, k_in + k + 1))
+    return out
+
+
+def context_stack(image_zyx: Tensor, k: int) -> Tensor:
+    """Each slice with its ``k`` neighbours on each side as channels: ``(Z, 1 + 2k, Y, X)``.
+
+    Slices beyond the volume's ends repeat the end slice, exactly as `SliceBatcher` feeds
+    training (the two must agree, or edge slices see inputs training never showed).
+    """
+    z = image_zyx.shape[0]
+    idx = (torch.arange(z, device=image_zyx.device)[:, None]
+           + torch.arange(-k, k + 1, device=image_zyx.device)).clamp_(0, z - 1)
+    return image_zyx[idx]
+
+
 def _sum_members(models: Sequence[nn.Module], member_w: Sequence[float], batch: Tensor, batch_size: int,
                  num_classes: int, amp: bool, acc: Tensor) -> None:
     """``acc`` = the member-weighted sum of every window copy's probabilities (forwards of at most batch_size)."""
     first = True
-    for model, w in zip(models, member_w):
+    for model, w, ch in zip(models, member_w, _member_channels(models, batch.shape[1])):
         if w == 0.0:
             continue  # contributes nothing: skip its forward passes
         # One window's mirror copies may outnumber batch_size (3D TTA: 8); split then.
         for k in range(0, batch.shape[0], batch_size):
-            p = _forward_probs(model, batch[k : k + batch_size], num_classes, amp)
+            p = _forward_probs(model, batch[k : k + batch_size, ch], num_classes, amp)
             dst = acc[k : k + p.shape[0]]
             if first and w == 1.0:
                 dst.copy_(p)
@@ -201,10 +241,10 @@ def _sliding_window(
     amp: bool,
     weights: Optional[Sequence[float]] = None,
 ) -> Tensor:
-    """Core: ``images (B, *spatial)`` -> probabilities ``(B, C, *spatial)``."""
+    """Core: ``images (B, channels, *spatial)`` -> probabilities ``(B, C, *spatial)``."""
     weights, patch, div = _checked_window_args(models, images, patch_size, overlap, batch_size, divisible_by, weights)
-    nd = images.dim() - 1
-    spatial = tuple(int(s) for s in images.shape[1:])
+    nd = images.dim() - 2
+    spatial = tuple(int(s) for s in images.shape[2:])
     # Windows must satisfy the network's size constraint too, so they are rounded up (per
     # axis: an anisotropic 3D U-Net needs 4 along z but 32 in-plane).
     patch = tuple(_round_up(p, d) for p, d in zip(patch, div))
@@ -251,7 +291,7 @@ def _sliding_window(
     for i in range(0, n_windows, per_pass):
         runs = _window_runs(i, min(i + per_pass, n_windows), n_img)
         n = sum(b1 - b0 for _, b0, b1 in runs)
-        crops = torch.cat([x[(slice(b0, b1),) + boxes[pos]] for pos, b0, b1 in runs])[:, None]
+        crops = torch.cat([x[(slice(b0, b1), slice(None)) + boxes[pos]] for pos, b0, b1 in runs])
         batch = torch.cat([crops.flip(f) if f else crops for f in flips]) if n_flip > 1 else crops
         acc = acc_all[: n * n_flip]
         _sum_members(models, member_w, batch, batch_size, num_classes, amp, acc)
@@ -317,8 +357,8 @@ def sliding_window_2d(
     """Slice-by-slice 2D sliding-window prediction of a volume.
 
     Args:
-        model: A 2D network ``(N, 1, H, W) -> (N, C, H, W)`` (or a list whose element 0 is
-            that), or a list of such networks to average.
+        model: A 2D network ``(N, 1 + 2k, H, W) -> (N, C, H, W)`` (k: its `slice_context`;
+            list outputs: element 0), or a list of such networks to average.
         image_zyx: Image ``(Z, Y, X)``; its device is where inference runs.
         num_classes: Output channels C (background included).
         patch_size: In-plane window ``(H, W)``; None: the whole (padded) slice.
@@ -336,8 +376,10 @@ def sliding_window_2d(
         float32 probabilities ``(C, Z, Y, X)`` summing to 1 over C.
     """
     img = _check_volume(image_zyx)
+    k = max(slice_context(m) for m in (model if isinstance(model, (list, tuple)) else [model]))
+    stacked = context_stack(img, k) if k else img[:, None]
     # The copy made outside inference mode is an ordinary tensor callers may update in place.
-    return _run(model, _sliding_window, img, num_classes, patch_size, overlap, gaussian, tta,
+    return _run(model, _sliding_window, stacked, num_classes, patch_size, overlap, gaussian, tta,
                 batch_size, divisible_by, amp, weights).permute(1, 0, 2, 3).contiguous()
 
 
@@ -375,7 +417,7 @@ def sliding_window_3d(
     """
     img = _check_volume(image_zyx)
     # clone() outside inference mode: callers may update the result in place.
-    return _run(model, _sliding_window, img[None], num_classes, patch_size, overlap, gaussian, tta,
+    return _run(model, _sliding_window, img[None, None], num_classes, patch_size, overlap, gaussian, tta,
                 batch_size, divisible_by, amp, weights)[0].clone()
 
 

@@ -135,6 +135,10 @@ def _feature_model(pred: Any, params: PseudoLabelParams) -> Tuple[str, bool, int
     if pred.spatial_dims != 2:
         raise ConfigError(f"{pred.source}: the feature encoder must be a 2D model (got {name}, 3D); "
                           "pass a 2D checkpoint as the encoder")
+    if pred.cfg.model.slice_context:
+        raise ConfigError(f"{pred.source}: the feature encoder takes {1 + 2 * pred.cfg.model.slice_context} slices "
+                          "(model.slice_context); the dictionary's patches are single slices: pass a plain 2D "
+                          "checkpoint as the encoder")
     module = params.feature_module or default_feature_module(name)
     pad = max(size_multiple(pred.model)) if name in _PAD_INPUT else 1
     return module, name in _CHANNELS_LAST, pad
@@ -206,7 +210,7 @@ def generate_pseudo_labels(checkpoint: Union[str, Path], data: str, params: Opti
 
     Raises:
         CheckpointError: an unusable checkpoint, or one trained with another preprocessing plan.
-        ConfigError: a fold out of range, a patch larger than the slices, a 3D feature encoder.
+        ConfigError: a fold out of range, a patch larger than the slices, a 3D or 2.5D feature encoder.
         DataError: classes that differ from the store's, no labelled foreground for the
             dictionary, or no unlabelled slices.
     """

@@ -114,14 +114,20 @@ def train_from_config(cfg: ExperimentConfig, *, out_dir: Optional[Path] = None, 
         else:
             weights = cfg.data.sampling_weights or None
             batches = SliceBatcher(train, cfg.optim.batch_size, patch, generator, fg_fraction=cfg.data.fg_fraction,
-                                   dataset_weights=weights, rows=rows, margin=source_margin(cfg, rows, patch))
+                                   dataset_weights=weights, rows=rows, margin=source_margin(cfg, rows, patch),
+                                   context=cfg.model.slice_context, context_dropout=cfg.model.slice_context_dropout)
             if feed == "semi":
-                unlabelled = SliceBatcher(train, cfg.optim.batch_size, patch, generator, rows="unlabelled")
+                unlabelled = SliceBatcher(train, cfg.optim.batch_size, patch, generator, rows="unlabelled",
+                                          context=cfg.model.slice_context)
         spacing = _median_spacing(train, dims)
     else:
         if feed == "semi":
             raise ConfigError(f"regime {cfg.regime.name!r} needs labelled and unlabelled batches, which only the "
                               "in-memory batcher provides (`robustseg train`); the Ray Data stream feeds one set")
+        if cfg.model.slice_context:
+            raise ConfigError(f"model.slice_context={cfg.model.slice_context} needs each slice's neighbours, which "
+                              "only the in-memory batcher gathers (`robustseg train`); the Ray Data stream feeds "
+                              "single slices")
         store = open_store(cfg.data.shards_uri, cfg.data.storage)
         val = load_slice_set(store, manifest, folds=[cfg.data.val_fold], device=device)
         batches = train_batches(generator, patch)

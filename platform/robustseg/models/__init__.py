@@ -49,8 +49,14 @@ def build_model(cfg: ModelConfig, patch_size: Sequence[int], spacing: Optional[S
     builder = BACKBONES.get(cfg.name)
     params_cls = BACKBONES.meta(cfg.name)["params"]
     params = from_dict(params_cls, cfg.params, f"model.params ({cfg.name})")
-    return builder(params, cfg.in_channels, cfg.num_classes, tuple(int(p) for p in patch_size),
-                   None if spacing is None else tuple(float(s) for s in spacing))
+    k = int(getattr(cfg, "slice_context", 0))
+    model = builder(params, cfg.in_channels * (1 + 2 * k), cfg.num_classes, tuple(int(p) for p in patch_size),
+                    None if spacing is None else tuple(float(s) for s in spacing))
+    # The network carries its input contract, so every caller of the sliding window (validation,
+    # predict, OOF, pseudo-labels, serving, ensembles) stacks the neighbours it was trained on
+    # (`robustseg.engine.inference.slice_context` reads it).
+    model.slice_context = k
+    return model
 
 
 def spatial_dims(name: str) -> int:
