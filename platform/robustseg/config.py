@@ -493,6 +493,9 @@ def _slice_context_problems(cfg: "ExperimentConfig", dims: int) -> List[str]:
     k = cfg.model.slice_context
     if isinstance(k, bool) or not isinstance(k, int) or not 0 <= k <= 4:
         return [f"model.slice_context must be an integer in [0, 4] (neighbouring slices on each side), got {k!r}"]
+    if k and cfg.model.in_channels != 1:
+        return [f"model.slice_context={k} stacks neighbouring slices of a one-channel image; "
+                f"model.in_channels is {cfg.model.in_channels}"]
     if k and dims != 2:
         return [f"model.slice_context={k} stacks neighbouring slices as channels of a 2D backbone; "
                 f"{cfg.model.name!r} is {dims}D and sees the slices itself"]

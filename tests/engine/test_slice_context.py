@@ -95,6 +95,8 @@ def test_config_checks_slice_context_at_load():
         ExperimentConfig.from_dict({"model": {"name": "unet3d", "slice_context": 1}})
     with pytest.raises(ConfigError, match="regime 'genesis' restores its input image"):
         ExperimentConfig.from_dict({"model": {"slice_context": 1}, "regime": {"name": "genesis"}})
+    with pytest.raises(ConfigError, match="one-channel image; model.in_channels is 2"):
+        ExperimentConfig.from_dict({"model": {"slice_context": 1, "in_channels": 2}})
 
 
 @pytest.mark.slow
