@@ -55,17 +55,21 @@ class SliceSet:
         return SliceSet(self.images[keep], self.labels[keep], self.labelled[keep], self.foreground[keep],
                         [self.case_ids[i] for i in host], self.slice_index[keep], self.meta)
 
-    def volumes(self) -> List[Dict[str, Any]]:
-        """Whole cases (slices in order) for validation: dicts with image, label and metadata."""
+    def case_rows(self) -> Dict[str, torch.Tensor]:
+        """Each case's rows in slice order (on the data's device), cases in first-seen order."""
         order: Dict[str, List[int]] = {}
         for i, cid in enumerate(self.case_ids):
             order.setdefault(cid, []).append(i)
-        out = []
+        out = {}
         for cid, rows in order.items():
             idx = torch.tensor(rows, device=self.images.device)
-            idx = idx[torch.argsort(self.slice_index[idx])]
-            out.append({"case_id": cid, "image": self.images[idx].float(), "label": self.labels[idx], **self.meta[cid]})
+            out[cid] = idx[torch.argsort(self.slice_index[idx])]
         return out
+
+    def volumes(self) -> List[Dict[str, Any]]:
+        """Whole cases (slices in order) for validation: dicts with image, label and metadata."""
+        return [{"case_id": cid, "image": self.images[idx].float(), "label": self.labels[idx], **self.meta[cid]}
+                for cid, idx in self.case_rows().items()]
 
 
 def slice_probabilities(data: SliceSet, weights: Mapping[str, float]) -> torch.Tensor:
@@ -154,20 +158,13 @@ def context_rows(data: SliceSet, k: int) -> torch.Tensor:
     Neighbours come from the same case by slice index; beyond a volume's ends the end slice
     repeats, as `robustseg.engine.inference.context_stack` does at prediction.
     """
-    n = len(data)
-    rows = torch.arange(n, dtype=torch.long)
-    out = rows[:, None].repeat(1, 1 + 2 * k)
-    order: Dict[str, List[int]] = {}
-    for i, cid in enumerate(data.case_ids):
-        order.setdefault(cid, []).append(i)
-    index = data.slice_index.cpu()
-    offsets = torch.arange(-k, k + 1)
-    for members in order.values():
-        m = torch.tensor(members, dtype=torch.long)
-        m = m[torch.argsort(index[m])]  # the case's rows in slice order
-        pos = (torch.arange(len(m))[:, None] + offsets).clamp_(0, len(m) - 1)
+    dev = data.images.device
+    out = torch.arange(len(data), dtype=torch.long, device=dev)[:, None].repeat(1, 1 + 2 * k)
+    offsets = torch.arange(-k, k + 1, device=dev)
+    for m in data.case_rows().values():  # each case's rows in slice order
+        pos = (torch.arange(len(m), device=dev)[:, None] + offsets).clamp_(0, len(m) - 1)
         out[m] = m[pos]
-    return out.to(data.images.device)
+    return out
 
 
 ROW_SETS = ("labelled", "all", "unlabelled")
