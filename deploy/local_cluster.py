@@ -21,6 +21,8 @@ Only what `up` started is stopped: the namespaces, links and processes recorded 
 """
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import json
 import os
 import shlex
@@ -30,9 +32,10 @@ import subprocess
 import sys
 import time
 import urllib.request
+import warnings
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Dict, List, Optional, Sequence
+from typing import Dict, List, Optional, Sequence, Tuple
 
 REPO = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
@@ -40,10 +43,17 @@ STATE_FILE = "cluster.json"
 #: S3 credentials of the cluster's own moto server (it accepts any; these are not secrets).
 S3_KEYS = {"AWS_ACCESS_KEY_ID": "robustseg", "AWS_SECRET_ACCESS_KEY": "robustseg-local", "AWS_REGION": "us-east-1"}
 S3_PORT, MLFLOW_PORT, GCS_PORT, DASHBOARD_PORT, SERVE_PORT = 9000, 5000, 6379, 8265, 8000
+#: Held while a cluster's network is claimed and its processes start. Namespaces and links are
+#: global to the machine, so two `up`s (two CI runs, two shells) must not interleave there.
+LOCK_FILE = Path("/run/lock/robustseg-cluster.lock")
 
 
 class ClusterError(RuntimeError):
     """The cluster cannot be started, found or stopped (the message says what and why)."""
+
+
+class ClusterTaken(ClusterError):
+    """The prefix or the subnet belongs to a cluster that is running (choose another)."""
 
 
 @dataclass
@@ -193,10 +203,71 @@ def _plan(spec: ClusterSpec) -> Cluster:
     return Cluster(spec=spec, bridge=f"{spec.prefix}br0", host_ip=f"{spec.subnet}.1", nodes=nodes)
 
 
-def _make_network(c: Cluster) -> None:
+@contextlib.contextmanager
+def _machine_lock():
+    LOCK_FILE.parent.mkdir(parents=True, exist_ok=True)
+    with open(LOCK_FILE, "a") as fh:
+        fcntl.flock(fh, fcntl.LOCK_EX)  # released when the holder exits, even by SIGKILL
+        try:
+            yield
+        finally:
+            fcntl.flock(fh, fcntl.LOCK_UN)
+
+
+def _namespaces_of(prefix: str) -> Dict[str, List[str]]:
+    """This prefix's network namespaces and the pids in each."""
+    names = [line.split()[0] for line in _ip("netns", "list", check=False).stdout.splitlines() if line.strip()]
+    return {ns: _ip("netns", "pids", ns, check=False).stdout.split() for ns in names if ns.startswith(f"{prefix}-")}
+
+
+def _reclaim(prefix: str, bridge: str) -> List[str]:
+    """Remove a cluster's network left behind by a killed owner (no process in any of its namespaces).
+
+    The caller holds the machine lock, so no `up` is between making a network and starting its
+    processes: a network without processes is nobody's.
+    """
+    spaces = _namespaces_of(prefix)
+    busy = {ns: len(pids) for ns, pids in spaces.items() if pids}
+    if busy:
+        raise ClusterTaken(f"bridge {bridge} exists and a cluster with prefix {prefix!r} is running "
+                           f"({', '.join(f'{ns}: {n} processes' for ns, n in sorted(busy.items()))}): "
+                           "`robustseg cluster down` with its --state-dir, or choose another --prefix")
+    for ns in spaces:
+        _ip("netns", "del", ns, check=False)  # takes the node's end of each veth pair with it
+    ports = _ip("-o", "link", "show", "master", bridge, check=False).stdout.splitlines()
+    for line in ports:
+        _ip("link", "del", line.split(":")[1].strip().split("@")[0], check=False)
+    _ip("link", "del", bridge, check=False)
+    return sorted(spaces) + [bridge]
+
+
+def free_name(base: str, tries: int = 60) -> Tuple[str, str]:
+    """The first ``(prefix, subnet)`` pair ``(base<i>, 198.19.<i>)`` that no running cluster holds.
+
+    A pair whose network a killed owner left behind counts as free (`up` reclaims it). Two
+    callers can pick the same pair; `up` lets only one have it (the other gets ClusterTaken).
+    """
+    for i in range(1, tries + 1):
+        prefix, subnet = f"{base}{i}", f"198.19.{i}"
+        if any(_namespaces_of(prefix).values()):
+            continue
+        on = _ip("-4", "-o", "addr", "show", "to", f"{subnet}.0/24", check=False).stdout.split()
+        if on and on[1] != f"{prefix}br0":
+            continue
+        return prefix, subnet
+    raise ClusterTaken(f"no free prefix {base}1..{base}{tries}: clusters are running on all of them")
+
+
+def _make_network(c: Cluster) -> List[str]:
+    """Bridge, namespaces and links; returns what a killed earlier cluster left and was reclaimed."""
+    reclaimed: List[str] = []
     if _ip("link", "show", c.bridge, check=False).returncode == 0:
-        raise ClusterError(f"bridge {c.bridge} exists: a cluster with prefix {c.spec.prefix!r} is up "
-                           "(`robustseg cluster down`, or choose another --prefix)")
+        reclaimed = _reclaim(c.spec.prefix, c.bridge)
+    # A second bridge on the same /24 would split the routes between two clusters.
+    used = _ip("-4", "-o", "addr", "show", "to", f"{c.spec.subnet}.0/24", check=False).stdout.split()
+    if used:
+        raise ClusterTaken(f"subnet {c.spec.subnet}.0/24 is in use on this machine (on {used[1]}): "
+                           "choose another --subnet")
     _ip("link", "add", c.bridge, "type", "bridge")
     _ip("addr", "add", f"{c.host_ip}/24", "dev", c.bridge)
     _ip("link", "set", c.bridge, "up")
@@ -210,6 +281,7 @@ def _make_network(c: Cluster) -> None:
                      ("addr", "add", f"{n.ip}/24", "dev", "eth0"), ("link", "set", "eth0", "up"),
                      ("route", "add", "default", "via", c.host_ip)):
             _ip("-n", n.netns, *args)
+    return reclaimed
 
 
 #: Runs inside a node's fresh mount namespace before its command: private /tmp (the node's
@@ -339,7 +411,9 @@ def up(spec: ClusterSpec) -> Cluster:
     """Start the bridge, the namespaces, S3 + MLflow, the Ray head and the workers.
 
     Raises:
-        ClusterError: namespaces unavailable, a cluster with this prefix already up, or a
+        ClusterTaken: a running cluster has this prefix or subnet. (A network whose processes
+            are all gone, as a killed owner leaves it, is reclaimed with a warning instead.)
+        ClusterError: namespaces unavailable, or a
             process that does not come up (its log tail is in the message). What was started
             is stopped again before raising.
     """
@@ -349,18 +423,23 @@ def up(spec: ClusterSpec) -> Cluster:
     t0 = time.time()
     c = _plan(spec)
     Path(spec.state_dir).mkdir(parents=True, exist_ok=True)
-    _make_network(c)  # raises before recording when the prefix is taken: nothing of ours to stop
-    c.save()
-    try:
-        start_service(c, "s3")
-        _make_bucket(c)
-        start_service(c, "mlflow")
-        start_node(c, "head")
-        for w in c.workers:
-            start_node(c, w.name)
-    except BaseException:
-        down(spec.state_dir)
-        raise
+    with _machine_lock():
+        # Raises before recording when the prefix or subnet is taken: nothing of ours to stop.
+        reclaimed = _make_network(c)
+        if reclaimed:
+            warnings.warn(f"reclaimed the network of a cluster whose processes were all gone: {', '.join(reclaimed)}",
+                          RuntimeWarning, stacklevel=2)
+        c.save()
+        try:
+            start_service(c, "s3")
+            _make_bucket(c)
+            start_service(c, "mlflow")
+            start_node(c, "head")
+            for w in c.workers:
+                start_node(c, w.name)
+        except BaseException:
+            down(spec.state_dir)
+            raise
     c.started_s = round(time.time() - t0, 1)
     c.save()
     return c

@@ -13,12 +13,23 @@ from typing import Any, Callable, Dict, List
 
 import yaml
 
-from deploy.local_cluster import Cluster, s3_client
+from deploy.local_cluster import Cluster, namespaces_available, s3_client
 
 TERMINAL = {"SUCCEEDED", "FAILED", "STOPPED"}
 
 
 REPO = Path(__file__).resolve().parents[1]
+
+
+def require_namespaces() -> None:
+    """Skip (with the reason) where namespaces are unavailable; under CI=true that is a failure."""
+    import pytest
+
+    why = namespaces_available()
+    if why:
+        if os.environ.get("CI", "").lower() == "true":
+            pytest.fail(f"namespaced cluster unavailable under CI=true: {why}")
+        pytest.skip(f"namespaced cluster unavailable: {why}")
 
 
 def job_config(name: str, *, epochs: int, iters: int) -> Dict[str, Any]:

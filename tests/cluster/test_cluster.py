@@ -13,7 +13,6 @@ Needs root and namespaces: skipped with the reason elsewhere, a failure under CI
 """
 from __future__ import annotations
 
-import os
 import subprocess
 import sys
 import time
@@ -21,8 +20,8 @@ from pathlib import Path
 
 import pytest
 
-from cluster_ops import (job_config, job_logs, mlflow_runs, record, s3_json, s3_keys, submit, train_workers_on,
-                         wait_for, wait_job)
+from cluster_ops import (job_config, job_logs, mlflow_runs, record, require_namespaces, s3_json, s3_keys, submit,
+                         train_workers_on, wait_for, wait_job)
 from deploy import local_cluster as lc
 
 pytestmark = pytest.mark.slow
@@ -30,14 +29,18 @@ pytestmark = pytest.mark.slow
 
 @pytest.fixture(scope="module")
 def cluster(tmp_path_factory):
-    why = lc.namespaces_available()
-    if why:
-        if os.environ.get("CI", "").lower() == "true":
-            pytest.fail(f"namespaced cluster unavailable under CI=true: {why}")
-        pytest.skip(f"namespaced cluster unavailable: {why}")
+    require_namespaces()
     state = tmp_path_factory.mktemp("cluster")
     t0 = time.time()
-    c = lc.up(lc.ClusterSpec(state_dir=str(state), prefix="rst", subnet="198.18.1"))
+    # A prefix and subnet of this run's own: another test run on this machine may hold one.
+    for attempt in range(5):
+        prefix, subnet = lc.free_name("rst")
+        try:
+            c = lc.up(lc.ClusterSpec(state_dir=str(state), prefix=prefix, subnet=subnet))
+            break
+        except lc.ClusterTaken:  # taken between free_name and up
+            if attempt == 4:
+                raise
     record("cluster_up", {"seconds": round(time.time() - t0, 1), "nodes": len(c.nodes)})
     try:
         yield c

@@ -38,6 +38,9 @@ def register(sub: Any) -> None:
                         "or %(default)s)")
     p.add_argument("--workers", type=int, default=2, help="worker nodes (default 2)")
     p.add_argument("--prefix", default="rs", help="prefix of namespace and link names (default rs)")
+    p.add_argument("--subnet", default="198.18.0",
+                   help="first three octets of the cluster's /24, inside 198.18.0.0/15 (default %(default)s); "
+                        "two clusters on one machine need two subnets")
     p.set_defaults(fn=cmd_cluster)
 
 
@@ -47,7 +50,8 @@ def cmd_cluster(args: argparse.Namespace) -> int:
 
     try:
         if args.action == "up":
-            c = lc.up(lc.ClusterSpec(state_dir=args.state_dir, workers=args.workers, prefix=args.prefix))
+            c = lc.up(lc.ClusterSpec(state_dir=args.state_dir, workers=args.workers, prefix=args.prefix,
+                                     subnet=args.subnet))
             print(f"cluster up in {c.started_s:.0f} s: head {c.head.ip}, workers {', '.join(w.ip for w in c.workers)}")
             print(f"  Ray jobs   {c.ray_address}\n  MLflow     {c.tracking_uri}\n  S3         {c.s3_endpoint} "
                   f"(bucket {c.spec.bucket})\n  storage    {c.storage_uri}")
