@@ -199,6 +199,10 @@ class ModelConfig:
     slice_context_dropout: float = doc(0.0, "Training with slice_context: share of samples whose neighbour channels "
                                             "repeat their own slice, so the network also learns to segment from one "
                                             "slice.")
+    slice_context_blur: float = doc(0.0, "With slice_context: Gaussian sigma (pixels) smoothing the neighbour "
+                                         "channels inside the network (training and every prediction alike), so "
+                                         "they give where the heart is and its rough shape, and only the slice "
+                                         "itself gives sharp edges. 0: neighbours as acquired.")
 
 
 @dataclass
@@ -502,6 +506,12 @@ def _slice_context_problems(cfg: "ExperimentConfig", dims: int) -> List[str]:
     p = cfg.model.slice_context_dropout
     if isinstance(p, bool) or not isinstance(p, (int, float)) or not 0.0 <= p <= 1.0:
         return [f"model.slice_context_dropout must be a probability in [0, 1], got {p!r}"]
+    sigma = cfg.model.slice_context_blur
+    if isinstance(sigma, bool) or not isinstance(sigma, (int, float)) or not 0.0 <= sigma <= 8.0:
+        return [f"model.slice_context_blur must be a Gaussian sigma in [0, 8] pixels, got {sigma!r}"]
+    if sigma and not k:
+        return [f"model.slice_context_blur={sigma} smooths neighbouring slices; set model.slice_context >= 1 "
+                "(it is 0: there are none)"]
     if k and cfg.regime.name in REGIMES and REGIMES.meta(cfg.regime.name).get("data") == "images":
         return [f"model.slice_context={k}: regime {cfg.regime.name!r} restores its input image, one channel; "
                 "train it with slice_context 0"]

@@ -56,6 +56,11 @@ def build_model(cfg: ModelConfig, patch_size: Sequence[int], spacing: Optional[S
     # predict, OOF, pseudo-labels, serving, ensembles) stacks the neighbours it was trained on
     # (`robustseg.engine.inference.slice_context` reads it).
     model.slice_context = k
+    sigma = float(getattr(cfg, "slice_context_blur", 0.0))
+    if k and sigma > 0:
+        from robustseg.models.context_blur import BlurNeighbours
+
+        model.register_forward_pre_hook(BlurNeighbours(sigma))
     return model
 
 
