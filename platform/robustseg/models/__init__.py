@@ -57,10 +57,11 @@ def build_model(cfg: ModelConfig, patch_size: Sequence[int], spacing: Optional[S
     # (`robustseg.engine.inference.slice_context` reads it).
     model.slice_context = k
     sigma = float(getattr(cfg, "slice_context_blur", 0.0))
-    if k and sigma > 0:
-        from robustseg.models.context_blur import BlurNeighbours
+    fusion = getattr(cfg, "slice_context_fusion", "channels")
+    if k and (sigma > 0 or fusion != "channels"):
+        from robustseg.models.context_input import ContextInput
 
-        model.register_forward_pre_hook(BlurNeighbours(sigma))
+        model.register_forward_pre_hook(ContextInput(fusion, sigma))
     return model
 
 
