@@ -199,14 +199,6 @@ class ModelConfig:
     slice_context_dropout: float = doc(0.0, "Training with slice_context: share of samples whose neighbour channels "
                                             "repeat their own slice, so the network also learns to segment from one "
                                             "slice.")
-    slice_context_blur: float = doc(0.0, "With slice_context: Gaussian sigma (pixels) smoothing the neighbour "
-                                         "channels inside the network (training and every prediction alike), so "
-                                         "they give where the heart is and its rough shape, and only the slice "
-                                         "itself gives sharp edges. 0: neighbours as acquired.")
-    slice_context_fusion: str = doc("channels", "With slice_context: 'channels' feeds each neighbour as its own "
-                                                "channel; 'mean' feeds the neighbours' mean in their place (an "
-                                                "interpolated estimate of the slice, in which two independent "
-                                                "breathing artefacts partly cancel).")
 
 
 @dataclass
@@ -496,10 +488,6 @@ def check_components(cfg: "ExperimentConfig") -> List[str]:
     return problems
 
 
-#: ``model.slice_context_fusion`` values (`robustseg.models.context_input`).
-SLICE_CONTEXT_FUSIONS = ("channels", "mean")
-
-
 def _slice_context_problems(cfg: "ExperimentConfig", dims: int) -> List[str]:
     """``model.slice_context`` (an integer 0-4, 2D backbones, not image-restoring regimes) and its dropout."""
     k = cfg.model.slice_context
@@ -514,19 +502,6 @@ def _slice_context_problems(cfg: "ExperimentConfig", dims: int) -> List[str]:
     p = cfg.model.slice_context_dropout
     if isinstance(p, bool) or not isinstance(p, (int, float)) or not 0.0 <= p <= 1.0:
         return [f"model.slice_context_dropout must be a probability in [0, 1], got {p!r}"]
-    sigma = cfg.model.slice_context_blur
-    if isinstance(sigma, bool) or not isinstance(sigma, (int, float)) or not 0.0 <= sigma <= 8.0:
-        return [f"model.slice_context_blur must be a Gaussian sigma in [0, 8] pixels, got {sigma!r}"]
-    if sigma and not k:
-        return [f"model.slice_context_blur={sigma} smooths neighbouring slices; set model.slice_context >= 1 "
-                "(it is 0: there are none)"]
-    fusion = cfg.model.slice_context_fusion
-    if fusion not in SLICE_CONTEXT_FUSIONS:
-        return [f"model.slice_context_fusion must be one of {', '.join(map(repr, SLICE_CONTEXT_FUSIONS))}, "
-                f"got {fusion!r}"]
-    if fusion != "channels" and not k:
-        return [f"model.slice_context_fusion={fusion!r} fuses neighbouring slices; set model.slice_context >= 1 "
-                "(it is 0: there are none)"]
     if k and cfg.regime.name in REGIMES and REGIMES.meta(cfg.regime.name).get("data") == "images":
         return [f"model.slice_context={k}: regime {cfg.regime.name!r} restores its input image, one channel; "
                 "train it with slice_context 0"]

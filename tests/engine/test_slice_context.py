@@ -19,7 +19,6 @@ from robustseg.engine.predict import load_predictor, predict_case
 from robustseg.engine.train import train_from_config
 from robustseg.errors import ConfigError
 from robustseg.models import build_model
-from robustseg.models.context_input import blur_neighbours, mean_neighbours
 from tiny import tiny_cfg
 
 
@@ -98,83 +97,6 @@ def test_config_checks_slice_context_at_load():
         ExperimentConfig.from_dict({"model": {"slice_context": 1}, "regime": {"name": "genesis"}})
     with pytest.raises(ConfigError, match="one-channel image; model.in_channels is 2"):
         ExperimentConfig.from_dict({"model": {"slice_context": 1, "in_channels": 2}})
-    for bad in (-1.0, 9.0):
-        with pytest.raises(ConfigError, match="model.slice_context_blur must be a Gaussian sigma in \\[0, 8\\]"):
-            ExperimentConfig.from_dict({"model": {"slice_context": 1, "slice_context_blur": bad}})
-    for bad in (True, "two"):
-        with pytest.raises(ConfigError, match="model.slice_context_blur must be a number"):
-            ExperimentConfig.from_dict({"model": {"slice_context": 1, "slice_context_blur": bad}})
-    with pytest.raises(ConfigError, match="slice_context_blur=2.0 smooths neighbouring slices; set "
-                                          "model.slice_context >= 1 \\(it is 0"):
-        ExperimentConfig.from_dict({"model": {"slice_context_blur": 2.0}})
-    with pytest.raises(ConfigError, match="model.slice_context_fusion must be one of 'channels', 'mean', got 'max'"):
-        ExperimentConfig.from_dict({"model": {"slice_context": 1, "slice_context_fusion": "max"}})
-    with pytest.raises(ConfigError, match="slice_context_fusion='mean' fuses neighbouring slices; set "
-                                          "model.slice_context >= 1"):
-        ExperimentConfig.from_dict({"model": {"slice_context_fusion": "mean"}})
-
-
-def test_blur_smooths_the_neighbours_and_leaves_the_slice_bit_for_bit():
-    x = torch.randn(2, 5, 24, 20)
-    x[:, :, 12, 10] += 50.0  # a spike in every channel
-    y = blur_neighbours(x, 1.5)
-    assert y.shape == x.shape and y.dtype == x.dtype
-    assert torch.equal(y[:, 2], x[:, 2])  # the slice itself (k = 2): untouched
-    for c in (0, 1, 3, 4):
-        # The spike spreads: its peak drops, the mean is kept (a normalised kernel, replicated borders).
-        assert y[:, c, 12, 10].max() < 0.2 * x[:, c, 12, 10].min()
-        assert torch.allclose(y[:, c].mean(), x[:, c].mean(), atol=0.05)
-        assert y[:, c].std() < x[:, c].std()
-    const = torch.full((1, 3, 16, 16), 3.0)
-    assert torch.allclose(blur_neighbours(const, 2.0), const)  # borders replicated: a flat field stays flat
-    assert blur_neighbours(x, 0.0) is x
-    one = x[:, :1]
-    assert blur_neighbours(one, 2.0) is one  # a plain 2D input has no neighbours
-
-
-def test_mean_fusion_feeds_the_neighbours_mean_in_their_place():
-    x = torch.randn(2, 5, 8, 6)
-    y = mean_neighbours(x)
-    assert y.shape == x.shape and torch.equal(y[:, 2], x[:, 2])
-    m = (x[:, 0] + x[:, 1] + x[:, 3] + x[:, 4]) / 4
-    for c in (0, 1, 3, 4):
-        assert torch.allclose(y[:, c], m, atol=1e-6)
-    one = x[:, :1]
-    assert mean_neighbours(one) is one
-
-
-def test_built_network_fuses_its_neighbours_in_every_forward():
-    model = {"name": "unet2d", "slice_context": 1, "params": {"filters_base": 4, "filters_max": 8, "max_stages": 3}}
-    sharp = build_model(ExperimentConfig.from_dict({"model": model}).model, (32, 32)).eval()
-    fused = build_model(ExperimentConfig.from_dict({"model": {**model, "slice_context_fusion": "mean",
-                                                              "slice_context_blur": 1.0}}).model, (32, 32))
-    fused.load_state_dict(sharp.state_dict())
-    fused.eval()
-    x = torch.randn(1, 3, 32, 32)
-    with torch.no_grad():
-        assert torch.allclose(fused(x), sharp(blur_neighbours(mean_neighbours(x), 1.0)), atol=1e-5)
-        swapped = x[:, [2, 1, 0]]  # above and below exchanged: the same mean, the same answer
-        assert torch.allclose(fused(swapped), fused(x), atol=1e-5)
-        assert not torch.allclose(sharp(swapped), sharp(x), atol=1e-3)
-
-
-def test_built_network_blurs_its_neighbours_in_every_forward(tmp_path):
-    model = {"name": "unet2d", "slice_context": 1, "params": {"filters_base": 4, "filters_max": 8, "max_stages": 3}}
-    sharp = build_model(ExperimentConfig.from_dict({"model": model}).model, (32, 32)).eval()
-    soft = build_model(ExperimentConfig.from_dict({"model": {**model, "slice_context_blur": 2.0}}).model, (32, 32))
-    soft.load_state_dict(sharp.state_dict())  # no weights of its own: the same checkpoint loads
-    soft.eval()
-    x = torch.randn(1, 3, 32, 32)
-    with torch.no_grad():
-        assert torch.allclose(soft(x), sharp(blur_neighbours(x, 2.0)), atol=1e-5)
-        assert not torch.allclose(soft(x), sharp(x), atol=1e-3)
-        flat = x.clone()
-        flat[:, 0] = flat[:, 2] = 0.7  # flat neighbours: nothing to smooth
-        assert torch.allclose(soft(flat), sharp(flat), atol=1e-5)
-    torch.save(soft, tmp_path / "m.pt")  # the hook is a plain class: the network still pickles
-    again = torch.load(tmp_path / "m.pt", weights_only=False)
-    with torch.no_grad():
-        assert torch.allclose(again(x), soft(x), atol=1e-6)
 
 
 @pytest.mark.slow

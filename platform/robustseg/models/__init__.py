@@ -56,12 +56,6 @@ def build_model(cfg: ModelConfig, patch_size: Sequence[int], spacing: Optional[S
     # predict, OOF, pseudo-labels, serving, ensembles) stacks the neighbours it was trained on
     # (`robustseg.engine.inference.slice_context` reads it).
     model.slice_context = k
-    sigma = float(getattr(cfg, "slice_context_blur", 0.0))
-    fusion = getattr(cfg, "slice_context_fusion", "channels")
-    if k and (sigma > 0 or fusion != "channels"):
-        from robustseg.models.context_input import ContextInput
-
-        model.register_forward_pre_hook(ContextInput(fusion, sigma))
     return model
 
 
