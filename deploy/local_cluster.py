@@ -25,6 +25,7 @@ import contextlib
 import fcntl
 import json
 import os
+import re
 import shlex
 import shutil
 import signal
@@ -238,7 +239,19 @@ def _reclaim(prefix: str, bridge: str) -> List[str]:
     for line in ports:
         _ip("link", "del", line.split(":")[1].strip().split("@")[0], check=False)
     _ip("link", "del", bridge, check=False)
+    # The kernel tears a deleted namespace's links down in the background: wait until the names
+    # are free, or the network made next under them fails with "File exists".
+    deadline = time.time() + 10.0
+    while _links_of(prefix) and time.time() < deadline:
+        time.sleep(0.1)
     return sorted(spaces) + [bridge]
+
+
+def _links_of(prefix: str) -> List[str]:
+    """Host links named for this prefix (its bridge and the host ends of its veth pairs)."""
+    rows = _ip("-o", "link", "show", check=False).stdout.splitlines()
+    names = [r.split(":")[1].strip().split("@")[0] for r in rows if r.count(":") >= 2]
+    return [n for n in names if n.startswith(prefix) and re.fullmatch(r"br0|sh|hh|w\d+h", n[len(prefix):])]
 
 
 def free_name(base: str, tries: int = 60) -> Tuple[str, str]:

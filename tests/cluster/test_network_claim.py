@@ -20,28 +20,21 @@ def spec(tmp_path):
     require_namespaces()
     prefix, subnet = lc.free_name("rsn")
     s = lc.ClusterSpec(state_dir=str(tmp_path), prefix=prefix, subnet=subnet)
+    lc._reclaim(prefix, lc._plan(s).bridge)  # what a killed run of this test left (free_name: nothing runs there)
     yield s
-    c = lc._plan(s)
-    for ns in lc._namespaces_of(s.prefix):
-        lc._ip("netns", "del", ns, check=False)
-    lc._ip("link", "del", c.bridge, check=False)
-
-
-def _links(prefix):
-    out = lc._ip("-o", "link", "show", check=False).stdout
-    return sorted(line.split(":")[1].strip().split("@")[0] for line in out.splitlines()
-                  if line.split(":")[1].strip().startswith(prefix))
+    lc._reclaim(s.prefix, lc._plan(s).bridge)
+    assert not lc._links_of(s.prefix) and not lc._namespaces_of(s.prefix)
 
 
 def test_leftover_network_is_reclaimed_and_a_running_one_refused(spec):
     c = lc._plan(spec)
     assert lc._make_network(c) == []
-    made = _links(spec.prefix)
+    made = sorted(lc._links_of(spec.prefix))
     assert f"{spec.prefix}br0" in made and len(made) == 1 + len(c.nodes)
     # The owner was killed before `down`: nothing runs in its namespaces. Claiming again reclaims.
     reclaimed = lc._make_network(c)
     assert reclaimed == sorted(n.netns for n in c.nodes.values()) + [c.bridge]
-    assert _links(spec.prefix) == made  # and the network is whole again, made afresh
+    assert sorted(lc._links_of(spec.prefix)) == made  # and the network is whole again, made afresh
     # A process in one namespace: the cluster is running, so the claim is refused and nothing is touched.
     sleeper = subprocess.Popen(["ip", "netns", "exec", c.head.netns, "sleep", "60"])
     try:
@@ -51,7 +44,7 @@ def test_leftover_network_is_reclaimed_and_a_running_one_refused(spec):
             subprocess.run(["sleep", "0.1"])
         with pytest.raises(lc.ClusterTaken, match=rf"{c.head.netns}: 1 processes"):
             lc._make_network(c)
-        assert _links(spec.prefix) == made
+        assert sorted(lc._links_of(spec.prefix)) == made
         assert sleeper.poll() is None
         # free_name skips the running prefix.
         assert lc.free_name("rsn")[0] != spec.prefix
