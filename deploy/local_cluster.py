@@ -235,10 +235,8 @@ def _reclaim(prefix: str, bridge: str) -> List[str]:
                            "`robustseg cluster down` with its --state-dir, or choose another --prefix")
     for ns in spaces:
         _ip("netns", "del", ns, check=False)  # takes the node's end of each veth pair with it
-    ports = _ip("-o", "link", "show", "master", bridge, check=False).stdout.splitlines()
-    for line in ports:
-        _ip("link", "del", line.split(":")[1].strip().split("@")[0], check=False)
-    _ip("link", "del", bridge, check=False)
+    for link in _links_of(prefix):  # the host ends of the veth pairs, then the bridge (listed last)
+        _ip("link", "del", link, check=False)
     # The kernel tears a deleted namespace's links down in the background: wait until the names
     # are free, or the network made next under them fails with "File exists".
     deadline = time.time() + 10.0
@@ -251,7 +249,8 @@ def _links_of(prefix: str) -> List[str]:
     """Host links named for this prefix (its bridge and the host ends of its veth pairs)."""
     rows = _ip("-o", "link", "show", check=False).stdout.splitlines()
     names = [r.split(":")[1].strip().split("@")[0] for r in rows if r.count(":") >= 2]
-    return [n for n in names if n.startswith(prefix) and re.fullmatch(r"br0|sh|hh|w\d+h", n[len(prefix):])]
+    ours = [n for n in names if n.startswith(prefix) and re.fullmatch(r"br0|sh|hh|w\d+h", n[len(prefix):])]
+    return sorted(ours, key=lambda n: n.endswith("br0"))  # the bridge last
 
 
 def free_name(base: str, tries: int = 60) -> Tuple[str, str]:
