@@ -22,3 +22,15 @@ def tiny_cfg(root: Path, **overrides) -> ExperimentConfig:
         "tracking": {"workdir": str(root)},
     })
     return cfg.with_overrides([f"{k}={v}" for k, v in overrides.items()])
+
+
+class Stop(Exception):
+    """Raised by `stop_after`: a run "killed" between epochs."""
+
+
+def stop_after(n: int):
+    """A fit callback that kills the run after epoch ``n`` (its checkpoint is already written)."""
+    def cb(epoch, metrics, path):
+        if epoch >= n:
+            raise Stop()
+    return cb

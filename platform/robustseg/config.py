@@ -268,9 +268,17 @@ class OptimConfig:
     compile: bool = doc(False, "torch.compile the model.")
     snapshot_every: int = doc(0, "Also keep the weights of every N-th epoch under snapshots/ (SVCCA analyses); 0: off.")
     seed: int = doc(0, "Training seed.")
+    average_from: Optional[float] = doc(None, "Tail weight averaging (SWA/SWAD): from this fraction of the run on, "
+                                              "keep the mean of the weights and validate, keep and serve that mean "
+                                              "(e.g. 0.75: the last quarter); null: off.")
+    average_every: int = doc(1, "Iterations between weights folded into the average.")
 
     def __post_init__(self) -> None:
         _check_choice("optim.name", self.name, tuple(DEFAULT_LR))
+        if self.average_from is not None and not 0 <= self.average_from < 1:
+            raise ConfigError(f"optim.average_from must be in [0, 1) or null, got {self.average_from}")
+        if self.average_every < 1:
+            raise ConfigError(f"optim.average_every must be >= 1, got {self.average_every}")
         _check_choice("optim.schedule", self.schedule, ("poly", "step", "cosine", "constant"))
         _check_choice("optim.amp", self.amp, ("auto", "bf16", "off"))
         if self.lr is not None and self.lr <= 0:

@@ -10,7 +10,7 @@ from robustseg.engine.checkpoint import CheckpointError, load_checkpoint
 from robustseg.engine.predict import load_predictor, predict_files, read_input, predict_case
 from robustseg.engine.train import train_from_config
 from robustseg.errors import DataError
-from tiny import tiny_cfg
+from tiny import Stop as _Stop, stop_after as _stop_after, tiny_cfg
 
 
 @pytest.fixture(scope="module")
@@ -53,17 +53,6 @@ def test_resume_is_exact(tmp_path, trained):
     b = load_checkpoint(out / "last.pt")["model"]
     assert all(torch.equal(a[k], b[k]) for k in a)
 
-
-class _Stop(Exception):
-    pass
-
-
-def _stop_after(n):
-    """A callback that kills the run after epoch ``n`` (its checkpoint is already written)."""
-    def cb(epoch, metrics, path):
-        if epoch >= n:
-            raise _Stop()
-    return cb
 
 
 def test_resume_with_other_model_params_is_refused(tmp_path, trained):

@@ -18,6 +18,7 @@ from typing import Any, Callable, Dict, Iterator, List, Mapping, Optional, Seque
 import torch
 
 from robustseg.augment import build_augmenter
+from robustseg.engine.averaging import WeightAverage, build_average
 from robustseg.engine.precision import autocast_dtype
 from robustseg.config import ExperimentConfig, from_dict
 from robustseg.engine.checkpoint import (CheckpointError, load_checkpoint, load_model_state, restore_rng,
@@ -95,11 +96,15 @@ class Run:
     scheduler: Any
     regime: Any
     amp: Optional[torch.dtype]
+    average: Optional[WeightAverage] = None  # optim.average_from: the tail mean of the weights
 
     def scored_model(self) -> torch.nn.Module:
-        """The network validated and kept as best.pt (a regime's eval_model, e.g. an EMA teacher)."""
+        """The network validated and kept as best.pt: a regime's eval_model (e.g. an EMA teacher), else the
+        weight average once it holds any iterate, else the trained network."""
         eval_model = getattr(self.regime, "eval_model", None)
-        return eval_model() if callable(eval_model) else self.run_model
+        if callable(eval_model):
+            return eval_model()
+        return self.average.module if self.average is not None and self.average.active else self.run_model
 
     @property
     def own_validation(self) -> bool:
@@ -126,8 +131,9 @@ def load_resume(cfg: ExperimentConfig, model: torch.nn.Module, last_path: Path, 
     if stored_model.get("name") == cfg.model.name and stored_model != dataclasses.asdict(cfg.model):
         raise CheckpointError(f"{last_path}: the model config differs from the checkpoint's "
                               f"({stored_model} vs {dataclasses.asdict(cfg.model)}); use another output folder")
-    # Weights go in before any DDP wrapping, so every rank starts from the same state.
-    load_model_state(model, ckpt["model"], str(last_path), cfg.model.name, ckpt.get("backbone"))
+    # Weights go in before any DDP wrapping, so every rank starts from the same state. With weight
+    # averaging on, "model" holds the average (what is served) and "raw_model" the trained weights.
+    load_model_state(model, ckpt.get("raw_model", ckpt["model"]), str(last_path), cfg.model.name, ckpt.get("backbone"))
     return ckpt
 
 
@@ -180,6 +186,8 @@ def restore_progress(run: Run, ckpt: Optional[Dict[str, Any]], generator: torch.
     run.optimizer.load_state_dict(ckpt["optimizer"])
     run.scheduler.load_state_dict(ckpt["scheduler"])
     run.regime.load_state_dict(ckpt.get("regime", {}))
+    if run.average is not None and "average" in ckpt:
+        run.average.load(ckpt["average"]["count"], ckpt["model"])
     restore_rng(ckpt["rng"], generator)
     return Progress(start_epoch=int(ckpt["epoch"]), best_score=ckpt["best"]["score"], best_epoch=ckpt["best"]["epoch"],
                     bad_epochs=int(ckpt["best"].get("bad_epochs", 0)), history=list(ckpt.get("history", [])))
@@ -194,9 +202,11 @@ def train_epoch(run: Run, train_batches: Iterator[Dict[str, torch.Tensor]], epoc
     t0 = time.perf_counter()
     steps = range(cfg.optim.iters_per_epoch)
     bar = progress(steps, desc=f"epoch {epoch + 1}/{cfg.optim.epochs}", unit="it") if progress else steps
-    for _ in bar:
+    for i in bar:
         parts = run.regime.train_step(next(train_batches))
         run.scheduler.step()
+        if run.average is not None:
+            run.average.update(run.model, epoch * cfg.optim.iters_per_epoch + i)
         for k, v in parts.items():
             sums[k] = sums.get(k, 0) + v
     if run.device.type == "cuda":
@@ -230,9 +240,18 @@ def validate_epoch(run: Run, val_cases: Sequence[Mapping[str, Any]], metrics: Di
 def checkpoint_payload(run: Run, state: Progress, epoch: int, generator: torch.Generator, patch_size: Sequence[int],
                        spacing: Optional[Sequence[float]], class_names: Mapping[int, str],
                        extra_state: Optional[Dict[str, Any]]) -> Dict[str, Any]:
-    """What ``last.pt`` holds after ``epoch`` epochs: everything a bit-exact resume needs."""
+    """What ``last.pt`` holds after ``epoch`` epochs: everything a bit-exact resume needs.
+
+    ``model`` is always the weights to serve: the weight average once it is active, with the
+    trained weights beside it as ``raw_model``.
+    """
+    weights = unwrap(run.model).state_dict()
+    if run.average is not None and run.average.active:
+        weights = {"model": run.average.module.state_dict(), "raw_model": weights, "average": run.average.state_dict()}
+    else:
+        weights = {"model": weights}
     return {
-        "backbone": run.cfg.model.name, "model": unwrap(run.model).state_dict(), "optimizer": run.optimizer.state_dict(),
+        "backbone": run.cfg.model.name, **weights, "optimizer": run.optimizer.state_dict(),
         "scheduler": run.scheduler.state_dict(), "regime": run.regime.state_dict(), "rng": rng_state(generator),
         "epoch": epoch, "best": {"score": state.best_score, "epoch": state.best_epoch, "bad_epochs": state.bad_epochs},
         "history": state.history, "config": run.cfg.to_dict(), "patch_size": list(patch_size),
@@ -315,11 +334,13 @@ def fit(cfg: ExperimentConfig, train_batches: Iterator[Dict[str, torch.Tensor]],
     if model_wrapper is not None:
         model = model_wrapper(model)
     optimizer, scheduler = build_optimisation(cfg, model, init)
+    average = build_average(model, cfg.optim.average_from, cfg.optim.average_every,
+                            cfg.optim.epochs * cfg.optim.iters_per_epoch)
     amp, dims = amp_dtype(cfg, device), spatial_dims(cfg.model.name)
     run_model = torch.compile(model) if cfg.optim.compile else model
     regime = build_regime(cfg, run_model, optimizer, dims, generator, device, amp, unlabelled, patch_size)
     run = Run(cfg=cfg, device=device, dims=dims, model=model, run_model=run_model, divisible=divisible,
-              optimizer=optimizer, scheduler=scheduler, regime=regime, amp=amp)
+              optimizer=optimizer, scheduler=scheduler, regime=regime, amp=amp, average=average)
     state = restore_progress(run, ckpt, generator)
     if rank > 0:
         generator.manual_seed(cfg.optim.seed * 1_000_003 + 7_919 * state.start_epoch + rank)
