@@ -272,6 +272,8 @@ class OptimConfig:
                                               "keep the mean of the weights and validate, keep and serve that mean "
                                               "(e.g. 0.75: the last quarter); null: off.")
     average_every: int = doc(1, "Iterations between weights folded into the average.")
+    average_hold_lr: bool = doc(False, "Hold the learning rate at its value where averaging starts (SWA proper: "
+                                       "the average then spans a wide region instead of a decaying tail).")
 
     def __post_init__(self) -> None:
         _check_choice("optim.name", self.name, tuple(DEFAULT_LR))

@@ -80,3 +80,15 @@ def test_resume_mid_average_is_exact(tmp_path, averaged):
     assert b["average"] == a["average"]
     for key in ("model", "raw_model"):
         assert all(torch.equal(a[key][k], b[key][k]) for k in a[key])
+
+
+def test_hold_lr_keeps_the_rate_from_where_averaging_starts():
+    from robustseg.config import OptimConfig
+    from robustseg.engine.optim import lr_factor
+
+    swa = OptimConfig(epochs=4, iters_per_epoch=10, average_from=0.5, average_hold_lr=True)
+    tail = OptimConfig(epochs=4, iters_per_epoch=10, average_from=0.5)
+    assert [lr_factor(swa, i) for i in (0, 19)] == [lr_factor(tail, i) for i in (0, 19)]  # poly until the start
+    held = lr_factor(tail, 20)
+    assert held > 0.5 and all(lr_factor(swa, i) == held for i in (20, 30, 39))
+    assert lr_factor(tail, 39) < 0.05  # without the hold the poly tail decays to ~0

@@ -14,6 +14,7 @@ from typing import Any, Dict, Optional
 import torch
 
 from robustseg.engine.checkpoint import unwrap
+from robustseg.engine.optim import average_start
 
 
 class WeightAverage:
@@ -60,5 +61,4 @@ def build_average(model: torch.nn.Module, average_from: Optional[float], every: 
     """The `WeightAverage` for ``optim.average_from`` (a fraction of ``total_iterations``), or None when off."""
     if average_from is None:
         return None
-    start = min(int(round(average_from * total_iterations)), total_iterations - 1)
-    return WeightAverage(model, start, every)
+    return WeightAverage(model, average_start(average_from, total_iterations), every)

@@ -29,6 +29,8 @@ def build_optimizer(cfg: OptimConfig, params: Iterable[torch.nn.Parameter]) -> t
 def lr_factor(cfg: OptimConfig, iteration: int) -> float:
     """Multiplier of the initial LR at a global iteration (schedules step per iteration)."""
     total = cfg.epochs * cfg.iters_per_epoch
+    if cfg.average_from is not None and cfg.average_hold_lr:  # SWA: constant from where averaging starts
+        iteration = min(iteration, average_start(cfg.average_from, total))
     if cfg.schedule == "poly":
         return (1 - min(iteration, total - 1) / total) ** cfg.poly_power
     if cfg.schedule == "step":
@@ -36,6 +38,11 @@ def lr_factor(cfg: OptimConfig, iteration: int) -> float:
     if cfg.schedule == "cosine":
         return 0.5 * (1 + math.cos(math.pi * min(iteration, total) / total))
     return 1.0
+
+
+def average_start(average_from: float, total: int) -> int:
+    """The first iteration folded into the weight average (``optim.average_from`` of ``total``)."""
+    return min(int(round(average_from * total)), total - 1)
 
 
 def build_scheduler(cfg: OptimConfig, optimizer: torch.optim.Optimizer) -> torch.optim.lr_scheduler.LambdaLR:
