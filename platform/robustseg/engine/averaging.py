@@ -4,7 +4,9 @@ Averaging the weights a run passes through late in training lands in a flatter r
 loss than any single iterate; SWAD (Cha et al. 2021) found this the cheapest lever against
 domain shift. Here the shift is respiratory motion. ``optim.average_from`` (a fraction of the
 run) turns it on; the average is what is validated, kept as best and served, while the raw
-weights keep training and are stored beside it so a killed run resumes bit-exact.
+weights keep training and are stored beside it so a killed run resumes bit-exact. Off by
+default: at the issue-16 CPU budget (poly schedule ending at zero) it cost clean Dice and did
+not make the model more robust to motion (benchmarks/README.md, rows AVG50 and SWA75).
 """
 from __future__ import annotations
 
@@ -46,7 +48,7 @@ class WeightAverage:
         return self.count > 0
 
     def state_dict(self) -> Dict[str, Any]:
-        """The count and the mean weights (the weights themselves go to the checkpoint's ``model``)."""
+        """The count of averaged iterates (the mean weights themselves go to the checkpoint's ``model``)."""
         return {"count": self.count}
 
     def load(self, count: int, weights: Dict[str, torch.Tensor]) -> None:
