@@ -1,4 +1,6 @@
-"""Tail weight averaging (SWA / SWAD style): the equal-weight mean of the weights over the last part of training.
+"""Weight averaging: frozen copies of a network and the EMA step on them (the mean teacher's), and
+tail weight averaging (SWA / SWAD style), the equal-weight mean of the weights over the last part
+of training, built on the same two.
 
 Averaging the weights a run passes through late in training lands in a flatter region of the
 loss than any single iterate; SWAD (Cha et al. 2021) found this the cheapest lever against
@@ -19,13 +21,60 @@ from robustseg.engine.checkpoint import unwrap
 from robustseg.engine.optim import average_start
 
 
+@torch.no_grad()
+def ema_update(teacher: torch.nn.Module, student: torch.nn.Module, decay: float) -> None:
+    """``teacher = decay * teacher + (1 - decay) * student`` on parameters; buffers copied.
+
+    Buffers (batch-norm running statistics and counters) are the student's, not averaged:
+    as Tarvainen's teacher they describe the activations of the current weights.
+    """
+    t_params, s_params = list(teacher.parameters()), [p.detach() for p in student.parameters()]
+    if len(t_params) != len(s_params):
+        raise ValueError(f"ema_update: teacher has {len(t_params)} parameters, student {len(s_params)}")
+    # One fused multi-tensor kernel per operation instead of one launch per parameter.
+    torch._foreach_mul_(t_params, decay)
+    torch._foreach_add_(t_params, s_params, alpha=1.0 - decay)
+    for tb, sb in zip(teacher.buffers(), student.buffers()):
+        tb.copy_(sb)
+
+
+def _non_leaf_memo(module: torch.nn.Module) -> Dict[int, torch.Tensor]:
+    """Detached copies of the non-leaf tensors modules keep as attributes, keyed for `copy.deepcopy`.
+
+    deepcopy refuses tensors that are not graph leaves, and some backbones keep their last
+    outputs (MONAI's DynUNet: the deep-supervision heads, in a list) after a forward pass.
+    """
+    memo: Dict[int, torch.Tensor] = {}
+    for m in module.modules():
+        for key, value in vars(m).items():
+            if key in ("_parameters", "_buffers", "_modules"):
+                continue
+            items = value.values() if isinstance(value, dict) else value if isinstance(value, (list, tuple)) else [value]
+            for x in items:
+                if isinstance(x, torch.Tensor) and not x.is_leaf:
+                    memo[id(x)] = x.detach().clone()
+    return memo
+
+
+def make_teacher(model: torch.nn.Module) -> torch.nn.Module:
+    """A frozen deep copy of the (unwrapped) student: no gradients, never in any optimiser."""
+    plain = unwrap(model)
+    teacher = copy.deepcopy(plain, _non_leaf_memo(plain))
+    for p in teacher.parameters():
+        p.requires_grad_(False)
+        p.grad = None
+    return teacher
+
+
 class WeightAverage:
-    """Running mean of a model's floating-point state from iteration ``start`` on, every ``every`` iterations."""
+    """Running mean of a model's parameters from iteration ``start`` on, every ``every`` iterations.
+
+    Buffers are the latest iterate's (`ema_update`); the default 2D/3D U-Nets use instance
+    norm and keep no running statistics.
+    """
 
     def __init__(self, model: torch.nn.Module, start: int, every: int = 1) -> None:
-        self.module = copy.deepcopy(unwrap(model))
-        for p in self.module.parameters():
-            p.requires_grad_(False)
+        self.module = make_teacher(model)
         self.start, self.every, self.count = int(start), max(1, int(every)), 0
 
     def update(self, model: torch.nn.Module, iteration: int) -> None:
@@ -33,14 +82,8 @@ class WeightAverage:
         if iteration < self.start or (iteration - self.start) % self.every:
             return
         self.count += 1
-        with torch.no_grad():
-            current = unwrap(model).state_dict()
-            for name, mean in self.module.state_dict().items():
-                new = current[name].detach()
-                if mean.is_floating_point() and self.count > 1:
-                    mean.add_(new.to(mean.dtype) - mean, alpha=1.0 / self.count)
-                else:  # the first sample, and integer buffers (counters), are copied as they are
-                    mean.copy_(new)
+        # The running mean of n iterates is an EMA with decay 1 - 1/n (0 for the first: a copy).
+        ema_update(self.module, unwrap(model), 1.0 - 1.0 / self.count)
 
     @property
     def active(self) -> bool:

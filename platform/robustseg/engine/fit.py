@@ -245,11 +245,9 @@ def checkpoint_payload(run: Run, state: Progress, epoch: int, generator: torch.G
     ``model`` is always the weights to serve: the weight average once it is active, with the
     trained weights beside it as ``raw_model``.
     """
-    weights = unwrap(run.model).state_dict()
-    if run.average is not None and run.average.active:
-        weights = {"model": run.average.module.state_dict(), "raw_model": weights, "average": run.average.state_dict()}
-    else:
-        weights = {"model": weights}
+    trained = unwrap(run.model).state_dict()
+    weights = ({"model": run.average.module.state_dict(), "raw_model": trained, "average": run.average.state_dict()}
+               if run.average is not None and run.average.active else {"model": trained})
     return {
         "backbone": run.cfg.model.name, **weights, "optimizer": run.optimizer.state_dict(),
         "scheduler": run.scheduler.state_dict(), "regime": run.regime.state_dict(), "rng": rng_state(generator),

@@ -50,7 +50,6 @@ Returned parts (detached tensors): ``loss``, the supervised parts (``ce``, ``dic
 """
 from __future__ import annotations
 
-import copy
 import logging
 import math
 from dataclasses import dataclass
@@ -62,6 +61,7 @@ import torch.nn.functional as F
 from robustseg.augment.intensity import augment_intensity
 from robustseg.augment.mixup import asymmetric_mixup_batch, mixup_batch
 from robustseg.config import ConfigError, doc
+from robustseg.engine.averaging import ema_update, make_teacher
 from robustseg.engine.checkpoint import CheckpointError, unwrap
 from robustseg.engine.losses import to_soft
 from robustseg.engine.pseudo_labels_files import load_pseudo_labels
@@ -162,51 +162,6 @@ def sigmoid_rampup(step: int, length: int) -> float:
 def ema_decay(step: int, decay: float) -> float:
     """The reference code's effective decay ``min(1 - 1 / (step + 1), decay)`` after ``step`` optimiser steps."""
     return min(1.0 - 1.0 / (step + 1.0), decay)
-
-
-@torch.no_grad()
-def ema_update(teacher: torch.nn.Module, student: torch.nn.Module, decay: float) -> None:
-    """``teacher = decay * teacher + (1 - decay) * student`` on parameters; buffers copied.
-
-    Buffers (batch-norm running statistics and counters) are the student's, not averaged:
-    as Tarvainen's teacher they describe the activations of the current weights.
-    """
-    t_params, s_params = list(teacher.parameters()), [p.detach() for p in student.parameters()]
-    if len(t_params) != len(s_params):
-        raise ValueError(f"ema_update: teacher has {len(t_params)} parameters, student {len(s_params)}")
-    # One fused multi-tensor kernel per operation instead of one launch per parameter.
-    torch._foreach_mul_(t_params, decay)
-    torch._foreach_add_(t_params, s_params, alpha=1.0 - decay)
-    for tb, sb in zip(teacher.buffers(), student.buffers()):
-        tb.copy_(sb)
-
-
-def _non_leaf_memo(module: torch.nn.Module) -> Dict[int, torch.Tensor]:
-    """Detached copies of the non-leaf tensors modules keep as attributes, keyed for `copy.deepcopy`.
-
-    deepcopy refuses tensors that are not graph leaves, and some backbones keep their last
-    outputs (MONAI's DynUNet: the deep-supervision heads, in a list) after a forward pass.
-    """
-    memo: Dict[int, torch.Tensor] = {}
-    for m in module.modules():
-        for key, value in vars(m).items():
-            if key in ("_parameters", "_buffers", "_modules"):
-                continue
-            items = value.values() if isinstance(value, dict) else value if isinstance(value, (list, tuple)) else [value]
-            for x in items:
-                if isinstance(x, torch.Tensor) and not x.is_leaf:
-                    memo[id(x)] = x.detach().clone()
-    return memo
-
-
-def make_teacher(model: torch.nn.Module) -> torch.nn.Module:
-    """A frozen deep copy of the (unwrapped) student: no gradients, never in any optimiser."""
-    plain = unwrap(model)
-    teacher = copy.deepcopy(plain, _non_leaf_memo(plain))
-    for p in teacher.parameters():
-        p.requires_grad_(False)
-        p.grad = None
-    return teacher
 
 
 # --------------------------------------------------------------------------- pseudo labels
