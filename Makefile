@@ -29,7 +29,7 @@ demo: $(STAMP)
 	$(BIN)/robustseg demo
 
 test: $(DEVSTAMP)
-	RAY_DATA_DISABLE_PROGRESS_BARS=1 $(BIN)/python -m pytest -q tests
+	RAY_DATA_DISABLE_PROGRESS_BARS=1 $(BIN)/python -m pytest -q --durations=25 tests
 
 clean:
 	rm -rf $(VENV) .pytest_cache robustseg_work
