@@ -131,11 +131,7 @@ def _check_sweep_after_faults(c, name, job, killed, t_kill):
     for r in folds:
         assert not any("/tmp/" in v or "robustseg-" in v and "-rank" in v for v in r.data.tags.values()
                        if isinstance(v, str) and not v.startswith(("runs:/", "s3://"))), r.data.tags
-    redone = {}
-    for r in folds:  # every epoch recorded; only epochs after the last checkpoint may be recorded twice
-        steps = _loss_steps(c, r.info.run_id)
-        assert set(steps) == set(range(1, 9)), (r.info.run_name, steps)
-        redone[r.info.run_name] = len(steps) - len(set(steps))
+    redone = {r.info.run_name: _check_epochs(c, r, 8) for r in folds}
     for r in resumed:
         tags = r.data.tags
         # Resumed from a checkpoint, not from scratch. Ray collects a report at its next poll, so
@@ -180,6 +176,17 @@ def _redo_floor(tags):
                for line in lines)
 
 
+def _check_epochs(c, run, epochs):
+    """Assert a fold run recorded every epoch 1..epochs, and an epoch twice only after the point
+    a restarted attempt resumed from (`_redo_floor`); returns how many epochs were redone."""
+    steps = _loss_steps(c, run.info.run_id)
+    assert set(steps) == set(range(1, epochs + 1)), (run.info.run_name, steps)
+    twice, floor = sorted({s for s in steps if steps.count(s) > 1}), _redo_floor(run.data.tags)
+    assert not twice or (floor is not None and twice[0] > floor), (
+        run.info.run_name, steps, run.data.tags.get("robustseg.restarts"))
+    return len(steps) - len(set(steps))
+
+
 def test_sweep_survives_a_cut_link(cluster, tmp_path):
     """Fault b: worker2's link down for 25 s mid-sweep, then up; the sweep finishes, nothing lost, and an
     epoch is recorded twice only when a restarted fold trained it again (as in fault a)."""
@@ -218,14 +225,7 @@ def test_sweep_survives_a_cut_link(cluster, tmp_path):
     assert all(r.info.status == "FINISHED" for r in runs), [(r.info.run_name, r.info.status) for r in runs]
     folds = _fold_runs(c, name)
     assert len(folds) == 2
-    redone = {}
-    for r in folds:  # every epoch recorded; twice only after the point a restarted fold resumed from
-        steps = _loss_steps(c, r.info.run_id)
-        assert set(steps) == set(range(1, 7)), (r.info.run_name, steps)
-        twice, floor = sorted({s for s in steps if steps.count(s) > 1}), _redo_floor(r.data.tags)
-        assert not twice or (floor is not None and twice[0] > floor), (
-            r.info.run_name, steps, r.data.tags.get("robustseg.restarts"))
-        redone[r.info.run_name] = len(steps) - len(set(steps))
+    redone = {r.info.run_name: _check_epochs(c, r, 6) for r in folds}
     record("b_link_cut", {"cut_s": 25, "ray_marked_node_dead_after_s": marked_dead_after,
                           "reconnected": reconnected, "node_restarted": restarted,
                           "sweep_done_after_cut_s": round(recovery_s, 1), "trials_complete": len(trials["trials"]),
